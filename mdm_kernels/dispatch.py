@@ -1,0 +1,120 @@
+"""One dispatch for every backend: ``backend="auto" | "triton" | "cuda" | "reference"``.
+
+A backend is an object with the :class:`Backend` interface, registered lazily by module path
+(so importing :mod:`mdm_kernels` never compiles anything).  ``"auto"`` picks, for CUDA
+tensors, the first of Triton and CUDA that is available and supports the critic and the op,
+and otherwise (CPU tensors, custom critics, missing builds) the pure-PyTorch reference, which
+accepts any callable critic.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Sequence
+
+import torch
+
+#: Names accepted by ``backend=``.
+BACKEND_NAMES = ("auto", "triton", "cuda", "reference")
+
+#: Where each backend lives: a module exposing ``BACKEND``.
+_BACKEND_MODULES = {
+    "reference": "mdm_kernels.reference.backend",
+    "triton": "mdm_kernels.ops.triton_backend",
+    "cuda": "mdm_kernels.ops.cuda_backend",
+}
+
+#: Preference order of ``"auto"`` among the fused backends.
+_AUTO_ORDER = ("triton", "cuda")
+
+_cache: dict[str, object] = {}
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here (not built, no GPU, unsupported critic...)."""
+
+
+class Backend:
+    """Interface of a backend.  Subclasses override the ``*_terms`` methods.
+
+    ``op`` names are the estimator kinds (``dv``, ``nwj``, ``js``, ``infonce``,
+    ``wasserstein``) and ``gradient_penalty``.
+    """
+
+    name = "abstract"
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """Why this backend cannot run on ``device`` at all, or ``None``."""
+        return None
+
+    def unsupported_reason(self, op: str, critic, zs: Sequence[torch.Tensor],
+                           samples=None) -> str | None:
+        """Why this backend cannot run ``op`` for this critic/input, or ``None``."""
+        return None
+
+    def dependency_terms(self, kind, critic, zs, samples):
+        """(joint_term, marginal_term), see :mod:`mdm_kernels.reference.estimators`."""
+        raise NotImplementedError
+
+    def gradient_penalty(self, critic, joint, marginal, eps, one_sided):
+        """GP for validated inputs and explicit ε, see :mod:`mdm_kernels.reference.gradient_penalty`."""
+        raise NotImplementedError
+
+    def wasserstein_terms(self, critic, zs, samples, gp_perms, eps, one_sided):
+        """(joint_term, marginal_term, gp) of ``wasserstein_loss``.
+
+        The GP is taken at interpolations between joint row i (repeated) and marginal sample
+        (k, i) = rows ``gp_perms[k, :, i]``, with ε of shape (K'·B,).  Fused backends override
+        this to share the per-modality projections between the two parts.
+        """
+        joint, marginal = self.dependency_terms("wasserstein", critic, zs, samples)
+        k = gp_perms.shape[0]
+        joint_rows = [z.repeat(k, 1) for z in zs]
+        marg_rows = [z.index_select(0, gp_perms[:, j].reshape(-1)) for j, z in enumerate(zs)]
+        gp = self.gradient_penalty(critic, joint_rows, marg_rows, eps, one_sided)
+        return joint, marginal, gp
+
+
+def get_backend(name: str) -> Backend:
+    """The backend object called ``name`` (raises :class:`BackendUnavailable` if it failed
+    to import)."""
+    if name not in _BACKEND_MODULES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    if name not in _cache:
+        try:
+            module = importlib.import_module(_BACKEND_MODULES[name])
+        except ImportError as exc:
+            _cache[name] = exc
+        else:
+            _cache[name] = module.BACKEND
+    found = _cache[name]
+    if isinstance(found, ImportError):
+        raise BackendUnavailable(f"backend {name!r} is not available: {found}")
+    return found
+
+
+def _reason(name: str, op: str, critic, zs, samples) -> str | None:
+    try:
+        backend = get_backend(name)
+    except BackendUnavailable as exc:
+        return str(exc)
+    return (backend.unavailable_reason(zs[0].device)
+            or backend.unsupported_reason(op, critic, zs, samples))
+
+
+def resolve_backend(backend: str, op: str, critic, zs: Sequence[torch.Tensor],
+                    samples=None) -> Backend:
+    """Choose the backend that runs ``op``; explicit requests that cannot run raise
+    :class:`BackendUnavailable` with the reason."""
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    if backend == "auto":
+        if zs[0].device.type != "cuda":
+            return get_backend("reference")
+        for name in _AUTO_ORDER:
+            if _reason(name, op, critic, zs, samples) is None:
+                return get_backend(name)
+        return get_backend("reference")
+    reason = _reason(backend, op, critic, zs, samples)
+    if reason is not None:
+        raise BackendUnavailable(f"backend={backend!r} cannot run {op}: {reason}")
+    return get_backend(backend)

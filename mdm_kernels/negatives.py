@@ -1,0 +1,162 @@
+"""Samples from the product of marginals: which rows of each modality form a negative sample.
+
+A *joint* sample is an aligned row (z_1[i], ..., z_m[i]).  A *marginal* (negative) sample
+breaks the alignment, (z_1[i_1], ..., z_m[i_m]), so that it is distributed (empirically) as
+the product of the marginals p(z_1)···p(z_m).  The ``negatives`` argument of every estimator
+chooses them:
+
+* ``"shuffle"``  one random permutation π_k per modality k ≥ 2 (modality 1 stays in order):
+  (z_1[i], z_2[π_2(i)], ..., z_m[π_m(i)]),  B samples.
+* int ``K`` ≥ 1  K independent shuffles, K·B samples.
+* ``"all"``      every combination (i_1, ..., i_m) ∈ [B]^m: the exact product of the empirical
+  marginals, B^m samples.  Never materialised by the fused kernels.
+* ``perms``      an explicit LongTensor (K, m, B): sample (k, i) takes row ``perms[k, j, i]``
+  of modality j.  Overrides the random draw (for reproducibility and testing).
+
+For InfoNCE the first modality is the anchor and the others stay together as the candidate:
+sample (k, i) pairs anchor i with candidate row ``perms[k, 1, i]`` of every other modality,
+so an explicit ``perms`` must have ``perms[:, 0]`` = 0..B-1 and ``perms[:, j]`` equal for j ≥ 1.
+
+Randomness comes only from the ``generator`` passed in (or torch's default generator when it
+is ``None``); given ``perms`` everything is deterministic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: Accepted string values of ``negatives``.
+NEGATIVE_MODES = ("shuffle", "all")
+
+
+@dataclass(frozen=True)
+class MarginalSamples:
+    """Resolved choice of marginal samples.
+
+    ``perms`` is a LongTensor (K, m, B) on the data's device, or ``None`` for the implicit
+    ``"all"`` grid.  ``num_samples`` is K·B or B^m.
+    """
+
+    perms: torch.Tensor | None
+    batch_size: int
+    num_modalities: int
+
+    @property
+    def is_all(self) -> bool:
+        return self.perms is None
+
+    @property
+    def num_samples(self) -> int:
+        if self.perms is None:
+            return self.batch_size ** self.num_modalities
+        return self.perms.shape[0] * self.perms.shape[2]
+
+
+def _random_perm(batch_size: int, generator, device) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    perm = torch.randperm(batch_size, generator=generator, device=gen_device)
+    return perm.to(device)
+
+
+def parse_negatives(negatives) -> int | str:
+    """Validate ``negatives``: returns ``"all"`` or the number of shuffles K."""
+    if isinstance(negatives, bool):
+        raise TypeError(f"negatives must be 'shuffle', 'all' or an int K >= 1, got {negatives!r}")
+    if isinstance(negatives, int):
+        if negatives < 1:
+            raise ValueError(f"negatives must be >= 1 when an int, got {negatives}")
+        return negatives
+    if isinstance(negatives, str):
+        if negatives == "shuffle":
+            return 1
+        if negatives == "all":
+            return "all"
+        raise ValueError(
+            f"negatives must be 'shuffle', 'all' or an int K >= 1, got {negatives!r}")
+    raise TypeError(f"negatives must be 'shuffle', 'all' or an int K >= 1, got {negatives!r}")
+
+
+def check_perms(perms, batch_size: int, num_modalities: int, device) -> torch.Tensor:
+    """Validate an explicit ``perms`` tensor of shape (K, m, B); returns it on ``device``."""
+    if not isinstance(perms, torch.Tensor):
+        raise TypeError(f"perms must be a LongTensor of shape (K, m, B), got {type(perms).__name__}")
+    if perms.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"perms must hold integer row indices (int64), got dtype {perms.dtype}")
+    if perms.dim() != 3 or perms.shape[1] != num_modalities or perms.shape[2] != batch_size \
+            or perms.shape[0] < 1:
+        raise ValueError(
+            f"perms must have shape (K, m={num_modalities}, B={batch_size}) with K >= 1, "
+            f"got {tuple(perms.shape)}")
+    if perms.device != torch.device(device):
+        raise ValueError(f"perms is on {perms.device} but the z's are on {device}")
+    if perms.numel() and (int(perms.min()) < 0 or int(perms.max()) >= batch_size):
+        raise ValueError(
+            f"perms holds row indices outside [0, {batch_size}): "
+            f"min {int(perms.min())}, max {int(perms.max())}")
+    return perms.to(torch.int64)
+
+
+def product_of_marginals(batch_size: int, num_modalities: int, negatives="shuffle",
+                         perms: torch.Tensor | None = None, generator=None,
+                         device="cpu", candidates_together: bool = False) -> MarginalSamples:
+    """Resolve ``negatives``/``perms`` into explicit row indices (or the ``"all"`` grid).
+
+    Args:
+        batch_size: B.
+        num_modalities: m.
+        negatives: ``"shuffle"``, ``"all"`` or an int K.
+        perms: optional explicit (K, m, B) indices; overrides random shuffles.
+        generator: ``torch.Generator`` for the permutations (any device).
+        device: device of the returned indices.
+        candidates_together: InfoNCE layout — modality 1 is the in-order anchor and
+            modalities 2..m share one permutation per shuffle.
+
+    Returns:
+        :class:`MarginalSamples`.
+    """
+    mode = parse_negatives(negatives)
+    if perms is not None:
+        if mode == "all" and negatives == "all":
+            raise ValueError("perms cannot be combined with negatives='all'; pass one of them")
+        perms = check_perms(perms, batch_size, num_modalities, device)
+        if candidates_together:
+            anchor = torch.arange(batch_size, device=perms.device)
+            if not bool((perms[:, 0] == anchor).all()):
+                raise ValueError("perms[:, 0] must be 0..B-1 for InfoNCE (the anchor is in order)")
+            if not bool((perms[:, 1:] == perms[:, 1:2]).all()):
+                raise ValueError(
+                    "perms[:, j] must be equal for all j >= 1 for InfoNCE "
+                    "(the candidate modalities stay together)")
+        return MarginalSamples(perms, batch_size, num_modalities)
+    if batch_size < 2:
+        raise ValueError(f"negatives need a batch of at least 2 rows, got B={batch_size}")
+    if mode == "all":
+        return MarginalSamples(None, batch_size, num_modalities)
+    identity = torch.arange(batch_size, device=device)
+    draws = []
+    for _ in range(mode):
+        rows = [identity]
+        if candidates_together:
+            shared = _random_perm(batch_size, generator, device)
+            rows += [shared] * (num_modalities - 1)
+        else:
+            rows += [_random_perm(batch_size, generator, device)
+                     for _ in range(num_modalities - 1)]
+        draws.append(torch.stack(rows))
+    return MarginalSamples(torch.stack(draws), batch_size, num_modalities)
+
+
+def all_grid_indices(batch_size: int, num_modalities: int, start: int, stop: int,
+                     device="cpu") -> torch.Tensor:
+    """Row indices (m, stop - start) of the ``"all"`` samples with flat ids [start, stop).
+
+    Flat id n decodes in row-major order: i_1 = n // B^(m-1), ..., i_m = n % B, so the
+    first modality varies slowest (the fused kernels decode program ids the same way).
+    """
+    flat = torch.arange(start, stop, device=device)
+    idx = []
+    for j in reversed(range(num_modalities)):
+        idx.append(flat % batch_size)
+        flat = flat // batch_size
+    return torch.stack(idx[::-1])

@@ -1,0 +1,116 @@
+"""``DependencyPenalty``: the critic plus its estimator, for two-stage training loops.
+
+Colombo et al. (EMNLP 2021) train with alternating updates: the critic T maximises the
+dependency bound on the current (detached) representations, then the model minimises
+task loss − λ·bound.  With this module both stages are one line each::
+
+    penalty = DependencyPenalty("mine", dims=(d_l, d_a, d_v), weight=0.1)
+    critic_opt = torch.optim.Adam(penalty.critic.parameters(), 1e-3)
+
+    for _ in range(critic_steps):                       # stage 1: critic
+        critic_opt.zero_grad()
+        penalty.critic_loss(z_l, z_a, z_v).backward()
+        critic_opt.step()
+    loss = task_loss + penalty(z_l, z_a, z_v)           # stage 2: model, −λ·dependency
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .critic import MLPCritic
+from .estimators import (MineEMA, dv_bound, infonce_bound, js_bound, mine_loss, nwj_bound,
+                         wasserstein_dependency, wasserstein_loss)
+from .negatives import parse_negatives
+
+#: Penalty kinds and the bound each maximises.
+PENALTY_BOUNDS = {
+    "mine": dv_bound,
+    "nwj": nwj_bound,
+    "js": js_bound,
+    "infonce": infonce_bound,
+    "wasserstein": wasserstein_dependency,
+}
+
+
+class DependencyPenalty(nn.Module):
+    """Owns an :class:`~mdm_kernels.MLPCritic` and the estimator of one penalty ``kind``.
+
+    Args:
+        kind: ``"mine"`` (DV bound), ``"nwj"``, ``"js"``, ``"infonce"`` or ``"wasserstein"``.
+        dims: feature size of each modality.
+        hidden, activation: the critic's MLP (see :class:`MLPCritic`).
+        weight: λ, the model term is −λ·bound.
+        negatives: marginal samples (``"shuffle"``, int K, ``"all"``); ``None`` takes the
+            estimator's default (``"all"`` for InfoNCE, ``"shuffle"`` otherwise).
+        gp_weight, one_sided: gradient penalty of the Wasserstein critic loss.
+        ema_decay: for ``"mine"``, use MINE's moving-average bias correction in the critic
+            loss with this decay (e.g. 0.99); ``None`` disables it.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
+    """
+
+    def __init__(self, kind: str, dims: Sequence[int], hidden=(128,), activation="relu",
+                 weight: float = 0.1, negatives=None, gp_weight: float = 10.0,
+                 one_sided: bool = False, ema_decay: float | None = None,
+                 backend: str = "auto"):
+        super().__init__()
+        if kind not in PENALTY_BOUNDS:
+            raise ValueError(f"kind must be one of {sorted(PENALTY_BOUNDS)}, got {kind!r}")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+            raise TypeError(f"weight must be a number, got {weight!r}")
+        if ema_decay is not None and kind != "mine":
+            raise ValueError("ema_decay applies to kind='mine' only")
+        if negatives is not None:
+            parse_negatives(negatives)
+        self.kind = kind
+        self.weight = float(weight)
+        self.negatives = negatives
+        self.gp_weight = gp_weight
+        self.one_sided = one_sided
+        self.backend = backend
+        self.ema = MineEMA(ema_decay) if ema_decay is not None else None
+        self.critic = MLPCritic(dims, hidden=hidden, activation=activation)
+
+    def _options(self, generator, perms) -> dict:
+        opts = {"generator": generator, "perms": perms, "backend": self.backend}
+        if self.negatives is not None:
+            opts["negatives"] = self.negatives
+        return opts
+
+    def bound(self, *zs, generator=None, perms=None) -> torch.Tensor:
+        """The dependency estimate (nats), differentiable w.r.t. the z's and the critic."""
+        return PENALTY_BOUNDS[self.kind](self.critic, *zs, **self._options(generator, perms))
+
+    def forward(self, *zs, generator=None, perms=None) -> torch.Tensor:
+        """Model term −λ·bound (add it to the task loss)."""
+        return -self.weight * self.bound(*zs, generator=generator, perms=perms)
+
+    def critic_loss(self, *zs, generator=None, perms=None) -> torch.Tensor:
+        """Loss of the critic's step on detached z's: −bound (+ gp_weight·GP for
+        Wasserstein; with MINE's moving-average correction when ``ema_decay`` was set)."""
+        zs = tuple(z.detach() for z in zs)
+        opts = self._options(generator, perms)
+        if self.kind == "wasserstein":
+            return wasserstein_loss(self.critic, *zs, gp_weight=self.gp_weight,
+                                    one_sided=self.one_sided, **opts)
+        if self.kind == "mine":
+            return mine_loss(self.critic, *zs, ema=self.ema, **opts)
+        return -self.bound(*zs, generator=generator, perms=perms)
+
+    @torch.no_grad()
+    def estimate(self, *zs, generator=None, perms=None) -> torch.Tensor:
+        """The bound without gradients (for logging)."""
+        return self.bound(*zs, generator=generator, perms=perms)
+
+    def get_extra_state(self):
+        return self.ema.state_dict() if self.ema is not None else None
+
+    def set_extra_state(self, state) -> None:
+        if state is not None and self.ema is not None:
+            self.ema.load_state_dict(state)
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind!r}, weight={self.weight}, negatives={self.negatives!r}, "
+                f"backend={self.backend!r}")

@@ -1,0 +1,198 @@
+"""Training configuration: defaults < ``--config FILE`` (YAML or JSON) < explicit flags."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .models import MODELS
+
+PENALTIES = ("none", "mine", "nwj", "js", "infonce", "wasserstein")
+BACKENDS = ("auto", "triton", "cuda", "reference")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "lf_lstm"
+    penalty: str = "none"
+    weight: float = 0.1
+    critic_steps: int = 1
+    negatives: str | int = "shuffle"
+    critic_hidden: int = 128
+    critic_lr: float = 1e-3
+    gp_weight: float = 10.0
+    dataset: str = "mosi"
+    data_dir: str | None = None
+    text_features: str = "both"
+    epochs: int = 30
+    patience: int = 8
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    d: int | None = None
+    hidden: int | None = None
+    dropout: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    backend: str = "auto"
+    out: str = "runs/mosi"
+    resume: bool = False
+    quiet: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+HELP = {
+    "model": "fusion model: ef_lstm (early fusion LSTM), lf_lstm (late fusion, default), tfn "
+             "(tensor fusion), lmf (low-rank fusion), mult (crossmodal transformer), mag "
+             "(MiniLM + multimodal adaptation gate; needs the optional extra 'mag')",
+    "penalty": "dependency penalty between z_l, z_a, z_v: none (baseline), mine, nwj, js, "
+               "infonce, wasserstein (default: none)",
+    "weight": "lambda: the model minimises task loss - lambda * dependency (default: 0.1)",
+    "critic_steps": "critic updates (maximising the bound) before each model update (default: 1)",
+    "negatives": "negative samples for the bound: 'shuffle' (one permutation), an integer K "
+                 "(K shuffled negatives per sample) or 'all' (all B-1 others) (default: shuffle)",
+    "critic_hidden": "hidden width of the critic MLP (default: 128)",
+    "critic_lr": "learning rate of the critic's Adam optimizer (default: 1e-3)",
+    "gp_weight": "gradient-penalty weight of the Wasserstein critic (default: 10)",
+    "dataset": "mosi (embedded real CMU-MOSI, bc-LSTM split) or synthetic (known dependency "
+               "structure, for tests) (default: mosi)",
+    "data_dir": "read MOSI from this directory instead of the embedded file: a directory with "
+                "mosi_bclstm.npz, or the raw release (bclstm/, MOSI-label.csv, glove/)",
+    "text_features": "text input: glove (word vectors), utterance (bc-LSTM text features) or "
+                     "both (word vectors + utterance features at every step) (default: both)",
+    "epochs": "maximum number of epochs (default: 30)",
+    "patience": "early stopping: epochs without validation-MAE improvement (default: 8)",
+    "batch_size": "batch size (default: 32)",
+    "lr": "learning rate of the model's Adam optimizer (default: 1e-3)",
+    "weight_decay": "Adam weight decay of the model (default: 0)",
+    "d": "width of each per-modality representation z (default: model's own, 32; tfn 16)",
+    "hidden": "hidden width of encoders and head (default: model's own, 64)",
+    "dropout": "dropout probability (default: 0.2)",
+    "seed": "random seed (default: 0)",
+    "device": "auto (cuda if available, else cpu), cpu, cuda, cuda:N (default: auto)",
+    "backend": "penalty kernels: auto (fused kernels on GPU, reference otherwise), triton, "
+               "cuda, reference (default: auto)",
+    "out": "output directory: metrics.json, best.pt, last.pt (default: runs/mosi)",
+    "resume": "continue from OUT/last.pt (starts fresh, with a note, when there is none)",
+    "quiet": "no progress bars or per-epoch lines (the final table is still printed)",
+}
+
+
+def _negatives(v) -> str | int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        k = v
+    elif isinstance(v, str) and v in ("shuffle", "all"):
+        return v
+    else:
+        try:
+            k = int(str(v))
+        except ValueError:
+            raise ValueError(f"--negatives must be 'shuffle', 'all' or a positive integer, got {v!r}") from None
+    if k < 1:
+        raise ValueError(f"--negatives must be a positive integer, got {k}")
+    return k
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    def choice(name, allowed):
+        v = getattr(cfg, name)
+        if v not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; got {v!r}")
+    choice("model", MODELS)
+    choice("penalty", PENALTIES)
+    choice("backend", BACKENDS)
+    choice("dataset", ("mosi", "synthetic"))
+    choice("text_features", ("glove", "utterance", "both"))
+    cfg.negatives = _negatives(cfg.negatives)
+    for name in ("epochs", "batch_size", "critic_steps", "critic_hidden"):
+        if int(getattr(cfg, name)) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("lr", "critic_lr"):
+        if not float(getattr(cfg, name)) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    for name in ("weight", "weight_decay", "gp_weight", "patience"):
+        if float(getattr(cfg, name)) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
+    return cfg
+
+
+def load_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config file not found: {p}")
+    text = p.read_text()
+    if p.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:
+            raise ImportError("--config: reading YAML needs pyyaml (pip install pyyaml), or use JSON") from e
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {p}: expected a mapping of option names to values")
+    known = {f.name for f in fields(TrainConfig)}
+    out = {}
+    for k, v in data.items():
+        key = str(k).replace("-", "_")
+        if key not in known:
+            raise ValueError(f"--config {p}: unknown option {k!r}")
+        out[key] = v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mdm_kernels.train",
+        description="Train a multimodal fusion model for sentiment (CMU-MOSI) with an optional "
+                    "mutual-dependency penalty, and report Acc-7, Acc-2, F1, MAE and Corr.",
+        epilog="Values come from the defaults, then --config FILE, then explicit flags. "
+               "See docs/training.md.")
+    S = argparse.SUPPRESS
+    p.add_argument("--config", metavar="FILE", default=S, help="YAML or JSON file setting any of these options (keys as flag names)")
+    p.add_argument("--model", choices=MODELS, default=S, help=HELP["model"])
+    p.add_argument("--penalty", choices=PENALTIES, default=S, help=HELP["penalty"])
+    p.add_argument("--weight", type=float, default=S, metavar="LAMBDA", help=HELP["weight"])
+    p.add_argument("--critic-steps", type=int, default=S, metavar="N", help=HELP["critic_steps"])
+    p.add_argument("--negatives", default=S, metavar="{shuffle,K,all}", help=HELP["negatives"])
+    p.add_argument("--critic-hidden", type=int, default=S, metavar="N", help=HELP["critic_hidden"])
+    p.add_argument("--critic-lr", type=float, default=S, help=HELP["critic_lr"])
+    p.add_argument("--gp-weight", type=float, default=S, help=HELP["gp_weight"])
+    p.add_argument("--dataset", choices=("mosi", "synthetic"), default=S, help=HELP["dataset"])
+    p.add_argument("--data-dir", default=S, metavar="DIR", help=HELP["data_dir"])
+    p.add_argument("--text-features", choices=("glove", "utterance", "both"), default=S, help=HELP["text_features"])
+    p.add_argument("--epochs", type=int, default=S, help=HELP["epochs"])
+    p.add_argument("--patience", type=int, default=S, help=HELP["patience"])
+    p.add_argument("--batch-size", type=int, default=S, help=HELP["batch_size"])
+    p.add_argument("--lr", type=float, default=S, help=HELP["lr"])
+    p.add_argument("--weight-decay", type=float, default=S, help=HELP["weight_decay"])
+    p.add_argument("--d", type=int, default=S, help=HELP["d"])
+    p.add_argument("--hidden", type=int, default=S, help=HELP["hidden"])
+    p.add_argument("--dropout", type=float, default=S, help=HELP["dropout"])
+    p.add_argument("--seed", type=int, default=S, help=HELP["seed"])
+    p.add_argument("--device", default=S, help=HELP["device"])
+    p.add_argument("--backend", choices=BACKENDS, default=S, help=HELP["backend"])
+    p.add_argument("--out", default=S, metavar="DIR", help=HELP["out"])
+    p.add_argument("--resume", action="store_true", default=S, help=HELP["resume"])
+    p.add_argument("--quiet", action="store_true", default=S, help=HELP["quiet"])
+    return p
+
+
+def parse_args(argv=None) -> TrainConfig:
+    parser = build_parser()
+    ns = vars(parser.parse_args(argv))
+    values: dict = {}
+    try:
+        if "config" in ns:
+            values.update(load_config_file(ns.pop("config")))
+        values.update(ns)
+        return validate(TrainConfig(**values))
+    except (ValueError, FileNotFoundError, ImportError, TypeError) as e:
+        parser.error(str(e))

@@ -1,0 +1,18 @@
+"""Test configuration: without a GPU, Triton kernels run in the CPU interpreter.
+
+TRITON_INTERPRET must be set before triton/mdm_kernels.ops are imported, hence here.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def device():
+    """CUDA when present (compiled kernels), else CPU (interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
