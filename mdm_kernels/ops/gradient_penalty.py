@@ -1,0 +1,419 @@
+"""Fused WGAN-GP gradient penalty (Triton), in closed form — no double backward.
+
+Gulrajani et al., "Improved Training of Wasserstein GANs", NeurIPS 2017; used by the
+Wasserstein dependency measure (Ozair et al., NeurIPS 2019; Colombo et al., EMNLP 2021).
+The oracle is :func:`mdm_kernels.reference.gradient_penalty.gradient_penalty_terms`
+(``autograd.grad(create_graph=True)`` then a double backward).
+
+Notation (one interpolated row n, dropped below; x = [x_1; ...; x_m], D = Σ d_k)::
+
+    x̂       = ε·x_J + (1 − ε)·x_M                   ε ∈ [0, 1] per row, shared by modalities
+    a_1     = W_1 x̂ + b_1 = ε·P_J + (1 − ε)·P_M + b_1    P = Σ_k x_k W_{1,k}ᵀ  (split first layer)
+
+    one hidden layer  (T = w_2ᵀ σ(a_1) + b_2):
+        u   = w_2 ⊙ σ'(a_1)                                   (H_1)
+    two hidden layers (h_1 = σ(a_1), a_2 = W_2 h_1 + b_2, T = w_3ᵀ σ(a_2) + b_3):
+        v   = w_3 ⊙ σ'(a_2)                                   (H_2)
+        q   = W_2ᵀ v                                          (H_1)
+        u   = q ⊙ σ'(a_1)                                     (H_1)
+
+    g   = ∇_x T(x̂) = W_1ᵀ u                                  (D)
+    s   = ‖g‖² = gᵀg = uᵀ G u,   G = W_1 W_1ᵀ                (H_1 × H_1, the Gram matrix)
+    ν   = √s,  gap = ν − 1  (one-sided: max(0, ν − 1)),  GP = (1/N) Σ_n gap_n²
+
+The kernel never builds x̂ or the concatenation [x_1; ...; x_m]: P_J / P_M come from the
+per-modality projections P_k = z_k W_{1,k}ᵀ (torch GEMMs, :func:`project_modalities`),
+gathered by row index.  ‖g‖² is taken through the Gram matrix when D > H_1 (an H_1-wide
+product per row instead of a D-wide one), else through g = W_1ᵀ u directly.
+
+Backward (derived by hand; L = GP, every line is per row and summed over rows where it
+feeds a parameter)::
+
+    ∂L/∂ν   = 2·gap/N          (0 where ν < 1 one-sided)
+    ∂ν/∂g   = g/ν              (taken as 0 where s = 0: a dead-ReLU row, like the oracle)
+    β       = 2·gap/(N·ν)      so  ∂L/∂g = β·g
+    r       = ∂L/∂u = W_1 (β g) = β·G u                       (H_1)
+    ∂L/∂W_1 += β·u gᵀ                      direct path  (H_1 × D)
+    ∂L/∂G   += ½·β·u uᵀ                     Gram path (torch turns it into ∂L/∂W_1 = 2·∂G·W_1
+                                            = β u gᵀ through G = W_1 W_1ᵀ)
+    one hidden layer:
+        ∂L/∂w_2 += r ⊙ σ'(a_1)
+        δ_1      = r ⊙ w_2 ⊙ σ''(a_1)
+    two hidden layers:
+        dq       = r ⊙ σ'(a_1);        δ_1  = r ⊙ q ⊙ σ''(a_1)     (u = q ⊙ σ'(a_1))
+        ∂L/∂W_2 += v dqᵀ;              dv   = W_2 dq                  (q = W_2ᵀ v)
+        ∂L/∂w_3 += dv ⊙ σ'(a_2);       δ_2  = dv ⊙ w_3 ⊙ σ''(a_2)     (v = w_3 ⊙ σ'(a_2))
+        ∂L/∂W_2 += δ_2 h_1ᵀ;           ∂L/∂b_2 += δ_2                (a_2 = W_2 h_1 + b_2)
+        δ_1     += (W_2ᵀ δ_2) ⊙ σ'(a_1)                              (h_1 = σ(a_1))
+    ∂L/∂b_1 += δ_1;   ∂L/∂P_J[row] += ε·δ_1;   ∂L/∂P_M[row] += (1 − ε)·δ_1
+    ∂L/∂b_out = 0 (the input gradient does not depend on it; left None like the oracle)
+
+then torch's autograd carries ∂L/∂P into W_{1,k} and every z through the projection GEMMs.
+For relu / leaky_relu σ'' = 0, so δ_1 (and δ_2) vanish: the constexpr ``CURVED`` skips them.
+
+Fusion: one kernel computes the penalty *and* all of the gradients above in a single pass
+over tiles of interpolated rows (GP is a scalar loss, so its gradient is the saved one
+times grad_output — the same trick as Liger-Kernel's fused cross-entropy).  When no input
+needs a gradient the same kernel runs value-only (``COMPUTE_GRAD=False``).  The grid is
+persistent: each program loops over row tiles, keeps the weight-gradient partial sums in
+registers and writes one partial per program (summed by torch: deterministic, no
+contention); per-row ∂L/∂P goes to its (gathered) rows with plain stores, or atomics when
+rows repeat (``wasserstein_terms``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (activation, activation_code, activation_grad, activation_grad2,
+                     block_size, critic_tail, project_modalities)
+
+#: fp32 tl.dot precision on GPU: 3×TF32 keeps ~fp32 accuracy on tensor cores.
+DOT_PRECISION = "tf32x3"
+
+#: Interpreter (CPU) launch: one small fixed config, few programs (so the persistent loop
+#: runs more than one tile per program in the tests).
+_INTERP_BLOCK_N = 16
+_INTERP_PROGRAMS = 2
+
+
+@triton.jit
+def _load_matrix(ptr, rows, cols, n_rows, n_cols):
+    """Row-major n_rows × n_cols matrix as a zero-padded [len(rows), len(cols)] block."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _gp_kernel(
+    sj_ptr, sm_ptr, mi_ptr, eps_ptr, b1_ptr, wmat_ptr, w2_ptr, b2_ptr, wout_ptr,
+    loss_part_ptr, dsj_ptr, dsm_ptr, db1_part_ptr, dwmat_part_ptr, dw2_part_ptr,
+    db2_part_ptr, dwout_part_ptr,
+    N, JB, H1, H2, K, inv_n, N_BUCKET,
+    M_TERMS: tl.constexpr, GATHER: tl.constexpr, ATOMIC: tl.constexpr,
+    TWO_LAYERS: tl.constexpr, GRAM: tl.constexpr, ONE_SIDED: tl.constexpr,
+    ACT: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BH1: tl.constexpr, BH2: tl.constexpr, BK: tl.constexpr,
+    BHO: tl.constexpr,
+):
+    """GP partial sums (and, with COMPUTE_GRAD, every gradient) — see the module docstring.
+
+    sj: (JB, H1) joint pre-projections, row n reads row n % JB.  sm: marginal source rows;
+    with GATHER row n sums rows mi[t, n] for t < M_TERMS, else reads row n.  wmat: G (H1×H1,
+    GRAM) or W_1 (H1×K).  Partials are written at this program's slot (padded blocks).
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    num_tiles = tl.cdiv(N, BLOCK_N)
+    CURVED: tl.constexpr = ACT >= 2          # σ'' ≠ 0 (tanh, softplus, gelu)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    c1 = tl.arange(0, BH1)
+    ck = tl.arange(0, BK)
+    c2 = tl.arange(0, BH2)
+    co = tl.arange(0, BHO)
+    m1 = c1 < H1
+
+    # Weights: loaded once per program, reused by every tile.
+    b1 = tl.load(b1_ptr + c1, mask=m1, other=0.0)
+    if GRAM:
+        wmat = _load_matrix(wmat_ptr, c1, c1, H1, H1)          # G, symmetric
+    else:
+        wmat = _load_matrix(wmat_ptr, c1, ck, H1, K)           # W_1
+    if TWO_LAYERS:
+        w2 = _load_matrix(w2_ptr, c2, c1, H2, H1)              # W_2 (H2 × H1)
+        b2 = tl.load(b2_ptr + c2, mask=c2 < H2, other=0.0)
+        wout = tl.load(wout_ptr + c2, mask=c2 < H2, other=0.0)
+    else:
+        wout = tl.load(wout_ptr + c1, mask=m1, other=0.0)
+
+    loss_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db1_acc = tl.zeros([BH1], dtype=tl.float32)
+    dwout_acc = tl.zeros([BHO], dtype=tl.float32)
+    if GRAM:
+        dwmat_acc = tl.zeros([BH1, BH1], dtype=tl.float32)
+    else:
+        dwmat_acc = tl.zeros([BH1, BK], dtype=tl.float32)
+    dw2_acc = tl.zeros([BH2, BH1], dtype=tl.float32)
+    db2_acc = tl.zeros([BH2], dtype=tl.float32)
+
+    for tile in range(pid, num_tiles, nprog):
+        rows = tile * BLOCK_N + offs_n
+        rmask = rows < N
+        mask2 = rmask[:, None] & m1[None, :]
+        # ---- pre-activation a_1 = ε·P_J + (1 − ε)·P_M + b_1 (gathered rows) ----
+        jrow = (rows % JB).to(tl.int64)
+        pj = tl.load(sj_ptr + jrow[:, None] * H1 + c1[None, :], mask=mask2, other=0.0)
+        if GATHER:
+            pm = tl.zeros([BLOCK_N, BH1], dtype=tl.float32)
+            for t in tl.static_range(M_TERMS):
+                idx = tl.load(mi_ptr + t * N + rows, mask=rmask, other=0).to(tl.int64)
+                pm += tl.load(sm_ptr + idx[:, None] * H1 + c1[None, :], mask=mask2, other=0.0)
+        else:
+            pm = tl.load(sm_ptr + rows.to(tl.int64)[:, None] * H1 + c1[None, :], mask=mask2,
+                         other=0.0)
+        e = tl.load(eps_ptr + rows, mask=rmask, other=0.0)
+        a1 = e[:, None] * pj + (1.0 - e)[:, None] * pm + b1[None, :]
+        d1 = activation_grad(a1, ACT)
+        # ---- u = ∂T/∂a_1 (padded columns are 0: w_out / W_2 are zero-padded) ----
+        if TWO_LAYERS:
+            h1 = activation(a1, ACT)
+            a2 = tl.dot(h1, tl.trans(w2), input_precision=DOT_PREC) + b2[None, :]
+            d2 = activation_grad(a2, ACT)
+            v = wout[None, :] * d2                                       # (BN, BH2)
+            q = tl.dot(v, w2, input_precision=DOT_PREC)                  # W_2ᵀ v
+            u = q * d1
+        else:
+            u = wout[None, :] * d1
+        # ---- s = ‖W_1ᵀ u‖² ----
+        if GRAM:
+            gu = tl.dot(u, wmat, input_precision=DOT_PREC)               # G u
+            s = tl.sum(u * gu, axis=1)
+        else:
+            g = tl.dot(u, wmat, input_precision=DOT_PREC)                # (W_1ᵀ u)ᵀ
+            s = tl.sum(g * g, axis=1)
+        s = tl.where(rmask, tl.maximum(s, 0.0), 0.0)
+        alive = s > 0.0
+        nu = tl.sqrt(s)
+        gap = nu - 1.0
+        if ONE_SIDED:
+            gap = tl.maximum(gap, 0.0)
+        gap = tl.where(rmask, gap, 0.0)
+        loss_acc += gap * gap
+        if COMPUTE_GRAD:
+            # β = 2·gap/(N·ν), 0 on dead rows (s = 0) and padding rows: every gradient term
+            # below is linear in β, so masking β masks them all.
+            beta = tl.where(alive, 2.0 * gap * inv_n / tl.where(alive, nu, 1.0), 0.0)
+            bu = beta[:, None] * u
+            if GRAM:
+                r = beta[:, None] * gu                                   # β G u
+                dwmat_acc += 0.5 * tl.dot(tl.trans(bu), u, input_precision=DOT_PREC)
+            else:
+                r = tl.dot(beta[:, None] * g, tl.trans(wmat), input_precision=DOT_PREC)
+                dwmat_acc += tl.dot(tl.trans(bu), g, input_precision=DOT_PREC)
+            if TWO_LAYERS:
+                dq = r * d1
+                dw2_acc += tl.dot(tl.trans(v), dq, input_precision=DOT_PREC)
+                dv = tl.dot(dq, tl.trans(w2), input_precision=DOT_PREC)  # W_2 dq
+                dwout_acc += tl.sum(dv * d2, axis=0)
+                if CURVED:
+                    delta2 = dv * wout[None, :] * activation_grad2(a2, ACT)
+                    dw2_acc += tl.dot(tl.trans(delta2), h1, input_precision=DOT_PREC)
+                    db2_acc += tl.sum(delta2, axis=0)
+                    delta1 = r * q * activation_grad2(a1, ACT) \
+                        + tl.dot(delta2, w2, input_precision=DOT_PREC) * d1
+            else:
+                dwout_acc += tl.sum(r * d1, axis=0)
+                if CURVED:
+                    delta1 = r * wout[None, :] * activation_grad2(a1, ACT)
+            if CURVED:
+                db1_acc += tl.sum(delta1, axis=0)
+                dj = e[:, None] * delta1
+                dm = (1.0 - e)[:, None] * delta1
+                joff = jrow[:, None] * H1 + c1[None, :]
+                if ATOMIC:
+                    tl.atomic_add(dsj_ptr + joff, dj, mask=mask2)
+                else:
+                    tl.store(dsj_ptr + joff, dj, mask=mask2)
+                if GATHER:
+                    for t in tl.static_range(M_TERMS):
+                        idx = tl.load(mi_ptr + t * N + rows, mask=rmask, other=0).to(tl.int64)
+                        moff = idx[:, None] * H1 + c1[None, :]
+                        if ATOMIC:
+                            tl.atomic_add(dsm_ptr + moff, dm, mask=mask2)
+                        else:
+                            tl.store(dsm_ptr + moff, dm, mask=mask2)
+                else:
+                    moff = rows.to(tl.int64)[:, None] * H1 + c1[None, :]
+                    if ATOMIC:
+                        tl.atomic_add(dsm_ptr + moff, dm, mask=mask2)
+                    else:
+                        tl.store(dsm_ptr + moff, dm, mask=mask2)
+
+    # ---- one partial per program (padded blocks, summed by the host) ----
+    tl.store(loss_part_ptr + pid, tl.sum(loss_acc, axis=0) * inv_n)
+    if COMPUTE_GRAD:
+        tl.store(db1_part_ptr + pid * BH1 + c1, db1_acc)
+        tl.store(dwout_part_ptr + pid * BHO + co, dwout_acc)
+        if GRAM:
+            tl.store(dwmat_part_ptr + pid * BH1 * BH1 + c1[:, None] * BH1 + c1[None, :],
+                     dwmat_acc)
+        else:
+            tl.store(dwmat_part_ptr + pid * BH1 * BK + c1[:, None] * BK + ck[None, :],
+                     dwmat_acc)
+        if TWO_LAYERS:
+            tl.store(dw2_part_ptr + pid * BH2 * BH1 + c2[:, None] * BH1 + c1[None, :],
+                     dw2_acc)
+            tl.store(db2_part_ptr + pid * BH2 + c2, db2_acc)
+
+
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=1)
+    for bn in (16, 32, 64) for nw in (4, 8)
+]
+
+_gp_kernel_tuned = triton.autotune(
+    configs=_GPU_CONFIGS,
+    key=["H1", "H2", "K", "N_BUCKET", "M_TERMS", "TWO_LAYERS", "GRAM", "ACT", "COMPUTE_GRAD"],
+    reset_to_zero=["dsj_ptr", "dsm_ptr"],
+)(_gp_kernel)
+
+
+def _interpreting() -> bool:
+    from .triton_backend import interpreter_enabled
+    return interpreter_enabled()
+
+
+def _num_programs(n: int, device: torch.device) -> int:
+    """Persistent grid size (independent of the tuned BLOCK_N, so every partial slot is
+    written by every config)."""
+    tiles_min = triton.cdiv(n, 16)
+    if _interpreting() or device.type != "cuda":
+        return max(1, min(_INTERP_PROGRAMS, tiles_min))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(2 * sms, tiles_min))
+
+
+def _launch(sj, sm, mi, eps, b1, wmat, w2, b2, wout, jb, gram, one_sided, act, compute_grad,
+            atomic):
+    """Run the kernel; returns (gp, grads) with grads None unless ``compute_grad``."""
+    device = sj.device
+    n = eps.shape[0]
+    h1 = sj.shape[1]
+    two_layers = w2 is not None
+    h2 = w2.shape[0] if two_layers else 1
+    k = wmat.shape[1]
+    bh1, bh2 = block_size(h1), block_size(h2)
+    bk = bh1 if gram else block_size(k)
+    bho = bh2 if two_layers else bh1
+    progs = _num_programs(n, device)
+    f32 = dict(device=device, dtype=torch.float32)
+    loss_part = torch.zeros(progs, **f32)
+    if compute_grad:
+        dsj = torch.zeros_like(sj)
+        dsm = torch.zeros_like(sm)
+        db1_part = torch.zeros(progs, bh1, **f32)
+        dwmat_part = torch.zeros(progs, bh1, bk, **f32)
+        dwout_part = torch.zeros(progs, bho, **f32)
+        dw2_part = torch.zeros(progs, bh2, bh1, **f32) if two_layers else loss_part
+        db2_part = torch.zeros(progs, bh2, **f32) if two_layers else loss_part
+    else:
+        dsj = dsm = db1_part = dwmat_part = dwout_part = dw2_part = db2_part = loss_part
+    gather = mi is not None
+    args = (sj, sm, mi if gather else eps, eps, b1, wmat,
+            w2 if two_layers else wout, b2 if two_layers else wout, wout,
+            loss_part, dsj, dsm, db1_part, dwmat_part, dw2_part, db2_part, dwout_part,
+            n, jb, h1, h2, k, 1.0 / n, triton.next_power_of_2(n))
+    meta = dict(M_TERMS=mi.shape[0] if gather else 1, GATHER=gather, ATOMIC=atomic,
+                TWO_LAYERS=two_layers, GRAM=gram, ONE_SIDED=bool(one_sided), ACT=act,
+                COMPUTE_GRAD=compute_grad, DOT_PREC=DOT_PRECISION, BH1=bh1, BH2=bh2, BK=bk, BHO=bho)
+    if _interpreting():
+        _gp_kernel[(progs,)](*args, **meta, BLOCK_N=_INTERP_BLOCK_N, num_warps=4)
+    else:
+        _gp_kernel_tuned[(progs,)](*args, **meta)
+    gp = loss_part.sum()
+    if not compute_grad:
+        return gp, None
+    grads = [dsj, dsm, db1_part.sum(0)[:h1], dwmat_part.sum(0)[:h1, :k],
+             dw2_part.sum(0)[:h2, :h1] if two_layers else None,
+             db2_part.sum(0)[:h2] if two_layers else None,
+             dwout_part.sum(0)[:(h2 if two_layers else h1)]]
+    return gp, grads
+
+
+class FusedGradientPenalty(torch.autograd.Function):
+    """GP from (joint source, marginal source, critic weights) -> 0-dim float32.
+
+    Inputs (all float32, contiguous): sj (JB, H1), sm (R, H1), b1 (H1,), wmat (G or W_1),
+    w2 / b2 (second hidden layer or None), wout (H_last,), eps (N,), mi (M, N) int32 gather
+    indices into sm or None.  The forward computes the gradients in the same pass when any
+    input needs one; backward only scales them by grad_output (once differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, sj, sm, b1, wmat, w2, b2, wout, eps, mi, jb, gram, one_sided, act, atomic):
+        compute_grad = any(ctx.needs_input_grad[:7])
+        gp, grads = _launch(sj, sm, mi, eps, b1, wmat, w2, b2, wout, jb, gram, one_sided, act,
+                            compute_grad, atomic)
+        if compute_grad:
+            ctx.save_for_backward(*[t for t in grads if t is not None])
+            ctx.has_second = w2 is not None
+        return gp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        saved = list(ctx.saved_tensors)
+        if ctx.has_second:
+            dsj, dsm, db1, dwmat, dw2, db2, dwout = saved
+        else:
+            (dsj, dsm, db1, dwmat, dwout), dw2, db2 = saved, None, None
+        go = grad_out.to(torch.float32)
+        scale = (lambda t: None if t is None else t * go)
+        return (scale(dsj), scale(dsm), scale(db1), scale(dwmat), scale(dw2), scale(db2),
+                scale(dwout), None, None, None, None, None, None, None)
+
+
+def _critic_weights(critic):
+    """(b1, wmat, gram, w2, b2, wout) in float32, differentiable w.r.t. the critic."""
+    if len(critic.hidden) > 2:
+        raise ValueError("the fused gradient penalty supports 1 or 2 hidden layers")
+    ws, bs, wout, _ = critic_tail(critic)
+    w1 = torch.cat([w.float() for w in critic.first_weights], dim=1)     # H1 × D
+    gram = sum(critic.dims) > critic.hidden[0]
+    wmat = (w1 @ w1.t()).contiguous() if gram else w1.contiguous()
+    w2 = ws[0] if ws else None
+    b2 = bs[0] if bs else None
+    return critic.first_bias.float().contiguous(), wmat, gram, w2, b2, wout
+
+
+def _penalty(critic, sj, sm, mi, eps, jb, one_sided, atomic):
+    b1, wmat, gram, w2, b2, wout = _critic_weights(critic)
+    eps = eps.detach().to(device=sj.device, dtype=torch.float32).contiguous()
+    return FusedGradientPenalty.apply(sj.contiguous(), sm.contiguous(), b1, wmat, w2, b2, wout,
+                                      eps, mi, jb, gram, bool(one_sided),
+                                      activation_code(critic), atomic)
+
+
+def fused_gradient_penalty(critic, joint, marginal, eps, one_sided) -> torch.Tensor:
+    """WGAN-GP of an ``MLPCritic`` at x̂ = ε·joint + (1 − ε)·marginal (validated per-modality
+    tensors N × d_k, ε of shape (N,)); 0-dim float32, differentiable w.r.t. the critic's
+    parameters and every joint/marginal tensor (see the module docstring)."""
+    pj = project_modalities(critic, joint)
+    pm = project_modalities(critic, marginal)
+    sj = pj[0] if len(pj) == 1 else torch.stack(pj).sum(0)
+    sm = pm[0] if len(pm) == 1 else torch.stack(pm).sum(0)
+    return _penalty(critic, sj, sm, None, eps, sj.shape[0], one_sided, atomic=False)
+
+
+def _dependency_terms(critic, zs, samples, projections):
+    try:
+        from .critic_bounds import fused_dependency_terms
+    except ImportError:  # the fused estimators are not built yet: reference dependency part
+        from ..reference.estimators import dependency_terms
+        return dependency_terms("wasserstein", critic, zs, samples)
+    return fused_dependency_terms("wasserstein", critic, zs, samples, projections=projections)
+
+
+def fused_wasserstein_terms(critic, zs, samples, gp_perms, eps, one_sided):
+    """(joint_term, marginal_term, gp) of ``wasserstein_loss`` sharing one projection per
+    modality between the dependency estimator and the penalty.
+
+    GP row n = k·B + i interpolates joint row i (pre-activation Σ_j P_j[i]) with marginal
+    sample (k, i) (Σ_j P_j[gp_perms[k, j, i]]), ε = eps[n].
+    """
+    projections = project_modalities(critic, zs)
+    joint, marginal = _dependency_terms(critic, zs, samples, projections)
+    m, b = len(zs), zs[0].shape[0]
+    kp = gp_perms.shape[0]
+    stacked = torch.stack(projections)                         # (m, B, H1)
+    sj = stacked.sum(0)                                        # joint rows Σ_j P_j[i]
+    sm = stacked.reshape(m * b, -1)                            # row j·B + r = P_j[r]
+    offsets = torch.arange(m, device=gp_perms.device).unsqueeze(1) * b
+    mi = (gp_perms.permute(1, 0, 2).reshape(m, kp * b) + offsets).to(torch.int32).contiguous()
+    gp = _penalty(critic, sj, sm, mi, eps, b, one_sided, atomic=True)
+    return joint, marginal, gp
+
+
+__all__ = ["fused_gradient_penalty", "fused_wasserstein_terms", "FusedGradientPenalty"]
