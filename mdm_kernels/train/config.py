@@ -18,7 +18,8 @@ class TrainConfig:
     penalty: str = "none"
     weight: float = 0.1
     critic_steps: int = 1
-    negatives: str | int = "shuffle"
+    negatives: str | int | None = None
+    ema_decay: float | None = None
     critic_hidden: int = 128
     critic_lr: float = 1e-3
     gp_weight: float = 10.0
@@ -53,7 +54,10 @@ HELP = {
     "weight": "lambda: the model minimises task loss - lambda * dependency (default: 0.1)",
     "critic_steps": "critic updates (maximising the bound) before each model update (default: 1)",
     "negatives": "negative samples for the bound: 'shuffle' (one permutation), an integer K "
-                 "(K shuffled negatives per sample) or 'all' (all B-1 others) (default: shuffle)",
+                 "(K shuffled negatives per sample) or 'all' (all B-1 others) (default: the estimator's "
+                 "own: all for infonce, shuffle otherwise)",
+    "ema_decay": "mine only: moving-average bias correction of the MINE critic loss with this "
+                 "decay, e.g. 0.99 (default: off)",
     "critic_hidden": "hidden width of the critic MLP (default: 128)",
     "critic_lr": "learning rate of the critic's Adam optimizer (default: 1e-3)",
     "gp_weight": "gradient-penalty weight of the Wasserstein critic (default: 10)",
@@ -81,7 +85,9 @@ HELP = {
 }
 
 
-def _negatives(v) -> str | int:
+def _negatives(v) -> str | int | None:
+    if v is None:
+        return None
     if isinstance(v, int) and not isinstance(v, bool):
         k = v
     elif isinstance(v, str) and v in ("shuffle", "all"):
@@ -116,6 +122,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("weight", "weight_decay", "gp_weight", "patience"):
         if float(getattr(cfg, name)) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.ema_decay is not None and (cfg.penalty != "mine" or not 0 < cfg.ema_decay < 1):
+        raise ValueError(f"--ema-decay must be in (0, 1) and needs --penalty mine; got {cfg.ema_decay} "
+                         f"with --penalty {cfg.penalty}")
     if not 0 <= cfg.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")):
@@ -162,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight", type=float, default=S, metavar="LAMBDA", help=HELP["weight"])
     p.add_argument("--critic-steps", type=int, default=S, metavar="N", help=HELP["critic_steps"])
     p.add_argument("--negatives", default=S, metavar="{shuffle,K,all}", help=HELP["negatives"])
+    p.add_argument("--ema-decay", type=float, default=S, help=HELP["ema_decay"])
     p.add_argument("--critic-hidden", type=int, default=S, metavar="N", help=HELP["critic_hidden"])
     p.add_argument("--critic-lr", type=float, default=S, help=HELP["critic_lr"])
     p.add_argument("--gp-weight", type=float, default=S, help=HELP["gp_weight"])

@@ -66,6 +66,6 @@ def format_table(m: dict[str, float], title: str = "test") -> str:
              "acc2_nonzero": "Acc-2 (non-zero)", "f1_nonzero": "F1 (non-zero, weighted)",
              "mae": "MAE", "corr": "Corr"}
     w = max(len(v) for v in names.values())
-    lines = [f"{'metric (' + title + ')':<{w}}  value", "-" * (w + 9)]
+    lines = [f"Test metrics ({title})", f"{'metric':<{w}}  value", "-" * (w + 8)]
     lines += [f"{names[k]:<{w}}  {m[k]:.4f}" for k in KEYS]
     return "\n".join(lines)

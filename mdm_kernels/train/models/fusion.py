@@ -158,6 +158,8 @@ class MulT(FusionModel):
     def __init__(self, in_dims, d: int = 32, hidden: int = 64, dropout: float = 0.1,
                  heads: int = 4, layers: int = 1):
         super().__init__()
+        if d % heads:
+            raise ValueError(f"mult: --d {d} must be divisible by the number of heads ({heads})")
         self.dims = (d, d, d)
         self.proj = nn.ModuleList([nn.Conv1d(di, d, 1, bias=False) for di in in_dims])
         self.pos = PositionalEncoding(d)

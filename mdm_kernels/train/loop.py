@@ -1,0 +1,228 @@
+"""Training loop: two-stage updates (critic, then model), early stopping on validation MAE,
+atomic checkpoints and exact resume."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import TrainConfig, validate
+from .data import iterate_batches, load_dataset
+from .metrics import format_table, sentiment_metrics
+from .models import build_model
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return torch.device(name)
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def build_penalty(cfg: TrainConfig, dims, device):
+    if cfg.penalty == "none":
+        return None
+    try:
+        from mdm_kernels import DependencyPenalty
+    except ImportError as e:
+        raise ImportError(f"--penalty {cfg.penalty}: mdm_kernels.DependencyPenalty is unavailable ({e})") from e
+    pen = DependencyPenalty(cfg.penalty, tuple(dims), hidden=(cfg.critic_hidden,), weight=cfg.weight,
+                            negatives=cfg.negatives, gp_weight=cfg.gp_weight, ema_decay=cfg.ema_decay,
+                            backend=cfg.backend)
+    if isinstance(pen, nn.Module):
+        pen = pen.to(device)
+    else:
+        pen.critic.to(device)
+    return pen
+
+
+def library_versions() -> dict:
+    v = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    try:
+        from importlib.metadata import version
+        v["mdm_kernels"] = version("mdm-kernels")
+    except Exception:
+        v["mdm_kernels"] = getattr(sys.modules.get("mdm_kernels"), "__version__", "unknown")
+    for mod in ("triton", "transformers"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            v[mod] = getattr(m, "__version__", "unknown")
+    return v
+
+
+@torch.no_grad()
+def predict(model, split, batch_size, device) -> np.ndarray:
+    model.eval()
+    out = [model(b)[0].float().cpu() for b in iterate_batches(split, batch_size, device)]
+    return torch.cat(out).numpy()
+
+
+def _rng_state(gens: dict) -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+          "gens": {k: g.get_state() for k, g in gens.items()}}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict, gens: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    for k, g in gens.items():
+        g.set_state(st["gens"][k])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+_ARCH_KEYS = ("model", "penalty", "dataset", "text_features", "d", "hidden", "critic_hidden", "seed")
+
+
+def train(cfg: TrainConfig, *, _interrupt_after_epoch: int | None = None) -> dict:
+    """Train, evaluate the best checkpoint on the test split, write OUT/metrics.json and
+    return the metrics dict.  ``_interrupt_after_epoch`` (tests) raises KeyboardInterrupt
+    right after that epoch's checkpoint is written."""
+    validate(cfg)
+    from tqdm.auto import tqdm
+
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = (lambda s: None) if cfg.quiet else (lambda s: tqdm.write(s))
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.text_features, seed=cfg.seed)
+    tr = data["train"]
+    in_dims = (tr.text.shape[-1], tr.audio.shape[-1], tr.video.shape[-1])
+    model = build_model(cfg.model, in_dims, d=cfg.d, hidden=cfg.hidden, dropout=cfg.dropout).to(device)
+    penalty = build_penalty(cfg, model.dims, device)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    c_opt = torch.optim.Adam(penalty.critic.parameters(), lr=cfg.critic_lr) if penalty is not None else None
+    gens = {"data": torch.Generator().manual_seed(cfg.seed),
+            "penalty": torch.Generator(device=device).manual_seed(cfg.seed + 1)}
+
+    state = {"epoch": 0, "best_mae": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": []}
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if cfg.resume:
+        if last_path.is_file():
+            ck = torch.load(last_path, map_location=device, weights_only=False)
+            for k in _ARCH_KEYS:
+                if ck["config"].get(k) != getattr(cfg, k):
+                    raise ValueError(f"--resume: --{k.replace('_', '-')} is {getattr(cfg, k)!r} but the "
+                                     f"checkpoint in {out} was trained with {ck['config'].get(k)!r}")
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["opt"])
+            if penalty is not None:
+                penalty.load_state_dict(ck["penalty"])
+                c_opt.load_state_dict(ck["c_opt"])
+            state = ck["state"]
+            _set_rng_state(ck["rng"], gens)
+            log(f"resumed from {last_path} after epoch {state['epoch']}")
+        else:
+            log(f"--resume: no checkpoint in {out}, starting fresh")
+
+    loss_fn = nn.L1Loss()
+    t0 = time.time()
+    stopped = state["bad_epochs"] > cfg.patience if cfg.patience else False
+    while state["epoch"] < cfg.epochs and not stopped:
+        epoch = state["epoch"] + 1
+        model.train()
+        sums = {"loss": 0.0, "task": 0.0, "dep": 0.0, "critic": 0.0}
+        n = 0
+        bar = tqdm(iterate_batches(tr, cfg.batch_size, device, shuffle=True, generator=gens["data"]),
+                   total=(len(tr) + cfg.batch_size - 1) // cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}",
+                   disable=cfg.quiet, leave=False, dynamic_ncols=True)
+        for batch in bar:
+            pred, zs = model(batch)
+            task = loss_fn(pred, batch["y"])
+            loss = task
+            if penalty is not None:
+                # stage 1: critic step(s) maximising the bound (zs detached inside critic_loss)
+                for _ in range(cfg.critic_steps):
+                    c_opt.zero_grad(set_to_none=True)
+                    closs = penalty.critic_loss(*zs, generator=gens["penalty"])
+                    closs.backward()
+                    c_opt.step()
+                sums["critic"] += float(closs.detach())
+                # stage 2: model step on task - lambda * dependency
+                term = penalty(*zs, generator=gens["penalty"])
+                loss = task + term
+                dep = (-float(term.detach()) / cfg.weight if cfg.weight > 0
+                       else float(penalty.estimate(*zs, generator=gens["penalty"])))
+                sums["dep"] += dep
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if penalty is not None:
+                penalty.critic.zero_grad(set_to_none=True)  # the model step never moves the critic
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            n += 1
+            sums["loss"] += float(loss.detach())
+            sums["task"] += float(task.detach())
+            post = {"loss": f"{sums['loss'] / n:.3f}", "task": f"{sums['task'] / n:.3f}"}
+            if penalty is not None:
+                post["dep"] = f"{sums['dep'] / n:.3f}"
+            bar.set_postfix(post)
+        bar.close()
+        val_pred = predict(model, data["valid"], cfg.batch_size, device)
+        val_mae = float(np.mean(np.abs(val_pred - data["valid"].y)))
+        improved = val_mae < state["best_mae"]
+        rec = {"epoch": epoch, "train_loss": sums["loss"] / n, "train_task": sums["task"] / n, "val_mae": val_mae}
+        if penalty is not None:
+            rec.update(dependency=sums["dep"] / n, critic_loss=sums["critic"] / n)
+        state["history"].append(rec)
+        state["epoch"] = epoch
+        if improved:
+            state.update(best_mae=val_mae, best_epoch=epoch, bad_epochs=0)
+            atomic_save({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch, "val_mae": val_mae}, best_path)
+        else:
+            state["bad_epochs"] += 1
+        stopped = cfg.patience > 0 and state["bad_epochs"] >= cfg.patience
+        ck = {"model": model.state_dict(), "opt": opt.state_dict(), "config": cfg.to_dict(), "state": state,
+              "rng": _rng_state(gens)}
+        if penalty is not None:
+            ck.update(penalty=penalty.state_dict(), c_opt=c_opt.state_dict())
+        atomic_save(ck, last_path)
+        extra = f"  dep {rec['dependency']:.3f}" if penalty is not None else ""
+        log(f"epoch {epoch:3d}  train {rec['train_task']:.4f}{extra}  val MAE {val_mae:.4f}"
+            f"{'  *' if improved else ''}")
+        if _interrupt_after_epoch is not None and epoch >= _interrupt_after_epoch:
+            raise KeyboardInterrupt(f"simulated interruption after epoch {epoch}")
+    if stopped:
+        log(f"early stop: no validation-MAE improvement for {cfg.patience} epochs")
+
+    if best_path.is_file():
+        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["model"])
+    metrics = sentiment_metrics(predict(model, data["test"], cfg.batch_size, device), data["test"].y)
+    result = dict(metrics)
+    result.update(best_epoch=state["best_epoch"], best_val_mae=state["best_mae"], epochs_run=state["epoch"],
+                  train_seconds=time.time() - t0, n_test=len(data["test"]), device=str(device),
+                  config=cfg.to_dict(), versions=library_versions(), history=state["history"])
+    clean = json.loads(json.dumps(result, default=str).replace("NaN", "null"))
+    atomic_write_text(json.dumps(clean, indent=2) + "\n", out / "metrics.json")
+    print(format_table(metrics, f"test, {len(data['test'])} segments, best epoch {state['best_epoch']}"))
+    print(f"wrote {out / 'metrics.json'}")
+    return result
