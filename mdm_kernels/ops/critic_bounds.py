@@ -1,0 +1,632 @@
+"""Fused critic scoring + estimator reductions (DV/MINE, NWJ, JS, InfoNCE, Wasserstein).
+
+One op, in the Liger-Kernel layout: Triton kernels (with the math), then the
+``torch.autograd.Function``, then the functional API :func:`fused_dependency_terms`.
+
+Math
+====
+With the split first layer (:mod:`mdm_kernels.critic`) every sample s = (i_1, ..., i_m) has
+
+    z1_s = Σ_j P_j[i_j] + b_1          P_j = z_j W_{1,j}^T  (B × H_1, one torch GEMM each)
+    a1_s = σ(z1_s)
+    (2 hidden layers)  z2_s = W_2 a1_s + b_2,  a2_s = σ(z2_s)
+    T_s  = w_out · a_L,s + b_out
+
+Each estimator term is a reduction of the scores (``reference/estimators.py`` has the table):
+
+    mean_S f(T)             f = T (joint, Wasserstein), −softplus(−T) (JS joint), softplus(T)
+    LSE_S T = log Σ_S e^T   DV: LSE − log N;   NWJ: exp(LSE − log N − 1)
+    mean_i LSE_c T(i, c)    InfoNCE (row-wise log-sum-exp over the candidates of anchor i)
+
+and its derivative with respect to each score is g_s = scale · φ(T_s):
+
+    f = T: φ = 1;  JS joint: φ = sigmoid(−T);  JS marginal: φ = sigmoid(T)
+    DV:   ∂(LSE − log N)/∂T_s = e^{T_s − LSE}                 (shift = LSE)
+    NWJ:  ∂ exp(LSE − log N − 1)/∂T_s = e^{T_s − 1 − log N}   (shift = 1 + log N)
+    InfoNCE: ∂/∂T_{i,c} = e^{T_{i,c} − LSE_i} / B              (shift = saved LSE_i)
+
+Backpropagating g through the MLP (recomputed tile by tile, never stored):
+
+    ∂b_out = Σ g_s,   ∂w_out = Σ g_s a_L,s
+    (2 layers)  δ2_s = g_s w_out ⊙ σ'(z2_s);  ∂W_2 = Σ δ2_s a1_sᵀ;  ∂b_2 = Σ δ2_s;
+                da1_s = W_2ᵀ δ2_s        (1 layer: da1_s = g_s w_out)
+    δ1_s = da1_s ⊙ σ'(z1_s);   ∂b_1 = Σ δ1_s;   ∂P_j[r] = Σ_{s : i_j = r} δ1_s
+
+and autograd turns ∂P_j into ∂z_j and ∂W_{1,j} through the projection GEMM.
+
+Tiling
+======
+Samples are addressed as (row r, column c).  A *persistent* program p loops over rows
+r = p, p + G, ... and, inside a row, over column tiles of ``BLOCK_N`` samples; a tile is the
+(BLOCK_N × H_1) first pre-activation, built by gathering P rows by index.  Index modes
+(constexpr ``IDX``):
+
+* ``JOINT``   flat sample n = r·BLOCK_N + c, i_j = n (the diagonal).
+* ``PERMS``   flat n = k·B + i, i_j = perms[k, j, i] read from memory.
+* ``GRID``    ``"all"``: r is the index of the *owner* factor, c enumerates the other factors
+  in row-major order (decoded from c, never materialised).  For InfoNCE the factors are
+  (anchor, candidate) with the candidate modalities 2..m sharing one index (``GROUPED``).
+* ``NCE``     InfoNCE with shuffles: r = anchor i, c ∈ [0, K] picks the candidate
+  (c = 0: i itself, c ≥ 1: perms[c − 1, 1, i]).
+
+Reductions (constexpr ``RED``) stay in registers: plain sums, or an online log-sum-exp —
+per lane a running max m and a rescaled sum s (s ← s·e^{m − m'} + e^{T − m'}, flash-attention
+style), folded to one (max, sum) pair per program (``LSE``) or per row (``LSE_ROW``, InfoNCE,
+where a row is always owned by a single program).  A tiny torch combine merges the per-program
+partials.  Scores are never written to global memory; memory is O(G·H + B·m·H) whatever N.
+
+Backward and determinism
+========================
+The backward kernel recomputes each tile from the saved P, the parameters and the saved LSE
+statistics.  Where rows are shared:
+
+* ``GRID`` (``"all"``): one launch per factor f with f as the owner; a program owns its rows of
+  P_f, accumulates their gradient in registers over all columns and stores it once.  No atomics:
+  deterministic (m launches, i.e. m× the forward work — the price of not using atomics).
+* ``PERMS`` / ``NCE`` candidates / ``JOINT``: δ1 rows are scattered with ``tl.atomic_add``.  The
+  joint pass touches each row once (deterministic); with K shuffles a row receives K adds whose
+  order varies between runs, so the last bits of ∂z / ∂W_1 may vary on GPU.
+* Parameter gradients (b_1, W_2, b_2, w_out, b_out) accumulate into per-program private slices
+  (load-add-store, no atomics) that torch sums afterwards: deterministic.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import activation, activation_code, activation_grad, block_size, \
+    critic_tail, project_modalities
+
+# ----------------------------------------------------------------------------- constants
+IDX_JOINT, IDX_PERMS, IDX_GRID, IDX_NCE = 0, 1, 2, 3
+RED_SUM, RED_NEG_SOFTPLUS_NEG, RED_SOFTPLUS, RED_LSE, RED_LSE_ROW = 0, 1, 2, 3, 4
+G_ONE, G_EXP_SHIFT, G_EXP_ROW, G_SIGMOID, G_SIGMOID_NEG = 0, 1, 2, 3, 4
+
+_NEG_BIG = -1.0e30  # "minus infinity" that keeps e^{m − m'} finite (no inf − inf)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def tile_configs(gpu_configs, interpreter_config):
+    """Autotune configs: the full list on a GPU, one fixed small config in the interpreter
+    (where benchmarking every config would be very slow and meaningless)."""
+    if _interpreting():
+        return [interpreter_config]
+    return gpu_configs
+
+
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_N": 16}, num_warps=2),
+    triton.Config({"BLOCK_N": 32}, num_warps=4),
+    triton.Config({"BLOCK_N": 64}, num_warps=4),
+    triton.Config({"BLOCK_N": 64}, num_warps=8),
+    triton.Config({"BLOCK_N": 128}, num_warps=8),
+]
+_INTERP_CONFIG = triton.Config({"BLOCK_N": 16}, num_warps=1)
+_MIN_BLOCK_N = 16  # smallest BLOCK_N of any config: sizes the per-program buffers
+
+
+def _max_programs(device) -> int:
+    """Cap on the persistent grid."""
+    if _interpreting() or device.type != "cuda":
+        return 4
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _grid_factor(q: tl.constexpr, r, cols, B, NF: tl.constexpr, OWNER: tl.constexpr):
+    """Index of factor q for the "all" grid: the owner factor is the row r; the other NF − 1
+    factors are the row-major digits (base B) of the column c, the last one varying fastest."""
+    if q == OWNER:
+        idx = tl.zeros_like(cols) + r
+    else:
+        rem = cols
+        idx = tl.zeros_like(cols)
+        for t in tl.static_range(NF):
+            if NF - 1 - t != OWNER:
+                if NF - 1 - t == q:
+                    idx = rem % B
+                rem = rem // B
+    return idx
+
+
+@triton.jit
+def _sample_rows(j: tl.constexpr, r, cols, valid, perm_ptr, B, M: tl.constexpr,
+                 IDX: tl.constexpr, NF: tl.constexpr, OWNER: tl.constexpr,
+                 GROUPED: tl.constexpr):
+    """Row of P_j used by each sample of the tile (0 for invalid lanes)."""
+    if IDX == 0:  # JOINT: the diagonal
+        idx = cols
+    elif IDX == 1:  # PERMS: flat n = k·B + i -> perms[k, j, i]
+        kk = cols // B
+        ii = cols % B
+        idx = tl.load(perm_ptr + kk * (M * B) + j * B + ii, mask=valid, other=0)
+    elif IDX == 2:  # GRID ("all")
+        if GROUPED:
+            if j == 0:
+                idx = _grid_factor(0, r, cols, B, NF, OWNER)
+            else:
+                idx = _grid_factor(1, r, cols, B, NF, OWNER)
+        else:
+            idx = _grid_factor(j, r, cols, B, NF, OWNER)
+    else:  # NCE: anchor r, candidate c (0: r itself, else perms[c − 1, 1, r])
+        if j == 0:
+            idx = tl.zeros_like(cols) + r
+        else:
+            shuffled = tl.load(perm_ptr + (cols - 1) * (M * B) + B + r,
+                               mask=valid & (cols > 0), other=0)
+            idx = tl.where(cols > 0, shuffled, r)
+    idx = tl.where(valid, idx, 0)
+    return idx.to(tl.int64)
+
+
+@triton.jit
+def _first_preact(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1,
+                  M: tl.constexpr, IDX: tl.constexpr, NF: tl.constexpr,
+                  OWNER: tl.constexpr, GROUPED: tl.constexpr):
+    """z1 = Σ_j P_j[i_j] + b_1 for the tile (BLOCK_N × BLOCK_H1), float32."""
+    z1 = tl.zeros([cols.shape[0], offs_h.shape[0]], tl.float32) + b1[None, :]
+    m2 = valid[:, None] & hmask[None, :]
+    for j in tl.static_range(M):
+        rows = _sample_rows(j, r, cols, valid, perm_ptr, B, M, IDX, NF, OWNER, GROUPED)
+        z1 += tl.load(P_ptr + j * B * H1 + rows[:, None] * H1 + offs_h[None, :], mask=m2,
+                      other=0.0)
+    return z1
+
+
+@triton.jit
+def _scores(a1, W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask, H1, H2,
+            TWO_LAYERS: tl.constexpr, BLOCK_H2: tl.constexpr, ACT: tl.constexpr):
+    """T = w_out · a_L + b_out from the first activations a1 (BLOCK_N × BLOCK_H1).
+    The second layer is done in H_2 chunks of BLOCK_H2 with tl.dot (fp32, IEEE)."""
+    if TWO_LAYERS:
+        t = tl.zeros([a1.shape[0]], tl.float32) + bout
+        offs_c = tl.arange(0, BLOCK_H2)
+        for h0 in range(0, H2, BLOCK_H2):
+            cmask = (h0 + offs_c) < H2
+            w2 = tl.load(W2_ptr + (h0 + offs_c)[:, None] * H1 + offs_h[None, :],
+                         mask=cmask[:, None] & hmask[None, :], other=0.0)
+            b2 = tl.load(b2_ptr + h0 + offs_c, mask=cmask, other=0.0)
+            wo = tl.load(wout_ptr + h0 + offs_c, mask=cmask, other=0.0)
+            z2 = tl.dot(a1, tl.trans(w2), input_precision="ieee") + b2[None, :]
+            t += tl.sum(activation(z2, ACT) * wo[None, :], axis=1)
+    else:
+        wo = tl.load(wout_ptr + offs_h, mask=hmask, other=0.0)
+        t = tl.sum(a1 * wo[None, :], axis=1) + bout
+    return t
+
+
+@triton.autotune(configs=tile_configs(_GPU_CONFIGS, _INTERP_CONFIG),
+                 key=["N", "NCOL", "H1", "H2", "B"])
+@triton.jit
+def _bounds_fwd_kernel(
+    P_ptr, perm_ptr, b1_ptr, W2_ptr, b2_ptr, wout_ptr, bout_ptr,
+    stats_ptr, row_lse_ptr,
+    B, N, NCOL, H1, H2,
+    M: tl.constexpr, IDX: tl.constexpr, RED: tl.constexpr, NF: tl.constexpr,
+    GROUPED: tl.constexpr, TWO_LAYERS: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Forward: per-program partial (sum) or (max, Σ e^{T − max}) in stats[pid, 0:2];
+    RED_LSE_ROW writes LSE_r of every row it owns to row_lse[r]."""
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    offs_h = tl.arange(0, BLOCK_H1)
+    hmask = offs_h < H1
+    b1 = tl.load(b1_ptr + offs_h, mask=hmask, other=0.0)
+    bout = tl.load(bout_ptr)
+    offs = tl.arange(0, BLOCK_N)
+    if IDX <= 1:  # flat modes: one "row" = one tile of BLOCK_N samples
+        R = tl.cdiv(N, BLOCK_N)
+        ncol = BLOCK_N
+    else:
+        R = B
+        ncol = NCOL
+    acc = tl.zeros([BLOCK_N], tl.float32)           # sums
+    run_m = tl.zeros([BLOCK_N], tl.float32) + _NEG_BIG  # online LSE, per lane
+    run_s = tl.zeros([BLOCK_N], tl.float32)
+    for r in range(pid, R, G):
+        if RED == 4:
+            run_m = tl.zeros([BLOCK_N], tl.float32) + _NEG_BIG
+            run_s = tl.zeros([BLOCK_N], tl.float32)
+        for c0 in range(0, ncol, BLOCK_N):
+            if IDX <= 1:
+                cols = r * BLOCK_N + offs
+                valid = cols < N
+            else:
+                cols = c0 + offs
+                valid = cols < ncol
+            z1 = _first_preact(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1,
+                               M, IDX, NF, 0, GROUPED)
+            t = _scores(activation(z1, ACT), W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask,
+                        H1, H2, TWO_LAYERS, BLOCK_H2, ACT)
+            if RED == 0:
+                acc += tl.where(valid, t, 0.0)
+            elif RED == 1:  # −softplus(−T) = min(T, 0) − log(1 + e^{−|T|})
+                acc += tl.where(valid, tl.minimum(t, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(t))),
+                                0.0)
+            elif RED == 2:  # softplus(T) = max(T, 0) + log(1 + e^{−|T|})
+                acc += tl.where(valid, tl.maximum(t, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(t))),
+                                0.0)
+            else:
+                t = tl.where(valid, t, float("-inf"))
+                new_m = tl.maximum(run_m, t)
+                run_s = run_s * tl.exp(run_m - new_m) + tl.exp(t - new_m)
+                run_m = new_m
+        if RED == 4:
+            mx = tl.max(run_m, axis=0)
+            tl.store(row_lse_ptr + r, mx + tl.log(tl.sum(run_s * tl.exp(run_m - mx), axis=0)))
+    if RED == 3:
+        mx = tl.max(run_m, axis=0)
+        tl.store(stats_ptr + pid * 2, mx)
+        tl.store(stats_ptr + pid * 2 + 1, tl.sum(run_s * tl.exp(run_m - mx), axis=0))
+    elif RED != 4:
+        tl.store(stats_ptr + pid * 2, tl.sum(acc, axis=0))
+
+
+@triton.autotune(configs=tile_configs(_GPU_CONFIGS, _INTERP_CONFIG),
+                 key=["N", "NCOL", "H1", "H2", "B"],
+                 reset_to_zero=["dP_ptr", "gb1_ptr", "gW2_ptr", "gb2_ptr", "gwout_ptr",
+                                "gbout_ptr"])
+@triton.jit
+def _bounds_bwd_kernel(
+    P_ptr, perm_ptr, b1_ptr, W2_ptr, b2_ptr, wout_ptr, bout_ptr,
+    scale_ptr, shift_ptr, row_lse_ptr,
+    dP_ptr, gb1_ptr, gW2_ptr, gb2_ptr, gwout_ptr, gbout_ptr,
+    B, N, NCOL, H1, H2,
+    M: tl.constexpr, IDX: tl.constexpr, GMODE: tl.constexpr, NF: tl.constexpr,
+    OWNER: tl.constexpr, GROUPED: tl.constexpr, PARAM_GRADS: tl.constexpr,
+    TWO_LAYERS: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Backward: recompute each tile, g = scale·φ(T), backprop through the MLP.
+    dP rows: owner rows (GRID: factor OWNER, NCE: the anchor) accumulate in registers and
+    are stored once; the others are scattered with atomics.  Parameter gradients go to this
+    program's private slice of the g*_ptr buffers (only when PARAM_GRADS)."""
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    offs_h = tl.arange(0, BLOCK_H1)
+    hmask = offs_h < H1
+    b1 = tl.load(b1_ptr + offs_h, mask=hmask, other=0.0)
+    bout = tl.load(bout_ptr)
+    scale = tl.load(scale_ptr)
+    shift = tl.load(shift_ptr)
+    offs = tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_H2)
+    if IDX <= 1:
+        R = tl.cdiv(N, BLOCK_N)
+        ncol = BLOCK_N
+    else:
+        R = B
+        ncol = NCOL
+    if IDX == 2:
+        owner = OWNER
+    else:
+        owner = 0  # NCE: the anchor factor; JOINT/PERMS: unused
+    gb1 = tl.zeros([BLOCK_H1], tl.float32)
+    gwout = tl.zeros([BLOCK_H1], tl.float32)   # 1 hidden layer only
+    gbout = tl.zeros([BLOCK_N], tl.float32)
+    for r in range(pid, R, G):
+        own = tl.zeros([BLOCK_H1], tl.float32)  # gradient of the owner row
+        if IDX == 3:
+            row_shift = tl.load(row_lse_ptr + r)
+        for c0 in range(0, ncol, BLOCK_N):
+            if IDX <= 1:
+                cols = r * BLOCK_N + offs
+                valid = cols < N
+            else:
+                cols = c0 + offs
+                valid = cols < ncol
+            z1 = _first_preact(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1,
+                               M, IDX, NF, owner, GROUPED)
+            a1 = activation(z1, ACT)
+            t = _scores(a1, W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask, H1, H2,
+                        TWO_LAYERS, BLOCK_H2, ACT)
+            # g = ∂term/∂T for every sample of the tile
+            if GMODE == 0:
+                g = tl.zeros_like(t) + scale
+            elif GMODE == 1:
+                g = scale * tl.exp(t - shift)
+            elif GMODE == 2:
+                if IDX == 3:
+                    g = scale * tl.exp(t - row_shift)
+                else:  # "all" InfoNCE: the anchor is factor 0
+                    anc = _sample_rows(0, r, cols, valid, perm_ptr, B, M, IDX, NF, owner,
+                                       GROUPED)
+                    g = scale * tl.exp(t - tl.load(row_lse_ptr + anc))
+            elif GMODE == 3:
+                g = scale / (1.0 + tl.exp(-t))
+            else:
+                g = scale / (1.0 + tl.exp(t))
+            g = tl.where(valid, g, 0.0)
+            if PARAM_GRADS:
+                gbout += g
+            if TWO_LAYERS:
+                da1 = tl.zeros_like(a1)
+                for h0 in range(0, H2, BLOCK_H2):
+                    cmask = (h0 + offs_c) < H2
+                    w2 = tl.load(W2_ptr + (h0 + offs_c)[:, None] * H1 + offs_h[None, :],
+                                 mask=cmask[:, None] & hmask[None, :], other=0.0)
+                    b2 = tl.load(b2_ptr + h0 + offs_c, mask=cmask, other=0.0)
+                    wo = tl.load(wout_ptr + h0 + offs_c, mask=cmask, other=0.0)
+                    z2 = tl.dot(a1, tl.trans(w2), input_precision="ieee") + b2[None, :]
+                    d2 = g[:, None] * wo[None, :] * activation_grad(z2, ACT)
+                    if PARAM_GRADS:
+                        a2 = activation(z2, ACT)
+                        p_wo = gwout_ptr + pid * H2 + h0 + offs_c
+                        tl.store(p_wo, tl.load(p_wo, mask=cmask, other=0.0)
+                                 + tl.sum(g[:, None] * a2, axis=0), mask=cmask)
+                        p_b2 = gb2_ptr + pid * H2 + h0 + offs_c
+                        tl.store(p_b2, tl.load(p_b2, mask=cmask, other=0.0)
+                                 + tl.sum(d2, axis=0), mask=cmask)
+                        p_w2 = (gW2_ptr + pid * H2 * H1 + (h0 + offs_c)[:, None] * H1
+                                + offs_h[None, :])
+                        wm = cmask[:, None] & hmask[None, :]
+                        tl.store(p_w2, tl.load(p_w2, mask=wm, other=0.0)
+                                 + tl.dot(tl.trans(d2), a1, input_precision="ieee"), mask=wm)
+                    da1 += tl.dot(d2, w2, input_precision="ieee")
+            else:
+                wo = tl.load(wout_ptr + offs_h, mask=hmask, other=0.0)
+                da1 = g[:, None] * wo[None, :]
+                if PARAM_GRADS:
+                    gwout += tl.sum(g[:, None] * a1, axis=0)
+            d1 = da1 * activation_grad(z1, ACT)
+            d1 = tl.where(valid[:, None], d1, 0.0)
+            if PARAM_GRADS:
+                gb1 += tl.sum(d1, axis=0)
+            m2 = valid[:, None] & hmask[None, :]
+            for j in tl.static_range(M):
+                is_owner = False
+                if IDX == 2:
+                    if GROUPED:
+                        if j == 0:
+                            is_owner = OWNER == 0
+                        else:
+                            is_owner = OWNER == 1
+                    else:
+                        is_owner = j == OWNER
+                elif IDX == 3:
+                    is_owner = j == 0
+                if not is_owner:
+                    if IDX != 2:  # GRID launches only write their owner factor
+                        rows = _sample_rows(j, r, cols, valid, perm_ptr, B, M, IDX, NF,
+                                            owner, GROUPED)
+                        tl.atomic_add(dP_ptr + j * B * H1 + rows[:, None] * H1
+                                      + offs_h[None, :], d1, mask=m2)
+            own += tl.sum(d1, axis=0)
+        if IDX >= 2:
+            for j in tl.static_range(M):
+                is_owner = False
+                if IDX == 2:
+                    if GROUPED:
+                        if j == 0:
+                            is_owner = OWNER == 0
+                        else:
+                            is_owner = OWNER == 1
+                    else:
+                        is_owner = j == OWNER
+                else:
+                    is_owner = j == 0
+                if is_owner:
+                    tl.store(dP_ptr + j * B * H1 + r * H1 + offs_h, own, mask=hmask)
+    if PARAM_GRADS:
+        tl.store(gb1_ptr + pid * H1 + offs_h, gb1, mask=hmask)
+        tl.store(gbout_ptr + pid, tl.sum(gbout, axis=0))
+        if not TWO_LAYERS:
+            tl.store(gwout_ptr + pid * H1 + offs_h, gwout, mask=hmask)
+
+
+# ----------------------------------------------------------------------------- launches
+class _Plan:
+    """Static description of one launch family: index mode, sizes, grid."""
+
+    def __init__(self, idx, B, n, ncol, nf=1, grouped=False):
+        self.idx, self.B, self.N, self.NCOL, self.NF, self.grouped = idx, B, n, ncol, nf, grouped
+
+    def rows(self, block_n):
+        return triton.cdiv(self.N, block_n) if self.idx <= IDX_PERMS else self.B
+
+    def max_programs(self, device):
+        return max(1, min(_max_programs(device), self.rows(_MIN_BLOCK_N)))
+
+    def grid(self, device):
+        cap = self.max_programs(device)
+        return lambda meta: (max(1, min(cap, self.rows(meta["BLOCK_N"]))),)
+
+
+def _marginal_plan(kind, B, m, perms):
+    if kind == "infonce":
+        if perms is None:
+            return _Plan(IDX_GRID, B, B * B, B, nf=2, grouped=True)
+        return _Plan(IDX_NCE, B, B * (perms.shape[0] + 1), perms.shape[0] + 1)
+    if perms is None:
+        return _Plan(IDX_GRID, B, B ** m, B ** (m - 1), nf=m)
+    return _Plan(IDX_PERMS, B, perms.shape[0] * B, 0)
+
+
+def _common_meta(P, W2, two_layers, act):
+    H1 = P.shape[2]
+    H2 = W2.shape[0] if two_layers else 1
+    return dict(M=P.shape[0], TWO_LAYERS=two_layers, ACT=act, BLOCK_H1=block_size(H1),
+                BLOCK_H2=min(32, block_size(H2)) if two_layers else 16), H1, H2
+
+
+def _launch_fwd(plan, red, P, perms, b1, W2, b2, wout, bout, act):
+    device = P.device
+    meta, H1, H2 = _common_meta(P, W2, W2 is not None, act)
+    G = plan.max_programs(device)
+    stats = torch.zeros(G, 2, device=device, dtype=torch.float32)
+    if red == RED_LSE:
+        stats[:, 0] = _NEG_BIG
+    row_lse = torch.empty(plan.B if red == RED_LSE_ROW else 1, device=device,
+                          dtype=torch.float32)
+    dummy = b1
+    _bounds_fwd_kernel[plan.grid(device)](
+        P, perms if perms is not None else b1, b1,
+        W2 if W2 is not None else dummy, b2 if b2 is not None else dummy, wout, bout,
+        stats, row_lse, plan.B, plan.N, plan.NCOL, H1, H2,
+        IDX=plan.idx, RED=red, NF=plan.NF, GROUPED=plan.grouped, **meta)
+    return stats, row_lse
+
+
+def _combine_lse(stats):
+    mx = stats[:, 0].max()
+    return mx + torch.log((stats[:, 1] * torch.exp(stats[:, 0] - mx)).sum())
+
+
+def _launch_bwd(plan, gmode, scale, shift, row_lse, P, perms, b1, W2, b2, wout, bout, act,
+                owner=0, param_grads=True):
+    device = P.device
+    two = W2 is not None
+    meta, H1, H2 = _common_meta(P, W2, two, act)
+    G = plan.max_programs(device)
+    f32 = dict(device=device, dtype=torch.float32)
+    dP = torch.zeros_like(P)
+    gb1 = torch.zeros(G, H1, **f32)
+    gwout = torch.zeros(G, H2 if two else H1, **f32)
+    gbout = torch.zeros(G, **f32)
+    gW2 = torch.zeros(G, H2, H1, **f32) if two else torch.zeros(1, **f32)
+    gb2 = torch.zeros(G, H2, **f32) if two else torch.zeros(1, **f32)
+    _bounds_bwd_kernel[plan.grid(device)](
+        P, perms if perms is not None else b1, b1,
+        W2 if two else b1, b2 if two else b1, wout, bout,
+        scale, shift, row_lse,
+        dP, gb1, gW2, gb2, gwout, gbout,
+        plan.B, plan.N, plan.NCOL, H1, H2,
+        IDX=plan.idx, GMODE=gmode, NF=plan.NF, OWNER=owner, GROUPED=plan.grouped,
+        PARAM_GRADS=param_grads, **meta)
+    if not param_grads:
+        return dP, None
+    grads = [gb1.sum(0), gwout.sum(0), gbout.sum(0).reshape(1)]
+    grads += [gW2.sum(0), gb2.sum(0)] if two else [None, None]
+    return dP, grads
+
+
+def _run_bwd(plan, gmode, scale, shift, row_lse, args, act):
+    """All launches of one term; GRID runs one deterministic launch per owner factor."""
+    if plan.idx != IDX_GRID:
+        return _launch_bwd(plan, gmode, scale, shift, row_lse, *args, act)
+    dP, grads = _launch_bwd(plan, gmode, scale, shift, row_lse, *args, act, owner=0)
+    for f in range(1, plan.NF):
+        dPf, _ = _launch_bwd(plan, gmode, scale, shift, row_lse, *args, act, owner=f,
+                             param_grads=False)
+        dP = dP + dPf
+    return dP, grads
+
+
+# ----------------------------------------------------------------------------- autograd
+class FusedDependencyTerms(torch.autograd.Function):
+    """(joint_term, marginal_term) from the stacked projections P (m × B × H_1, float32),
+    the first bias and the tail parameters; gradients for all of them."""
+
+    @staticmethod
+    def forward(ctx, kind, perms, act, P, b1, wout, bout, W2, b2):
+        B, m = P.shape[1], P.shape[0]
+        args = (P, perms, b1, W2, b2, wout, bout)
+        # joint term: the B diagonal samples
+        jplan = _Plan(IDX_JOINT, B, B, 0)
+        jstats, _ = _launch_fwd(jplan, RED_NEG_SOFTPLUS_NEG if kind == "js" else RED_SUM,
+                                *args, act)
+        joint = jstats[:, 0].sum() / B
+        plan = _marginal_plan(kind, B, m, perms)
+        lse = row_lse = None
+        if kind in ("dv", "nwj"):
+            stats, _ = _launch_fwd(plan, RED_LSE, *args, act)
+            lse = _combine_lse(stats)
+            lme = lse - math.log(plan.N)
+            marginal = lme if kind == "dv" else torch.exp(lme - 1.0)
+        elif kind == "infonce":
+            _, row_lse = _launch_fwd(plan, RED_LSE_ROW, *args, act)
+            marginal = row_lse.mean() - math.log(plan.NCOL)
+        else:
+            stats, _ = _launch_fwd(plan, RED_SOFTPLUS if kind == "js" else RED_SUM, *args,
+                                   act)
+            marginal = stats[:, 0].sum() / plan.N
+        ctx.kind, ctx.act, ctx.plan, ctx.jplan = kind, act, plan, jplan
+        ctx.save_for_backward(P, perms, b1, wout, bout, W2, b2,
+                              lse if lse is not None else row_lse)
+        return joint, marginal
+
+    @staticmethod
+    def backward(ctx, g_joint, g_marg):
+        P, perms, b1, wout, bout, W2, b2, stat = ctx.saved_tensors
+        kind, act, plan, jplan = ctx.kind, ctx.act, ctx.plan, ctx.jplan
+        args = (P, perms, b1, W2, b2, wout, bout)
+        B = P.shape[1]
+        zero = torch.zeros(1, device=P.device, dtype=torch.float32)
+        g_joint = g_joint.float().reshape(1)
+        g_marg = g_marg.float().reshape(1)
+        dP, grads = _run_bwd(jplan, G_SIGMOID_NEG if kind == "js" else G_ONE, g_joint / B,
+                             zero, zero, args, act)
+        row_lse = zero
+        if kind == "dv":
+            gmode, scale, shift = G_EXP_SHIFT, g_marg, stat.reshape(1)
+        elif kind == "nwj":
+            gmode, scale = G_EXP_SHIFT, g_marg
+            shift = zero + (1.0 + math.log(plan.N))
+        elif kind == "infonce":
+            gmode, scale, shift, row_lse = G_EXP_ROW, g_marg / B, zero, stat
+        else:
+            gmode, scale, shift = (G_SIGMOID if kind == "js" else G_ONE), g_marg / plan.N, zero
+        dPm, gradsm = _run_bwd(plan, gmode, scale.contiguous(), shift.contiguous(), row_lse,
+                               args, act)
+        dP = dP + dPm
+        out = [a + b if a is not None else None for a, b in zip(grads, gradsm)]
+        gb1, gwout, gbout, gW2, gb2 = out
+        return None, None, None, dP, gb1, gwout, gbout, gW2, gb2
+
+
+# ----------------------------------------------------------------------------- functional
+def _resolve_perms(samples, batch_size, device):
+    """``samples``: a MarginalSamples, a (K, m, B) index tensor, or None/"all"."""
+    if samples is None or (isinstance(samples, str) and samples == "all"):
+        return None
+    perms = getattr(samples, "perms", samples) if not isinstance(samples, torch.Tensor) \
+        else samples
+    if perms is None:
+        return None
+    if not isinstance(perms, torch.Tensor) or perms.dim() != 3 or perms.shape[2] != batch_size:
+        raise ValueError("samples must be MarginalSamples, a (K, m, B) LongTensor or 'all'")
+    return perms.to(device=device, dtype=torch.int64).contiguous()
+
+
+KINDS = ("dv", "nwj", "js", "infonce", "wasserstein")
+
+
+@torch.compiler.disable
+def fused_dependency_terms(kind, critic, zs, samples, projections=None):
+    """(joint_term, marginal_term) of estimator ``kind`` with the fused Triton kernels.
+
+    Args:
+        kind: ``dv``, ``nwj``, ``js``, ``infonce`` or ``wasserstein``.
+        critic: ``MLPCritic`` with 1 or 2 hidden layers.
+        zs: z_1, ..., z_m (B × d_k each, float32/float16/bfloat16).
+        samples: :class:`~mdm_kernels.negatives.MarginalSamples`, an explicit (K, m, B) index
+            tensor, or ``None``/``"all"`` for every combination (never materialised).
+        projections: optional precomputed P_k = z_k W_{1,k}^T (from
+            :func:`~mdm_kernels.ops.common.project_modalities`), to share them with other ops.
+
+    Returns: two 0-dim float32 tensors, differentiable w.r.t. every z and critic parameter.
+    Dynamo graph-breaks around this call (``torch.compiler.disable``); autograd still flows.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if len(critic.hidden) > 2:
+        raise ValueError("fused kernels support 1 or 2 hidden layers")
+    if projections is None:
+        projections = project_modalities(critic, zs)
+    P = torch.stack([p.float() for p in projections]).contiguous()
+    perms = _resolve_perms(samples, P.shape[1], P.device)
+    ws, bs, wout, bout = critic_tail(critic)
+    W2 = ws[0] if ws else None
+    b2 = bs[0] if bs else None
+    b1 = critic.first_bias.float().contiguous()
+    return FusedDependencyTerms.apply(kind, perms, activation_code(critic), P, b1, wout, bout,
+                                      W2, b2)
