@@ -72,7 +72,7 @@ infonce_bound = _bound(
     "    other modalities kept together as the candidate.  ``negatives='all'`` (default):\n"
     "    C_i = all B rows, bound ≤ log B; K shuffles: C_i = {i} ∪ K shuffled rows,\n"
     "    bound ≤ log(K + 1).\n\n    van den Oord et al., 'Representation Learning with "
-    "Contrastive Predictive Coding', 2018.", default_negatives="all")
+    "Contrastive Predictive Coding', 2018.", default_negatives=None)
 wasserstein_dependency = _bound(
     "wasserstein_dependency", "wasserstein", "Wasserstein dependency measure: mean_joint T − mean_marginal T (keep the\n"
     "    critic 1-Lipschitz with :func:`gradient_penalty`, see :func:`wasserstein_loss`).\n\n"

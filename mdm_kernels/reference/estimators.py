@@ -108,7 +108,13 @@ def dependency_terms(kind: str, critic, zs: Sequence[torch.Tensor],
 
 def resolve_samples(kind: str, zs: Sequence[torch.Tensor], negatives, perms,
                     generator) -> MarginalSamples:
-    """The marginal samples estimator ``kind`` uses (InfoNCE keeps candidates together)."""
+    """The marginal samples estimator ``kind`` uses (InfoNCE keeps candidates together).
+
+    ``negatives=None`` is each estimator's default: ``"all"`` for InfoNCE (the standard
+    B-candidate estimator), ``"shuffle"`` otherwise; ``perms`` overrides it.
+    """
+    if negatives is None:
+        negatives = "all" if kind == "infonce" and perms is None else "shuffle"
     return product_of_marginals(zs[0].shape[0], len(zs), negatives, perms, generator,
                                 device=zs[0].device, candidates_together=(kind == "infonce"))
 
@@ -128,5 +134,5 @@ def _reference_bound(kind: str, default_negatives="shuffle"):
 dv_bound = _reference_bound("dv")
 nwj_bound = _reference_bound("nwj")
 js_bound = _reference_bound("js")
-infonce_bound = _reference_bound("infonce", default_negatives="all")
+infonce_bound = _reference_bound("infonce", default_negatives=None)
 wasserstein_dependency = _reference_bound("wasserstein")
