@@ -169,15 +169,16 @@ def load_mosi(data_dir=None, text_features: str = "both", max_len: int = 50) -> 
     split = a["split"]
     tr = split == TRAIN
     feats = {m: _standardise(a[f"{m}_feat"], a[f"{m}_feat"][tr]) for m in ("text", "audio", "video")}
-    glove = a["glove"].astype(np.float32)
     off = a["token_offsets"]
     n = len(split)
     lens = np.minimum(np.diff(off), max_len).astype(np.int64)
-    L = int(lens.max())
-    seq = np.zeros((n, L, 300), dtype=np.float32)
-    for i in range(n):
-        ids = a["token_flat"][off[i]:off[i] + lens[i]].astype(np.int64)
-        seq[i, :lens[i]] = glove[ids]
+    if text_features != "utterance":
+        glove = a["glove"].astype(np.float32)
+        L = int(lens.max())
+        seq = np.zeros((n, L, 300), dtype=np.float32)
+        for i in range(n):
+            ids = a["token_flat"][off[i]:off[i] + lens[i]].astype(np.int64)
+            seq[i, :lens[i]] = glove[ids]
     if text_features == "glove":
         text = seq
     elif text_features == "utterance":

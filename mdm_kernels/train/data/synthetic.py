@@ -14,7 +14,7 @@ import numpy as np
 from .mosi import Split
 
 
-def make_synthetic(n_train: int = 512, n_valid: int = 128, n_test: int = 128, latent: int = 4,
+def make_synthetic(n_train: int = 384, n_valid: int = 96, n_test: int = 96, latent: int = 4,
                    dims=(16, 8, 8), seq_len: int = 6, noise: float = 0.5, shared: float = 1.0,
                    seed: int = 0) -> dict[str, Split]:
     rng = np.random.RandomState(seed)
