@@ -22,24 +22,40 @@ import torch
 
 from ._validation import check_zs, compute_dtype
 from .dispatch import resolve_backend
+from .distributed import broadcast_from_first, check_group, gather_batch
 from .negatives import MarginalSamples, product_of_marginals
 from .reference.estimators import resolve_samples
 from .reference.gradient_penalty import check_pairs, interpolation_weights
 
 
-def dependency_terms(kind: str, critic, zs, negatives="shuffle", perms=None, generator=None,
-                     backend="auto"):
-    """(joint_term, marginal_term) of estimator ``kind`` on the chosen backend."""
+def prepare_batch(kind: str, critic, zs, negatives, perms, generator, group):
+    """Validate the z's, gather the global batch when ``group`` is given
+    (:mod:`mdm_kernels.distributed`) and resolve the marginal samples (broadcast from
+    rank 0 so that every rank uses the same shuffles)."""
     zs = check_zs(critic, zs)
+    group = check_group(group)
+    if group is not None:
+        zs = gather_batch(zs, group)
     samples = resolve_samples(kind, zs, negatives, perms, generator)
+    if group is not None and perms is None and not samples.is_all:
+        samples = MarginalSamples(broadcast_from_first(samples.perms, group),
+                                  samples.batch_size, samples.num_modalities)
+    return zs, samples, group
+
+
+def dependency_terms(kind: str, critic, zs, negatives="shuffle", perms=None, generator=None,
+                     backend="auto", group=None):
+    """(joint_term, marginal_term) of estimator ``kind`` on the chosen backend."""
+    zs, samples, _ = prepare_batch(kind, critic, zs, negatives, perms, generator, group)
     impl = resolve_backend(backend, kind, critic, zs, samples)
     return impl.dependency_terms(kind, critic, zs, samples)
 
 
 def _bound(name: str, kind: str, formula: str, default_negatives="shuffle"):
     def bound(critic, *zs, negatives=default_negatives, perms=None, generator=None,
-              backend="auto"):
-        joint, marginal = dependency_terms(kind, critic, zs, negatives, perms, generator, backend)
+              backend="auto", group=None):
+        joint, marginal = dependency_terms(kind, critic, zs, negatives, perms, generator, backend,
+                                           group)
         return joint - marginal
 
     bound.__doc__ = f"""{formula}
@@ -51,6 +67,8 @@ def _bound(name: str, kind: str, formula: str, default_negatives="shuffle"):
         perms: optional LongTensor (K, m, B) of explicit row indices.
         generator: ``torch.Generator`` for the shuffles.
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
+        group: optional ``torch.distributed`` process group (or ``"world"``): negatives are
+            drawn from the global batch, see :mod:`mdm_kernels.distributed`.
 
     Returns: 0-dim tensor, the bound in nats (to maximise).
     """
@@ -81,9 +99,11 @@ wasserstein_dependency = _bound(
 
 
 def _negated(bound, name: str):
-    def loss(critic, *zs, negatives=None, perms=None, generator=None, backend="auto"):
+    def loss(critic, *zs, negatives=None, perms=None, generator=None, backend="auto",
+             group=None):
         kwargs = {} if negatives is None else {"negatives": negatives}
-        return -bound(critic, *zs, perms=perms, generator=generator, backend=backend, **kwargs)
+        return -bound(critic, *zs, perms=perms, generator=generator, backend=backend,
+                      group=group, **kwargs)
 
     loss.__name__ = loss.__qualname__ = name
     loss.__doc__ = f"Loss to minimise: −{bound.__name__}(...) (same arguments)."
@@ -130,7 +150,7 @@ class MineEMA:
 
 
 def mine_loss(critic, *zs, negatives="shuffle", perms=None, generator=None, backend="auto",
-              ema: MineEMA | None = None):
+              ema: MineEMA | None = None, group=None):
     """MINE loss = −dv_bound(...).
 
     With ``ema`` (a :class:`MineEMA`), the value is still −DV but the gradient of the
@@ -139,7 +159,8 @@ def mine_loss(critic, *zs, negatives="shuffle", perms=None, generator=None, back
     L + s − sg(s) with s = exp(log mean exp T − log a_t), whose value is L and whose gradient
     is exp(lme − log a_t)·∇lme = ∇(mean exp T)/a_t.
     """
-    joint, marginal = dependency_terms("dv", critic, zs, negatives, perms, generator, backend)
+    joint, marginal = dependency_terms("dv", critic, zs, negatives, perms, generator, backend,
+                                       group)
     if ema is None:
         return marginal - joint
     log_avg = ema.update(marginal)
@@ -175,7 +196,7 @@ def gradient_penalty_pairs(samples: MarginalSamples, generator, device) -> torch
 
 
 def wasserstein_loss(critic, *zs, negatives="shuffle", perms=None, generator=None,
-                     backend="auto", gp_weight=10.0, epsilon=None, one_sided=False):
+                     backend="auto", gp_weight=10.0, epsilon=None, one_sided=False, group=None):
     """Critic loss of the Wasserstein dependency measure: −dependency + gp_weight·GP.
 
     The GP interpolates each joint row i with its marginal samples (k, i) (K'·B rows, ε per
@@ -184,11 +205,16 @@ def wasserstein_loss(critic, *zs, negatives="shuffle", perms=None, generator=Non
     """
     if not isinstance(gp_weight, (int, float)) or isinstance(gp_weight, bool) or gp_weight < 0:
         raise ValueError(f"gp_weight must be a non-negative number, got {gp_weight!r}")
-    zs = check_zs(critic, zs)
-    samples = resolve_samples("wasserstein", zs, negatives, perms, generator)
+    zs, samples, group = prepare_batch("wasserstein", critic, zs, negatives, perms, generator,
+                                       group)
     gp_perms = gradient_penalty_pairs(samples, generator, zs[0].device)
     eps = interpolation_weights(epsilon, gp_perms.shape[0] * gp_perms.shape[2], generator,
                                 zs[0].device, compute_dtype(critic, zs))
+    if group is not None:
+        if samples.is_all:
+            gp_perms = broadcast_from_first(gp_perms, group)
+        if epsilon is None:
+            eps = broadcast_from_first(eps, group)
     impl = resolve_backend(backend, "wasserstein", critic, zs, samples)
     joint, marginal, gp = impl.wasserstein_terms(critic, zs, samples, gp_perms, eps,
                                                  bool(one_sided))

@@ -49,12 +49,14 @@ class DependencyPenalty(nn.Module):
         ema_decay: for ``"mine"``, use MINE's moving-average bias correction in the critic
             loss with this decay (e.g. 0.99); ``None`` disables it.
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
+        group: ``torch.distributed`` process group (or ``"world"``) to draw negatives from
+            the global batch under DDP; ``None`` for a single process.
     """
 
     def __init__(self, kind: str, dims: Sequence[int], hidden=(128,), activation="relu",
                  weight: float = 0.1, negatives=None, gp_weight: float = 10.0,
                  one_sided: bool = False, ema_decay: float | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", group=None):
         super().__init__()
         if kind not in PENALTY_BOUNDS:
             raise ValueError(f"kind must be one of {sorted(PENALTY_BOUNDS)}, got {kind!r}")
@@ -70,11 +72,13 @@ class DependencyPenalty(nn.Module):
         self.gp_weight = gp_weight
         self.one_sided = one_sided
         self.backend = backend
+        self.group = group
         self.ema = MineEMA(ema_decay) if ema_decay is not None else None
         self.critic = MLPCritic(dims, hidden=hidden, activation=activation)
 
     def _options(self, generator, perms) -> dict:
-        opts = {"generator": generator, "perms": perms, "backend": self.backend}
+        opts = {"generator": generator, "perms": perms, "backend": self.backend,
+                "group": self.group}
         if self.negatives is not None:
             opts["negatives"] = self.negatives
         return opts
