@@ -146,7 +146,7 @@ def train(cfg: TrainConfig, *, _interrupt_after_epoch: int | None = None) -> dic
 
     loss_fn = nn.L1Loss()
     t0 = time.time()
-    stopped = state["bad_epochs"] > cfg.patience if cfg.patience else False
+    stopped = cfg.patience > 0 and state["bad_epochs"] >= cfg.patience
     while state["epoch"] < cfg.epochs and not stopped:
         epoch = state["epoch"] + 1
         model.train()
