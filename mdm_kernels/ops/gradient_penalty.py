@@ -115,14 +115,11 @@ def _gp_kernel(
     co = tl.arange(0, BHO)
     m1 = c1 < H1
 
-    # Weights: loaded once per program, reused by every tile.
+    # Vectors: loaded once per program.  The matrices (G or W_1, W_2) are re-read per tile
+    # inside the loop (L2-resident): hoisted, every tl.dot operand layout of them would keep
+    # its own shared-memory copy alive for the whole loop (> 228 KB at H = 128 on sm_90).
     b1 = tl.load(b1_ptr + c1, mask=m1, other=0.0)
-    if GRAM:
-        wmat = _load_matrix(wmat_ptr, c1, c1, H1, H1)          # G, symmetric
-    else:
-        wmat = _load_matrix(wmat_ptr, c1, ck, H1, K)           # W_1
     if TWO_LAYERS:
-        w2 = _load_matrix(w2_ptr, c2, c1, H2, H1)              # W_2 (H2 × H1)
         b2 = tl.load(b2_ptr + c2, mask=c2 < H2, other=0.0)
         wout = tl.load(wout_ptr + c2, mask=c2 < H2, other=0.0)
     else:
@@ -154,6 +151,12 @@ def _gp_kernel(
             pm = tl.load(sm_ptr + rows.to(tl.int64)[:, None] * H1 + c1[None, :], mask=mask2,
                          other=0.0)
         e = tl.load(eps_ptr + rows, mask=rmask, other=0.0)
+        if GRAM:
+            wmat = _load_matrix(wmat_ptr, c1, c1, H1, H1)      # G, symmetric
+        else:
+            wmat = _load_matrix(wmat_ptr, c1, ck, H1, K)       # W_1
+        if TWO_LAYERS:
+            w2 = _load_matrix(w2_ptr, c2, c1, H2, H1)          # W_2 (H2 × H1)
         a1 = e[:, None] * pj + (1.0 - e)[:, None] * pm + b1[None, :]
         d1 = activation_grad(a1, ACT)
         # ---- u = ∂T/∂a_1 (padded columns are 0: w_out / W_2 are zero-padded) ----
