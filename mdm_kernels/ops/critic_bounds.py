@@ -86,7 +86,8 @@ IDX_JOINT, IDX_PERMS, IDX_GRID, IDX_NCE = 0, 1, 2, 3
 RED_SUM, RED_NEG_SOFTPLUS_NEG, RED_SOFTPLUS, RED_LSE, RED_LSE_ROW = 0, 1, 2, 3, 4
 G_ONE, G_EXP_SHIFT, G_EXP_ROW, G_SIGMOID, G_SIGMOID_NEG = 0, 1, 2, 3, 4
 
-_NEG_BIG = -1.0e30  # "minus infinity" that keeps e^{m − m'} finite (no inf − inf)
+_NEG_BIG_VALUE = -1.0e30  # "minus infinity" that keeps e^{m − m'} finite (no inf − inf)
+_NEG_BIG = tl.constexpr(_NEG_BIG_VALUE)
 
 
 def _interpreting() -> bool:
@@ -468,7 +469,7 @@ def _launch_fwd(plan, red, P, perms, b1, W2, b2, wout, bout, act):
     G = plan.max_programs(device)
     stats = torch.zeros(G, 2, device=device, dtype=torch.float32)
     if red == RED_LSE:
-        stats[:, 0] = _NEG_BIG
+        stats[:, 0] = _NEG_BIG_VALUE
     row_lse = torch.empty(plan.B if red == RED_LSE_ROW else 1, device=device,
                           dtype=torch.float32)
     dummy = b1
