@@ -1,0 +1,399 @@
+"""Benchmark runner: ``python -m mdm_kernels.bench [--out DIR] [--quick] [--filter EXPR]``.
+
+Runs the pytest-benchmark suite in ``benchmarks/`` (``--benchmark-only``, JSON and JUnit
+reports), then writes, for this machine and today,
+
+* ``DIR/<device-slug>-<date>.json`` — environment (device, driver, torch / triton / CUDA
+  versions, commit) and one flat record per measured row (``extra_info`` + stats), plus the
+  reasons of the skipped rows;
+* ``DIR/<device-slug>-<date>.md`` — the same as markdown tables, one per section, with the
+  speed-up and memory ratios against eager and ``torch.compile`` from the same run;
+* ``DIR/<device-slug>-<date>/*.png`` — time and peak memory against the batch size B, one
+  figure per workload family (matplotlib, Agg backend).
+
+It works unchanged on a CPU-only machine (CPU rows, small sizes, GPU rows skipped with the
+reason) and on a GPU.  The writers (:func:`write_results`) take a pytest-benchmark JSON and
+do not run anything, so they are testable offline.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from collections import Counter, OrderedDict
+from pathlib import Path
+
+#: Sections of the suite, in table order, with their titles.
+SECTIONS = OrderedDict([
+    ("paper", "Paper scale, m = 3 (estimator loss or gradient penalty, fwd + bwd)"),
+    ("paper-m2", "Paper scale, m = 2 (next to the peer library)"),
+    ("sweep-m2", "Scale sweep: \"all\" negatives, m = 2"),
+    ("sweep-m3", "Scale sweep: \"all\" negatives, m = 3"),
+    ("sweep-gp", "Scale sweep: gradient penalty alone"),
+    ("train", "End-to-end training step (model + penalty, two-stage update)"),
+])
+
+BACKEND_ORDER = ("none", "eager", "compile", "triton", "cuda", "torch-mist")
+
+
+# --------------------------------------------------------------------------- environment
+
+def device_name() -> str:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return "CPU " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU " + (platform.processor() or platform.machine())
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H200' -> 'nvidia-h200'; CPU names are shortened to 'cpu-<model>'."""
+    slug = re.sub(r"\((r|tm)\)", "", name.lower())
+    slug = re.sub(r"\b(cpu|processor)\b", "", slug) if slug.startswith("cpu ") else slug
+    slug = re.sub(r"[^a-z0-9]+", "-", slug).strip("-")
+    if name.lower().startswith("cpu"):
+        slug = "cpu-" + slug
+    return slug[:60].strip("-") or "unknown-device"
+
+
+def _run(cmd) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def collect_meta(sizes: str | None = None, filter_expr: str | None = None) -> dict:
+    """Device, driver and library versions of this machine."""
+    meta = {"date": _dt.date.today().isoformat(),
+            "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
+            "device": device_name(), "python": platform.python_version(),
+            "platform": platform.platform(), "sizes": sizes, "filter": filter_expr}
+    try:
+        import torch
+        meta["torch"] = torch.__version__
+        meta["cuda"] = torch.version.cuda
+        meta["gpu"] = torch.cuda.is_available()
+        if meta["gpu"]:
+            p = torch.cuda.get_device_properties(0)
+            meta["gpu_memory_gib"] = round(p.total_memory / 2**30, 1)
+            meta["sm_count"] = p.multi_processor_count
+            meta["cudnn"] = torch.backends.cudnn.version()
+        else:
+            meta["cpu_count"] = os.cpu_count()
+    except Exception as exc:  # pragma: no cover
+        meta["torch"] = f"unavailable ({exc})"
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except Exception:
+        meta["triton"] = None
+    drv = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    meta["driver"] = drv.splitlines()[0] if drv else None
+    try:
+        from . import __version__
+        meta["mdm_kernels"] = __version__
+    except Exception:
+        meta["mdm_kernels"] = None
+    meta["commit"] = _run(["git", "-C", str(Path(__file__).resolve().parents[1]),
+                           "rev-parse", "--short", "HEAD"])
+    return meta
+
+
+# --------------------------------------------------------------------------- rows
+
+def load_rows(pb: dict) -> list[dict]:
+    """One flat record per benchmark of a pytest-benchmark JSON (``extra_info`` + stats)."""
+    rows = []
+    for b in pb.get("benchmarks", []):
+        ex = dict(b.get("extra_info") or {})
+        stats = b.get("stats") or {}
+        row = {"name": b.get("name"), "group": b.get("group")}
+        row.update(ex)
+        if row.get("median_s") is None and stats.get("median") is not None:
+            row["median_s"] = stats["median"]
+        row.setdefault("key", b.get("group") or b.get("name"))
+        row.setdefault("backend", (b.get("params") or {}).get("backend", "?"))
+        row.setdefault("section", "other")
+        row["wall_median_s"] = stats.get("median")
+        row["wall_rounds"] = stats.get("rounds")
+        rows.append(row)
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Fill ``speedup_vs_eager|compile`` and ``mem_ratio_vs_*`` from rows of the same key
+    (the suite fills them during the run; this covers filtered or reordered runs)."""
+    by_key: dict = {}
+    for r in rows:
+        by_key.setdefault(r["key"], {})[r["backend"]] = r
+    for r in rows:
+        for base in ("eager", "compile"):
+            other = by_key[r["key"]].get(base)
+            if other is None or other is r:
+                continue
+            if r.get(f"speedup_vs_{base}") is None and r.get("median_s") and other.get("median_s"):
+                r[f"speedup_vs_{base}"] = other["median_s"] / r["median_s"]
+            if r.get(f"mem_ratio_vs_{base}") is None and r.get("peak_mem_bytes") \
+                    and other.get("peak_mem_bytes"):
+                r[f"mem_ratio_vs_{base}"] = other["peak_mem_bytes"] / r["peak_mem_bytes"]
+
+
+def parse_junit_skips(path) -> list[dict]:
+    """Skipped test cases of a JUnit XML report: [{"test", "reason"}]."""
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return []
+    out = []
+    for case in root.iter("testcase"):
+        for sk in case.findall("skipped"):
+            reason = sk.get("message") or (sk.text or "").strip()
+            reason = re.sub(r"^Skipped:\s*", "", reason)
+            out.append({"test": case.get("name"), "reason": reason})
+    return out
+
+
+# --------------------------------------------------------------------------- formatting
+
+def fmt_time(s) -> str:
+    if s is None or (isinstance(s, float) and math.isnan(s)):
+        return "—"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} µs"
+
+
+def fmt_bytes(n) -> str:
+    if n is None:
+        return "—"
+    n = float(n)
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_flops(f) -> str:
+    if not f:
+        return "—"
+    for unit, div in (("TFLOP/s", 1e12), ("GFLOP/s", 1e9), ("MFLOP/s", 1e6)):
+        if f >= div:
+            return f"{f / div:.3g} {unit}"
+    return f"{f:.3g} FLOP/s"
+
+
+def fmt_ratio(x) -> str:
+    return "—" if x is None else f"{x:.2f}×"
+
+
+def fmt_pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.2g}%"
+
+
+def workload_label(r: dict) -> str:
+    if r.get("section") == "train":
+        return f"{r.get('model')} + {r.get('penalty')}"
+    dims = "x".join(map(str, r.get("dims") or []))
+    hidden = "x".join(map(str, r.get("hidden") or []))
+    neg = r.get("negatives")
+    neg = "K=%s" % neg if isinstance(neg, int) else neg
+    return f"{r.get('op')} d={dims} H={hidden} {neg}"
+
+
+def _sort_key(r):
+    b = r.get("backend")
+    return (workload_label(r), r.get("batch") or 0,
+            BACKEND_ORDER.index(b) if b in BACKEND_ORDER else len(BACKEND_ORDER))
+
+
+def markdown(rows: list[dict], meta: dict, skipped: list[dict] | None = None,
+             plots: list[str] | None = None) -> str:
+    gpu = bool(meta.get("gpu"))
+    lines = [f"# mdm_kernels benchmarks — {meta.get('device')} — {meta.get('date')}", ""]
+    if not gpu:
+        lines += ["> **CPU figures.** Measured on a CPU without a GPU: eager reference, "
+                  "`torch.compile` and the peer library only, small sizes.  The fused Triton/"
+                  "CUDA rows are GPU-only and were skipped; these numbers say nothing about "
+                  "the GPU kernels.", ""]
+    env = [("device", meta.get("device")), ("driver", meta.get("driver") or "—"),
+           ("torch", meta.get("torch")), ("triton", meta.get("triton") or "—"),
+           ("CUDA", meta.get("cuda") or "—"), ("python", meta.get("python")),
+           ("mdm_kernels", f"{meta.get('mdm_kernels')} ({meta.get('commit') or '?'})"),
+           ("sizes", meta.get("sizes") or "default"), ("date", meta.get("timestamp") or meta.get("date"))]
+    threads = {r.get("torch_threads") for r in rows if r.get("torch_threads")}
+    if not gpu and threads:
+        env.append(("torch CPU threads", ", ".join(map(str, sorted(threads)))))
+    if meta.get("filter"):
+        env.append(("filter", f"`{meta['filter']}`"))
+    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in env] + [""]
+    lines += ["Median time of one fwd + bwd step (random negatives drawn inside), first call "
+              "(compilation) excluded and shown as *first call*.  Peak memory: "
+              + ("`torch.cuda.max_memory_allocated` growth during one step" if gpu else
+                 "RSS growth during one step (sampled)")
+              + ".  FLOP/s: nominal critic matmul FLOPs (same count for every backend).  "
+              "×eager / ×compile: speed-up against the eager reference / `torch.compile` "
+              "of the same workload in this run (> 1 is faster); mem÷: their peak memory "
+              "divided by this row's.", ""]
+    sections = [s for s in SECTIONS if any(r.get("section") == s for r in rows)]
+    sections += sorted({r.get("section") for r in rows} - set(SECTIONS) - {None})
+    for sec in sections:
+        sel = sorted((r for r in rows if r.get("section") == sec), key=_sort_key)
+        lines += [f"## {SECTIONS.get(sec, sec)}", ""]
+        head = ["workload", "B", "backend", "median", "peak mem", "FLOP/s"]
+        if gpu:
+            head += ["% FP32 peak", "kernels"]
+        head += ["×eager", "×compile", "mem÷eager", "first call"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in sel:
+            cells = [workload_label(r), str(r.get("batch", "")), str(r.get("backend")),
+                     fmt_time(r.get("median_s")), fmt_bytes(r.get("peak_mem_bytes")),
+                     fmt_flops(r.get("flops_per_s"))]
+            if gpu:
+                k = r.get("kernels_per_step")
+                cells += [fmt_pct(r.get("peak_share_fp32")), "—" if k is None else str(k)]
+            cells += [fmt_ratio(r.get("speedup_vs_eager")), fmt_ratio(r.get("speedup_vs_compile")),
+                      fmt_ratio(r.get("mem_ratio_vs_eager")), fmt_time(r.get("compile_s"))]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if skipped:
+        counts = Counter(s["reason"] for s in skipped)
+        lines += ["## Skipped rows", "", "| rows | reason |", "|---|---|"]
+        for reason, n in counts.most_common():
+            lines.append(f"| {n} | {reason.replace('|', '/')} |")
+        lines.append("")
+    if plots:
+        lines += ["## Plots", ""] + [f"- [{Path(p).stem}]({p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plots
+
+def write_plots(rows: list[dict], plot_dir: Path, rel_to: Path | None = None) -> list[str]:
+    """One PNG per workload family with ≥ 2 batch sizes: time and peak memory against B."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families: dict = {}
+    for r in rows:
+        if r.get("batch") is None or r.get("median_s") is None:
+            continue
+        families.setdefault(r.get("family") or r["key"], []).append(r)
+    written = []
+    for fam, sel in sorted(families.items()):
+        if len({r["batch"] for r in sel}) < 2:
+            continue
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+        backends = sorted({r["backend"] for r in sel},
+                          key=lambda b: BACKEND_ORDER.index(b) if b in BACKEND_ORDER else 99)
+        for b in backends:
+            pts = sorted((r["batch"], r["median_s"], r.get("peak_mem_bytes")) for r in sel
+                         if r["backend"] == b)
+            ax_t.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], "o-", label=b)
+            mem = [(p[0], p[2] / 2**20) for p in pts if p[2]]
+            if mem:
+                ax_m.plot([p[0] for p in mem], [p[1] for p in mem], "o-", label=b)
+        for ax, ylabel in ((ax_t, "median time per step (ms)"), (ax_m, "peak memory (MiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("batch size B")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.get_lines():
+                ax.legend(fontsize=8)
+        fig.suptitle(f"{fam} — {sel[0].get('device', '')}", fontsize=9)
+        fig.tight_layout()
+        path = plot_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", fam).strip("_") + ".png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(str(path.relative_to(rel_to)) if rel_to else str(path))
+    return written
+
+
+# --------------------------------------------------------------------------- results
+
+def write_results(pb_json, out_dir, meta: dict, skipped: list[dict] | None = None,
+                  stem: str | None = None) -> dict:
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>/*.png`` into ``out_dir`` from a
+    pytest-benchmark JSON (a path or the loaded dict); returns their paths."""
+    pb = json.loads(Path(pb_json).read_text()) if not isinstance(pb_json, dict) else pb_json
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = stem or f"{device_slug(meta.get('device') or 'unknown')}-{meta.get('date')}"
+    rows = load_rows(pb)
+    plots = write_plots(rows, out_dir / stem, rel_to=out_dir)
+    record = {"meta": meta, "rows": rows, "skipped": skipped or [],
+              "machine_info": pb.get("machine_info"), "commit_info": pb.get("commit_info")}
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    md_path = out_dir / f"{stem}.md"
+    md_path.write_text(markdown(rows, meta, skipped, plots))
+    return {"json": json_path, "markdown": md_path, "plots": [out_dir / p for p in plots]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mdm_kernels.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results",
+                    help="output directory (default: benchmarks/results)")
+    ap.add_argument("--quick", action="store_true",
+                    help="reduced size grid (--bench-sizes quick)")
+    ap.add_argument("--filter", default=None, metavar="EXPR",
+                    help="pytest -k expression selecting rows, e.g. 'mine and not compile'")
+    ap.add_argument("--suite", default=None,
+                    help="benchmark directory (default: benchmarks/ next to the package)")
+    ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    args = ap.parse_args(argv)
+
+    root = Path(__file__).resolve().parents[1]
+    suite = Path(args.suite) if args.suite else root / "benchmarks"
+    if not (suite / "conftest.py").is_file():
+        ap.error(f"benchmark suite not found at {suite} (run from a source checkout or pass --suite)")
+    sizes = "quick" if args.quick else "full"
+    with tempfile.TemporaryDirectory(prefix="mdm-bench-") as tmp:
+        pb_path, xml_path = Path(tmp) / "pytest-benchmark.json", Path(tmp) / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", str(suite), "--benchmark-only",
+               f"--benchmark-json={pb_path}", f"--junitxml={xml_path}", "--bench-sizes", sizes,
+               "-q", "-rs", "-p", "no:cacheprovider", "--benchmark-columns=median,iqr,rounds",
+               "--benchmark-sort=name"]
+        if args.filter:
+            cmd += ["-k", args.filter]
+        cmd += list(args.pytest_args)
+        print("+", " ".join(cmd), flush=True)
+        rc = subprocess.call(cmd, cwd=str(root))
+        if not pb_path.is_file():
+            print(f"pytest wrote no benchmark JSON (exit status {rc})", file=sys.stderr)
+            return rc or 1
+        meta = collect_meta(sizes, args.filter)
+        meta["pytest_exit_status"] = rc
+        paths = write_results(pb_path, args.out, meta, parse_junit_skips(xml_path))
+    print(f"wrote {paths['json']}\nwrote {paths['markdown']}\nwrote {len(paths['plots'])} plots "
+          f"under {Path(args.out) / paths['json'].stem}")
+    return 0 if rc in (0, 5) else rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The benchmark runner's writers, from a small synthetic pytest-benchmark JSON (no real
+benchmarking here)."""
+import json
+
+import pytest
+
+from mdm_kernels import bench
+
+
+def _bench(key, family, section, op, batch, backend, median, mem, **extra):
+    info = {"key": key, "family": family, "section": section, "op": op, "batch": batch,
+            "backend": backend, "median_s": median, "peak_mem_bytes": mem, "m": 3,
+            "dims": [64, 64, 64], "hidden": [128], "negatives": "shuffle",
+            "flops_per_s": 1e9, "compile_s": 0.5, "device": "NVIDIA H200"}
+    info.update(extra)
+    return {"name": f"test_op[{key}-{backend}]", "group": key, "params": {},
+            "stats": {"median": median * 1.1, "rounds": 10}, "extra_info": info}
+
+
+@pytest.fixture
+def synthetic_json(tmp_path):
+    benches = []
+    fam = "paper/mine/m3-d64x64x64-H128-shuffle"
+    for b, scale in ((32, 1.0), (64, 1.5), (128, 2.0)):
+        key = f"{fam}/B{b}"
+        benches.append(_bench(key, fam, "paper", "mine", b, "eager", 2e-3 * scale, 4e6 * scale))
+        benches.append(_bench(key, fam, "paper", "compile", b, "compile", 1e-3 * scale,
+                              2e6 * scale))
+        # the fused row carries no ratios: the writer must derive them from the same key
+        benches.append(_bench(key, fam, "paper", "mine", b, "triton", 2e-4 * scale, 1e6,
+                              kernels_per_step=4, peak_share_fp32=0.01))
+    benches.append(_bench("train/lf_lstm/mine/B32", "train/lf_lstm/mine", "train",
+                          "train-step-mine", 32, "eager", 5e-3, 8e6, model="lf_lstm",
+                          penalty="mine"))
+    path = tmp_path / "pb.json"
+    path.write_text(json.dumps({"benchmarks": benches, "machine_info": {"node": "x"}}))
+    return path
+
+
+def test_write_results_files(synthetic_json, tmp_path):
+    meta = {"device": "NVIDIA H200", "date": "2025-01-02", "gpu": True, "torch": "2.13.0",
+            "triton": "3.9.0", "cuda": "13.0", "driver": "580.1", "python": "3.11"}
+    skipped = [{"test": "a", "reason": "cuda rows are GPU-only"},
+               {"test": "b", "reason": "cuda rows are GPU-only"}]
+    out = tmp_path / "results"
+    paths = bench.write_results(synthetic_json, out, meta, skipped)
+    assert paths["json"] == out / "nvidia-h200-2025-01-02.json"
+    assert paths["markdown"] == out / "nvidia-h200-2025-01-02.md"
+    assert len(paths["plots"]) == 1  # the train family has a single B: no plot
+    png = paths["plots"][0]
+    assert png.parent == out / "nvidia-h200-2025-01-02"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    record = json.loads(paths["json"].read_text())
+    assert record["meta"]["device"] == "NVIDIA H200"
+    triton = [r for r in record["rows"] if r["backend"] == "triton" and r["batch"] == 32][0]
+    assert triton["speedup_vs_eager"] == pytest.approx(10.0)
+    assert triton["speedup_vs_compile"] == pytest.approx(5.0)
+    assert triton["mem_ratio_vs_eager"] == pytest.approx(4.0)
+    assert len(record["skipped"]) == 2
+
+    md = paths["markdown"].read_text()
+    for text in ("NVIDIA H200", "580.1", "2.13.0", "3.9.0", "13.0", "## Paper scale",
+                 "## End-to-end training step", "10.00×", "5.00×", "| 2 | cuda rows are GPU-only |",
+                 "nvidia-h200-2025-01-02/", "kernels"):
+        assert text in md, text
+    assert "CPU figures" not in md
+
+
+def test_cpu_label_and_slug(synthetic_json, tmp_path):
+    name = "CPU Intel(R) Xeon(R) Platinum 8480C"
+    meta = {"device": name, "date": "2025-01-02", "gpu": False, "torch": "2.13.0+cpu"}
+    paths = bench.write_results(synthetic_json, tmp_path, meta)
+    assert paths["markdown"].name == "cpu-intel-xeon-platinum-8480c-2025-01-02.md"
+    md = paths["markdown"].read_text()
+    assert "CPU figures" in md and "kernels" not in md.split("## Paper")[1].splitlines()[2]
+    assert bench.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_junit_skips(tmp_path):
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite><testcase name="t1"><skipped message="no GPU"/>'
+                   '</testcase><testcase name="t2"/></testsuite></testsuites>')
+    assert bench.parse_junit_skips(xml) == [{"test": "t1", "reason": "no GPU"}]
+    assert bench.parse_junit_skips(tmp_path / "missing.xml") == []
+
+
+def test_formatting():
+    assert bench.fmt_time(2.5e-3) == "2.5 ms"
+    assert bench.fmt_time(3e-6) == "3 µs"
+    assert bench.fmt_bytes(24e6) == "24 MB"
+    assert bench.fmt_ratio(None) == "—"
