@@ -123,3 +123,16 @@ def test_summarise_single_seed_std_zero():
     runs = [{"model": "m", "penalty": "none", "seed": 0, "metrics": {k: 0.5 for k in KEYS}}]
     s = summarise(runs)[0]
     assert s["acc2"] == (0.5, 0.0) and s["n"] == 1
+
+
+def test_aggregate_drop_over_seeds():
+    from mdm_kernels.train.analysis import aggregate_drop, aggregate_drop_table
+    mk = lambda mae: {"mode": "zero", "condition": "-text", "mae": mae, "acc2": 0.5, "corr": 0.1}
+    base = lambda mae: {"mode": "-", "condition": "none (all modalities)", "mae": mae, "acc2": 0.7, "corr": 0.6}
+    results = {"a": [base(1.0), mk(1.5)], "b": [base(0.9), mk(1.2)]}
+    meta = {k: {"config": {"model": "tfn", "penalty": "none"}} for k in results}
+    agg = aggregate_drop(results, meta)
+    assert len(agg) == 1 and agg[0]["n"] == 2
+    assert agg[0]["delta_mae"][0] == pytest.approx(0.4) and agg[0]["delta_mae"][1] == pytest.approx(np.std([0.5, 0.3], ddof=1))
+    assert "| tfn | none | zero | -text | 2 | +0.4000" in aggregate_drop_table(agg)
+    assert aggregate_drop({"a": results["a"]}, {"a": meta["a"]}) == []

@@ -152,19 +152,53 @@ def run_drop(run_dirs, out_dir, *, modes=("zero", "noise"), split: str = "test",
              seed: int = 0, labels=None) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results, meta, data = {}, {}, None
+    results, meta, data, data_key = {}, {}, None, None
     for i, rd in enumerate(run_dirs):
-        run = load_run(rd, "best", device, data=None)
-        data = run["data"]
+        ck_cfg = torch.load(Path(rd) / "best.pt", map_location="cpu", weights_only=False)["config"] \
+            if (Path(rd) / "best.pt").is_file() else {}
+        key = (ck_cfg.get("dataset"), ck_cfg.get("data_dir"), ck_cfg.get("text_features"),
+               ck_cfg.get("seed") if ck_cfg.get("dataset") == "synthetic" else None)
+        run = load_run(rd, "best", device, data=data if key == data_key else None)
+        data, data_key = run["data"], key
         label = labels[i] if labels else f"{run['cfg'].model}/{run['cfg'].penalty}/s{run['cfg'].seed}"
         results[label] = modality_drop(run["model"], data[split], modes=modes, device=run["device"],
                                        seed=seed, stats_split=data["train"])
         meta[label] = {"run_dir": str(rd), "config": run["cfg"].to_dict()}
     md = (f"# Modality drop ({split} split)\n\nZeroed: the modality's input set to 0. Noise: replaced by "
           "Gaussian noise with the train split's per-feature mean and std.\n\n" + drop_table(results) + "\n")
+    agg = aggregate_drop(results, meta)
+    if agg:
+        md += ("\n## Change vs the intact condition, mean ± std over the seeds of each model/penalty\n\n"
+               + aggregate_drop_table(agg) + "\n")
     (out / "modality_drop.md").write_text(md)
-    _write_json({"split": split, "runs": meta, "results": results}, out / "modality_drop.json")
+    _write_json({"split": split, "runs": meta, "results": results, "by_seed": agg}, out / "modality_drop.json")
     return results
+
+
+def aggregate_drop(results: dict, meta: dict, keys=("mae", "acc2", "corr")) -> list[dict]:
+    """Per (model, penalty, mode, condition): the change of each metric vs the same run's intact
+    condition, over the runs (seeds) given. Empty unless some model/penalty has >= 2 runs."""
+    groups: dict = {}
+    for label, rows in results.items():
+        c = meta[label]["config"]
+        base = rows[0]
+        for r in rows[1:]:
+            g = groups.setdefault((c["model"], c["penalty"], r["mode"], r["condition"]), {k: [] for k in keys})
+            for k in keys:
+                g[k].append(r[k] - base[k])
+    if not any(len(next(iter(v.values()))) >= 2 for v in groups.values()):
+        return []
+    return [{"model": m, "penalty": p, "mode": mo, "condition": co, "n": len(v[keys[0]]),
+             **{f"delta_{k}": _mean_std(v[k])[:2] for k in keys}} for (m, p, mo, co), v in groups.items()]
+
+
+def aggregate_drop_table(agg: list[dict], keys=("mae", "acc2", "corr")) -> str:
+    lines = ["| model | penalty | mode | condition | runs | " + " | ".join(f"Δ{METRIC_NAMES[k]}" for k in keys) + " |",
+             "|" + "---|" * (5 + len(keys))]
+    for r in agg:
+        cells = [f"{r[f'delta_{k}'][0]:+.4f} ± {r[f'delta_{k}'][1]:.4f}" for k in keys]
+        lines.append(f"| {r['model']} | {r['penalty']} | {r['mode']} | {r['condition']} | {r['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- critic scores
