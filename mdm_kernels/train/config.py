@@ -183,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=S, help=HELP["batch_size"])
     p.add_argument("--lr", type=float, default=S, help=HELP["lr"])
     p.add_argument("--weight-decay", type=float, default=S, help=HELP["weight_decay"])
-    p.add_argument("--d", type=int, default=S, help=HELP["d"])
+    p.add_argument("--d", "--z-dim", dest="d", type=int, default=S,
+                   help=HELP["d"] + "; under torchrun spell it --z-dim (torchrun reads --d as an "
+                                    "ambiguous abbreviation of its own options)")
     p.add_argument("--hidden", type=int, default=S, help=HELP["hidden"])
     p.add_argument("--dropout", type=float, default=S, help=HELP["dropout"])
     p.add_argument("--seed", type=int, default=S, help=HELP["seed"])

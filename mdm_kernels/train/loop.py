@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from .config import TrainConfig, validate
-from .data import iterate_batches, load_dataset
+from .data import batch_from, iterate_batches, load_dataset
 from .metrics import format_table, sentiment_metrics
 from .models import build_model
+from . import ddp
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,7 +41,7 @@ def atomic_write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def build_penalty(cfg: TrainConfig, dims, device):
+def build_penalty(cfg: TrainConfig, dims, device, group=None):
     if cfg.penalty == "none":
         return None
     try:
@@ -49,7 +50,7 @@ def build_penalty(cfg: TrainConfig, dims, device):
         raise ImportError(f"--penalty {cfg.penalty}: mdm_kernels.DependencyPenalty is unavailable ({e})") from e
     pen = DependencyPenalty(cfg.penalty, tuple(dims), hidden=(cfg.critic_hidden,), weight=cfg.weight,
                             negatives=cfg.negatives, gp_weight=cfg.gp_weight, ema_decay=cfg.ema_decay,
-                            backend=cfg.backend)
+                            backend=cfg.backend, **({"group": group} if group is not None else {}))
     if isinstance(pen, nn.Module):
         pen = pen.to(device)
     else:
@@ -104,12 +105,19 @@ def train(cfg: TrainConfig, *, _interrupt_after_epoch: int | None = None) -> dic
     return the metrics dict.  ``_interrupt_after_epoch`` (tests) raises KeyboardInterrupt
     right after that epoch's checkpoint is written."""
     validate(cfg)
+    with ddp.distributed(resolve_device(cfg.device)) as (info, device):
+        return _train(cfg, device, info, _interrupt_after_epoch)
+
+
+def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_after_epoch) -> dict:
     from tqdm.auto import tqdm
 
-    device = resolve_device(cfg.device)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = (lambda s: None) if cfg.quiet else (lambda s: tqdm.write(s))
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    ddp.barrier(info)
+    quiet = cfg.quiet or not info.is_main  # progress bars and lines on rank 0 only
+    log = (lambda s: None) if quiet else (lambda s: tqdm.write(s))
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -118,11 +126,23 @@ def train(cfg: TrainConfig, *, _interrupt_after_epoch: int | None = None) -> dic
     tr = data["train"]
     in_dims = (tr.text.shape[-1], tr.audio.shape[-1], tr.video.shape[-1])
     model = build_model(cfg.model, in_dims, d=cfg.d, hidden=cfg.hidden, dropout=cfg.dropout).to(device)
-    penalty = build_penalty(cfg, model.dims, device)
+    # under torchrun: negatives from the global batch (only the z's are all-gathered)
+    penalty = build_penalty(cfg, model.dims, device, group="world" if info.enabled else None)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     c_opt = torch.optim.Adam(penalty.critic.parameters(), lr=cfg.critic_lr) if penalty is not None else None
     gens = {"data": torch.Generator().manual_seed(cfg.seed),
             "penalty": torch.Generator(device=device).manual_seed(cfg.seed + 1)}
+
+    if info.enabled:
+        # identical init on every rank (same seed above; broadcast makes it exact), then
+        # per-rank seeds so that dropout masks differ between ranks
+        ddp.broadcast_module(model)
+        if penalty is not None:
+            ddp.broadcast_module(penalty)
+        rank_seed = cfg.seed + info.rank
+        random.seed(rank_seed)
+        np.random.seed(rank_seed)
+        torch.manual_seed(rank_seed)
 
     state = {"epoch": 0, "best_mae": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": []}
     last_path, best_path = out / "last.pt", out / "best.pt"
@@ -139,12 +159,25 @@ def train(cfg: TrainConfig, *, _interrupt_after_epoch: int | None = None) -> dic
                 penalty.load_state_dict(ck["penalty"])
                 c_opt.load_state_dict(ck["c_opt"])
             state = ck["state"]
-            _set_rng_state(ck["rng"], gens)
+            rngs = ck.get("rng_ranks")
+            if info.enabled and rngs is not None and len(rngs) == info.world:
+                _set_rng_state(rngs[info.rank], gens)
+            elif info.enabled:
+                _set_rng_state(ck["rng"], gens)
+                torch.manual_seed(cfg.seed + info.rank + 1000 * state["epoch"])  # dropout: not exact
+                log(f"--resume: checkpoint written by {len(rngs) if rngs else 1} process(es), now "
+                    f"{info.world}; the continuation is not bit-exact")
+            else:
+                _set_rng_state(ck["rng"], gens)
             log(f"resumed from {last_path} after epoch {state['epoch']}")
         else:
             log(f"--resume: no checkpoint in {out}, starting fresh")
 
     loss_fn = nn.L1Loss()
+    net = model  # what the training step calls; DDP-wrapped under torchrun
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     t0 = time.time()
     stopped = cfg.patience > 0 and state["bad_epochs"] >= cfg.patience
     while state["epoch"] < cfg.epochs and not stopped:
@@ -152,11 +185,18 @@ def train(cfg: TrainConfig, *, _interrupt_after_epoch: int | None = None) -> dic
         model.train()
         sums = {"loss": 0.0, "task": 0.0, "dep": 0.0, "critic": 0.0}
         n = 0
-        bar = tqdm(iterate_batches(tr, cfg.batch_size, device, shuffle=True, generator=gens["data"]),
-                   total=(len(tr) + cfg.batch_size - 1) // cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}",
-                   disable=cfg.quiet, leave=False, dynamic_ncols=True)
+        if info.enabled:
+            # DistributedSampler shard; --batch-size is per process (global batch: N x it)
+            idx = ddp.shard_indices(len(tr), info, cfg.seed, epoch)
+            batches = (batch_from(tr, idx[s:s + cfg.batch_size], device) for s in range(0, len(idx), cfg.batch_size))
+            total = (len(idx) + cfg.batch_size - 1) // cfg.batch_size
+        else:
+            batches = iterate_batches(tr, cfg.batch_size, device, shuffle=True, generator=gens["data"])
+            total = (len(tr) + cfg.batch_size - 1) // cfg.batch_size
+        bar = tqdm(batches, total=total, desc=f"epoch {epoch}/{cfg.epochs}",
+                   disable=quiet, leave=False, dynamic_ncols=True)
         for batch in bar:
-            pred, zs = model(batch)
+            pred, zs = net(batch)
             task = loss_fn(pred, batch["y"])
             loss = task
             if penalty is not None:
@@ -165,6 +205,8 @@ def train(cfg: TrainConfig, *, _interrupt_after_epoch: int | None = None) -> dic
                     c_opt.zero_grad(set_to_none=True)
                     closs = penalty.critic_loss(*zs, generator=gens["penalty"])
                     closs.backward()
+                    if info.enabled:
+                        ddp.average_grads(penalty.critic.parameters())
                     c_opt.step()
                 sums["critic"] += float(closs.detach())
                 # stage 2: model step on task - lambda * dependency
@@ -187,7 +229,9 @@ def train(cfg: TrainConfig, *, _interrupt_after_epoch: int | None = None) -> dic
                 post["dep"] = f"{sums['dep'] / n:.3f}"
             bar.set_postfix(post)
         bar.close()
-        val_pred = predict(model, data["valid"], cfg.batch_size, device)
+        if info.enabled:
+            sums = ddp.mean_over_ranks(sums, device)  # the logged losses are global means
+        val_pred = _predict(model, data["valid"], cfg.batch_size, device, info)
         val_mae = float(np.mean(np.abs(val_pred - data["valid"].y)))
         improved = val_mae < state["best_mae"]
         rec = {"epoch": epoch, "train_loss": sums["loss"] / n, "train_task": sums["task"] / n, "val_mae": val_mae}
@@ -197,7 +241,8 @@ def train(cfg: TrainConfig, *, _interrupt_after_epoch: int | None = None) -> dic
         state["epoch"] = epoch
         if improved:
             state.update(best_mae=val_mae, best_epoch=epoch, bad_epochs=0)
-            atomic_save({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch, "val_mae": val_mae}, best_path)
+            if info.is_main:
+                atomic_save({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch, "val_mae": val_mae}, best_path)
         else:
             state["bad_epochs"] += 1
         stopped = cfg.patience > 0 and state["bad_epochs"] >= cfg.patience
@@ -205,7 +250,12 @@ def train(cfg: TrainConfig, *, _interrupt_after_epoch: int | None = None) -> dic
               "rng": _rng_state(gens)}
         if penalty is not None:
             ck.update(penalty=penalty.state_dict(), c_opt=c_opt.state_dict())
-        atomic_save(ck, last_path)
+        if info.enabled:
+            ck["rng_ranks"] = ddp.gather_objects(ck["rng"], info)  # exact resume: every rank's RNG
+            ck["world_size"] = info.world
+        if info.is_main:
+            atomic_save(ck, last_path)  # written once, by rank 0
+        ddp.barrier(info)  # the checkpoint exists before any rank goes on (or is interrupted)
         extra = f"  dep {rec['dependency']:.3f}" if penalty is not None else ""
         log(f"epoch {epoch:3d}  train {rec['train_task']:.4f}{extra}  val MAE {val_mae:.4f}"
             f"{'  *' if improved else ''}")
@@ -214,15 +264,26 @@ def train(cfg: TrainConfig, *, _interrupt_after_epoch: int | None = None) -> dic
     if stopped:
         log(f"early stop: no validation-MAE improvement for {cfg.patience} epochs")
 
+    ddp.barrier(info)
     if best_path.is_file():
         model.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["model"])
-    metrics = sentiment_metrics(predict(model, data["test"], cfg.batch_size, device), data["test"].y)
+    metrics = sentiment_metrics(_predict(model, data["test"], cfg.batch_size, device, info), data["test"].y)
     result = dict(metrics)
     result.update(best_epoch=state["best_epoch"], best_val_mae=state["best_mae"], epochs_run=state["epoch"],
                   train_seconds=time.time() - t0, n_test=len(data["test"]), device=str(device),
                   config=cfg.to_dict(), versions=library_versions(), history=state["history"])
-    clean = json.loads(json.dumps(result, default=str).replace("NaN", "null"))
-    atomic_write_text(json.dumps(clean, indent=2) + "\n", out / "metrics.json")
-    print(format_table(metrics, f"test, {len(data['test'])} segments, best epoch {state['best_epoch']}"))
-    print(f"wrote {out / 'metrics.json'}")
+    if info.enabled:
+        result["world_size"] = info.world
+    if info.is_main:  # metrics.json and the table: once, by rank 0
+        clean = json.loads(json.dumps(result, default=str).replace("NaN", "null"))
+        atomic_write_text(json.dumps(clean, indent=2) + "\n", out / "metrics.json")
+        print(format_table(metrics, f"test, {len(data['test'])} segments, best epoch {state['best_epoch']}"))
+        print(f"wrote {out / 'metrics.json'}")
+    ddp.barrier(info)
     return result
+
+
+def _predict(model, split, batch_size, device, info: ddp.Dist) -> np.ndarray:
+    if info.enabled:
+        return ddp.predict_sharded(model, split, batch_size, device, info)
+    return predict(model, split, batch_size, device)
