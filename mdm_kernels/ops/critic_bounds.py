@@ -113,6 +113,19 @@ _INTERP_CONFIG = triton.Config({"BLOCK_N": 16}, num_warps=1)
 _MIN_BLOCK_N = 16  # smallest BLOCK_N of any config: sizes the per-program buffers
 
 
+def _prune_configs(configs, named_args, **kwargs):
+    """Keep tiles whose (BLOCK_N × BLOCK_H1) register footprint stays reasonable: larger
+    tiles spill and take minutes to compile (2 hidden layers carry ~4 such tiles)."""
+    h1 = kwargs.get("BLOCK_H1", named_args.get("BLOCK_H1", 128))
+    two = kwargs.get("TWO_LAYERS", named_args.get("TWO_LAYERS", False))
+    limit = 4096 if two else 8192
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] * h1 <= limit]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"])]
+
+
+_PRUNE = {"early_config_prune": _prune_configs}
+
+
 def _max_programs(device) -> int:
     """Cap on the persistent grid."""
     if _interpreting() or device.type != "cuda":
@@ -205,7 +218,8 @@ def _scores(a1, W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask, H1, H2,
 
 
 @triton.autotune(configs=tile_configs(_GPU_CONFIGS, _INTERP_CONFIG),
-                 key=["N", "NCOL", "H1", "H2", "B"])
+                 key=["N", "NCOL", "H1", "H2", "B"], prune_configs_by=_PRUNE,
+                 restore_value=["stats_ptr"])  # unused program slots must keep their init
 @triton.jit
 def _bounds_fwd_kernel(
     P_ptr, perm_ptr, b1_ptr, W2_ptr, b2_ptr, wout_ptr, bout_ptr,
@@ -273,7 +287,7 @@ def _bounds_fwd_kernel(
 
 
 @triton.autotune(configs=tile_configs(_GPU_CONFIGS, _INTERP_CONFIG),
-                 key=["N", "NCOL", "H1", "H2", "B"],
+                 key=["N", "NCOL", "H1", "H2", "B"], prune_configs_by=_PRUNE,
                  reset_to_zero=["dP_ptr", "gb1_ptr", "gW2_ptr", "gb2_ptr", "gwout_ptr",
                                 "gbout_ptr"])
 @triton.jit
