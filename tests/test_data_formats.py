@@ -2,7 +2,6 @@
 CSVs (MOSI, MOSEI); the restricted unpickler; errors that name the file and the problem."""
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import numpy as np
