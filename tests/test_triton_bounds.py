@@ -22,6 +22,9 @@ from mdm_kernels.reference.estimators import KINDS, dependency_terms, resolve_sa
 # Upstream weights of (joint, marginal) so both gradient paths are exercised.
 W_JOINT, W_MARG = 0.7, -1.3
 
+# Compiled kernels on a GPU when there is one, else the CPU interpreter.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 TOL = {
     torch.float32: dict(rtol=2e-5, atol=2e-6),
     torch.float16: dict(rtol=2e-3, atol=2e-4),
@@ -33,19 +36,20 @@ def _explicit_perms(kind, B, m, K, gen):
     if kind == "infonce":
         cand = torch.stack([torch.randperm(B, generator=gen) for _ in range(K)])
         rows = [torch.arange(B).expand(K, B)] + [cand] * (m - 1)
-        return torch.stack(rows, dim=1).contiguous()
+        return torch.stack(rows, dim=1).contiguous().to(DEVICE)
     return torch.stack([torch.stack([torch.randperm(B, generator=gen) for _ in range(m)])
-                        for _ in range(K)])
+                        for _ in range(K)]).to(DEVICE)
 
 
 def _make(B, dims, hidden, act, dtype, seed, out_scale=None, z_scale=1.0):
     torch.manual_seed(seed)
-    critic = MLPCritic(dims, hidden, act)
+    critic = MLPCritic(dims, hidden, act).to(DEVICE)
     if out_scale is not None:
         with torch.no_grad():
             critic.out.weight.mul_(out_scale)
     gen = torch.Generator().manual_seed(seed + 1)
-    zs = [(z_scale * torch.randn(B, d, generator=gen)).to(dtype).requires_grad_() for d in dims]
+    zs = [(z_scale * torch.randn(B, d, generator=gen)).to(DEVICE, dtype).requires_grad_()
+          for d in dims]
     return critic, zs
 
 
