@@ -54,17 +54,11 @@ INSTR_PER_PAIR_HIDDEN = 3
 
 
 def device_name() -> str:
+    """The benchmarked device: the GPU in use, else the host CPU (as the runner names it)."""
     if ON_GPU:
         return torch.cuda.get_device_name(DEVICE)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return "CPU " + line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return "CPU " + (platform.processor() or platform.machine())
+    from mdm_kernels.bench import device_name as host_device_name
+    return host_device_name()
 
 
 def device_peaks(name: str | None = None) -> dict | None:
