@@ -146,3 +146,19 @@ def gather_objects(obj, info: Dist) -> list:
 def barrier(info: Dist) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def has_unused_parameters(model: torch.nn.Module, batch: dict, with_zs: bool, device) -> bool:
+    """Whether a training step leaves some trainable parameter without a gradient (DDP then
+    needs ``find_unused_parameters=True``, e.g. ``mult``).  One probe forward/backward on a
+    few rows; RNG state and gradients are left as they were."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        pred, zs = model(batch)
+        loss = pred.float().sum()
+        if with_zs:
+            loss = loss + sum(z.float().sum() for z in zs)
+        loss.backward()
+    unused = any(p.grad is None for p in model.parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)
+    return unused

@@ -177,7 +177,11 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
     net = model  # what the training step calls; DDP-wrapped under torchrun
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        probe = batch_from(tr, np.arange(min(4, len(tr))), device)
+        model.train()
+        unused = ddp.has_unused_parameters(model, probe, penalty is not None, device)
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                  find_unused_parameters=unused)
     t0 = time.time()
     stopped = cfg.patience > 0 and state["bad_epochs"] >= cfg.patience
     while state["epoch"] < cfg.epochs and not stopped:
