@@ -152,6 +152,37 @@ def _grid_factor(q: tl.constexpr, r, cols, B, NF: tl.constexpr, OWNER: tl.conste
 
 
 @triton.jit
+def _tile_columns(r, c0, offs, N, ncol, BLOCK_N: tl.constexpr, IDX: tl.constexpr):
+    """Sample ids of one tile and their validity mask: tile r of the N flat samples for
+    memory-indexed launches (IDX 0, 1), columns c0.. of row r's ncol columns otherwise."""
+    if IDX <= 1:
+        cols = r * BLOCK_N + offs
+        valid = cols < N
+    else:
+        cols = c0 + offs
+        valid = cols < ncol
+    return cols, valid
+
+
+@triton.jit
+def _owns_factor(j: tl.constexpr, OWNER: tl.constexpr, IDX: tl.constexpr,
+                 GROUPED: tl.constexpr):
+    """Whether modality j's projection row is the one a backward program owns (and so
+    stores once, without atomics): the owner factor of an "all" grid launch (IDX 2; with
+    GROUPED InfoNCE candidates, factor 1 is every modality j ≥ 1), or the anchor of the
+    InfoNCE shuffle layout (IDX 3).  Plain sample launches (IDX 0, 1) own nothing."""
+    owns = False
+    if IDX == 2:
+        if GROUPED:
+            owns = (j == 0) == (OWNER == 0)
+        else:
+            owns = j == OWNER
+    elif IDX == 3:
+        owns = j == 0
+    return owns
+
+
+@triton.jit
 def _sample_rows(j: tl.constexpr, r, cols, valid, perm_ptr, B, M: tl.constexpr,
                  IDX: tl.constexpr, NF: tl.constexpr, OWNER: tl.constexpr,
                  GROUPED: tl.constexpr):
@@ -252,12 +283,7 @@ def _bounds_fwd_kernel(
             run_m = tl.zeros([BLOCK_N], tl.float32) + _NEG_BIG
             run_s = tl.zeros([BLOCK_N], tl.float32)
         for c0 in range(0, ncol, BLOCK_N):
-            if IDX <= 1:
-                cols = r * BLOCK_N + offs
-                valid = cols < N
-            else:
-                cols = c0 + offs
-                valid = cols < ncol
+            cols, valid = _tile_columns(r, c0, offs, N, ncol, BLOCK_N, IDX)
             z1 = _first_preact(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1,
                                M, IDX, NF, 0, GROUPED)
             t = _scores(activation(z1, ACT), W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask,
@@ -333,12 +359,7 @@ def _bounds_bwd_kernel(
         if IDX == 3:
             row_shift = tl.load(row_lse_ptr + r)
         for c0 in range(0, ncol, BLOCK_N):
-            if IDX <= 1:
-                cols = r * BLOCK_N + offs
-                valid = cols < N
-            else:
-                cols = c0 + offs
-                valid = cols < ncol
+            cols, valid = _tile_columns(r, c0, offs, N, ncol, BLOCK_N, IDX)
             z1 = _first_preact(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1,
                                M, IDX, NF, owner, GROUPED)
             a1 = activation(z1, ACT)
@@ -402,18 +423,7 @@ def _bounds_bwd_kernel(
                 gb1 += tl.sum(d1, axis=0)
             m2 = valid[:, None] & hmask[None, :]
             for j in tl.static_range(M):
-                is_owner = False
-                if IDX == 2:
-                    if GROUPED:
-                        if j == 0:
-                            is_owner = OWNER == 0
-                        else:
-                            is_owner = OWNER == 1
-                    else:
-                        is_owner = j == OWNER
-                elif IDX == 3:
-                    is_owner = j == 0
-                if not is_owner:
+                if not _owns_factor(j, OWNER, IDX, GROUPED):
                     if IDX != 2:  # GRID launches only write their owner factor
                         rows = _sample_rows(j, r, cols, valid, perm_ptr, B, M, IDX, NF,
                                             owner, GROUPED)
@@ -422,18 +432,7 @@ def _bounds_bwd_kernel(
             own += tl.sum(d1, axis=0)
         if IDX >= 2:
             for j in tl.static_range(M):
-                is_owner = False
-                if IDX == 2:
-                    if GROUPED:
-                        if j == 0:
-                            is_owner = OWNER == 0
-                        else:
-                            is_owner = OWNER == 1
-                    else:
-                        is_owner = j == OWNER
-                else:
-                    is_owner = j == 0
-                if is_owner:
+                if _owns_factor(j, OWNER, IDX, GROUPED):
                     tl.store(dP_ptr + j * B * H1 + r * H1 + offs_h, own, mask=hmask)
     if PARAM_GRADS:
         tl.store(gb1_ptr + pid * H1 + offs_h, gb1, mask=hmask)
