@@ -54,7 +54,7 @@ HELP = {
     "weight": "lambda: the model minimises task loss - lambda * dependency (default: 0.1)",
     "critic_steps": "critic updates (maximising the bound) before each model update (default: 1)",
     "negatives": "negative samples for the bound: 'shuffle' (one permutation), an integer K "
-                 "(K shuffled negatives per sample) or 'all' (all B-1 others) (default: the estimator's "
+                 "(K shuffled negatives per sample) or 'all' (every combination of rows: B^m samples) (default: the estimator's "
                  "own: all for infonce, shuffle otherwise)",
     "ema_decay": "mine only: moving-average bias correction of the MINE critic loss with this "
                  "decay, e.g. 0.99 (default: off)",
