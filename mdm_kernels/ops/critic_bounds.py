@@ -227,6 +227,19 @@ def _first_preact(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1,
 
 
 @triton.jit
+def _layer2_chunk(a1, W2_ptr, b2_ptr, wout_ptr, h0, offs_c, offs_h, hmask, H1, H2):
+    """Second-layer units h0 .. h0 + BLOCK_H2 of a tile: z2 = a1 W_2[chunk]ᵀ + b_2[chunk]
+    (tl.dot in IEEE fp32), with the chunk's W_2 rows, output weights and mask."""
+    cmask = (h0 + offs_c) < H2
+    w2 = tl.load(W2_ptr + (h0 + offs_c)[:, None] * H1 + offs_h[None, :],
+                 mask=cmask[:, None] & hmask[None, :], other=0.0)
+    b2 = tl.load(b2_ptr + h0 + offs_c, mask=cmask, other=0.0)
+    wo = tl.load(wout_ptr + h0 + offs_c, mask=cmask, other=0.0)
+    z2 = tl.dot(a1, tl.trans(w2), input_precision="ieee") + b2[None, :]
+    return z2, w2, wo, cmask
+
+
+@triton.jit
 def _scores(a1, W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask, H1, H2,
             TWO_LAYERS: tl.constexpr, BLOCK_H2: tl.constexpr, ACT: tl.constexpr):
     """T = w_out · a_L + b_out from the first activations a1 (BLOCK_N × BLOCK_H1).
@@ -235,12 +248,8 @@ def _scores(a1, W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask, H1, H2,
         t = tl.zeros([a1.shape[0]], tl.float32) + bout
         offs_c = tl.arange(0, BLOCK_H2)
         for h0 in range(0, H2, BLOCK_H2):
-            cmask = (h0 + offs_c) < H2
-            w2 = tl.load(W2_ptr + (h0 + offs_c)[:, None] * H1 + offs_h[None, :],
-                         mask=cmask[:, None] & hmask[None, :], other=0.0)
-            b2 = tl.load(b2_ptr + h0 + offs_c, mask=cmask, other=0.0)
-            wo = tl.load(wout_ptr + h0 + offs_c, mask=cmask, other=0.0)
-            z2 = tl.dot(a1, tl.trans(w2), input_precision="ieee") + b2[None, :]
+            z2, w2, wo, cmask = _layer2_chunk(a1, W2_ptr, b2_ptr, wout_ptr, h0, offs_c,
+                                              offs_h, hmask, H1, H2)
             t += tl.sum(activation(z2, ACT) * wo[None, :], axis=1)
     else:
         wo = tl.load(wout_ptr + offs_h, mask=hmask, other=0.0)
@@ -391,12 +400,8 @@ def _bounds_bwd_kernel(
             if TWO_LAYERS:
                 da1 = tl.zeros_like(a1)
                 for h0 in range(0, H2, BLOCK_H2):
-                    cmask = (h0 + offs_c) < H2
-                    w2 = tl.load(W2_ptr + (h0 + offs_c)[:, None] * H1 + offs_h[None, :],
-                                 mask=cmask[:, None] & hmask[None, :], other=0.0)
-                    b2 = tl.load(b2_ptr + h0 + offs_c, mask=cmask, other=0.0)
-                    wo = tl.load(wout_ptr + h0 + offs_c, mask=cmask, other=0.0)
-                    z2 = tl.dot(a1, tl.trans(w2), input_precision="ieee") + b2[None, :]
+                    z2, w2, wo, cmask = _layer2_chunk(a1, W2_ptr, b2_ptr, wout_ptr, h0,
+                                                      offs_c, offs_h, hmask, H1, H2)
                     d2 = g[:, None] * wo[None, :] * activation_grad(z2, ACT)
                     if PARAM_GRADS:
                         a2 = activation(z2, ACT)
