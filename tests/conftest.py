@@ -8,6 +8,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # one tile config per kernel variant: compiling every autotune config of every variant
+    # would dominate the GPU test run (benchmarks keep autotuning on)
+    os.environ.setdefault("MDM_TRITON_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

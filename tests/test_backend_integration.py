@@ -69,3 +69,16 @@ def test_auto_uses_reference_on_cpu_and_triton_needs_mlp_critic(device):
     torch.testing.assert_close(tri, ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(mk.BackendUnavailable, match="float64"):
         mk.dv_bound(critic.double(), *[z.double() for z in zs], backend="triton")
+
+
+def test_tile_configs_switch(monkeypatch):
+    from mdm_kernels.ops import common
+    configs, fixed = ["a", "b", "c"], "fixed"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("MDM_TRITON_AUTOTUNE", "1")
+    assert common.tile_configs(configs, fixed) == configs
+    monkeypatch.setenv("MDM_TRITON_AUTOTUNE", "0")
+    assert common.tile_configs(configs, fixed) == [fixed]
+    monkeypatch.setenv("MDM_TRITON_AUTOTUNE", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert common.tile_configs(configs, fixed) == [fixed]

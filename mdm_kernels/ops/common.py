@@ -18,6 +18,7 @@ libdevice call (the CPU interpreter has none); every form above is overflow-safe
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -25,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ..critic import LEAKY_RELU_SLOPE
+from .triton_backend import interpreter_enabled
 
 #: constexpr codes of the activations inside kernels.
 ACTIVATION_CODES = {"relu": 0, "leaky_relu": 1, "tanh": 2, "softplus": 3, "gelu": 4}
@@ -114,3 +116,19 @@ def critic_tail(critic) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.T
 def block_size(n: int, lo: int = 16) -> int:
     """Smallest power of two ≥ max(n, lo) (tile width covering a whole dimension)."""
     return max(lo, triton.next_power_of_2(int(n)))
+
+
+def autotune_enabled() -> bool:
+    """False when ``MDM_TRITON_AUTOTUNE=0``: every fused op then compiles one fixed tile
+    configuration instead of benchmarking all of them (the GPU test suite sets it, since
+    compiling every config of every kernel variant would dominate its run time)."""
+    return os.environ.get("MDM_TRITON_AUTOTUNE", "1") != "0"
+
+
+def tile_configs(gpu_configs: list, fixed_config):
+    """The autotuner's candidate configs: all of ``gpu_configs`` normally; just
+    ``fixed_config`` in the CPU interpreter (benchmarking there is slow and meaningless) or
+    with autotuning switched off (:func:`autotune_enabled`)."""
+    if interpreter_enabled() or not autotune_enabled():
+        return [fixed_config]
+    return list(gpu_configs)

@@ -72,14 +72,13 @@ statistics.  Where rows are shared:
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .common import activation, activation_code, activation_grad, block_size, \
-    critic_tail, project_modalities
+    critic_tail, interpreter_enabled, project_modalities, tile_configs
 
 # ----------------------------------------------------------------------------- constants
 IDX_JOINT, IDX_PERMS, IDX_GRID, IDX_NCE = 0, 1, 2, 3
@@ -90,18 +89,6 @@ _NEG_BIG_VALUE = -1.0e30  # "minus infinity" that keeps e^{m − m'} finite (no 
 _NEG_BIG = tl.constexpr(_NEG_BIG_VALUE)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def tile_configs(gpu_configs, interpreter_config):
-    """Autotune configs: the full list on a GPU, one fixed small config in the interpreter
-    (where benchmarking every config would be very slow and meaningless)."""
-    if _interpreting():
-        return [interpreter_config]
-    return gpu_configs
-
-
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_N": 16}, num_warps=2),
     triton.Config({"BLOCK_N": 32}, num_warps=4),
@@ -109,7 +96,9 @@ _GPU_CONFIGS = [
     triton.Config({"BLOCK_N": 64}, num_warps=8),
     triton.Config({"BLOCK_N": 128}, num_warps=8),
 ]
-_INTERP_CONFIG = triton.Config({"BLOCK_N": 16}, num_warps=1)
+#: the one config of the interpreter / ``MDM_TRITON_AUTOTUNE=0``
+_FIXED_CONFIG = (triton.Config({"BLOCK_N": 16}, num_warps=1) if interpreter_enabled()
+                 else triton.Config({"BLOCK_N": 32}, num_warps=4))
 _MIN_BLOCK_N = 16  # smallest BLOCK_N of any config: sizes the per-program buffers
 
 
@@ -128,7 +117,7 @@ _PRUNE = {"early_config_prune": _prune_configs}
 
 def _max_programs(device) -> int:
     """Cap on the persistent grid."""
-    if _interpreting() or device.type != "cuda":
+    if interpreter_enabled() or device.type != "cuda":
         return 4
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -257,7 +246,7 @@ def _scores(a1, W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask, H1, H2,
     return t
 
 
-@triton.autotune(configs=tile_configs(_GPU_CONFIGS, _INTERP_CONFIG),
+@triton.autotune(configs=tile_configs(_GPU_CONFIGS, _FIXED_CONFIG),
                  key=["N", "NCOL", "H1", "H2", "B"], prune_configs_by=_PRUNE,
                  restore_value=["stats_ptr"])  # unused program slots must keep their init
 @triton.jit
@@ -321,7 +310,7 @@ def _bounds_fwd_kernel(
         tl.store(stats_ptr + pid * 2, tl.sum(acc, axis=0))
 
 
-@triton.autotune(configs=tile_configs(_GPU_CONFIGS, _INTERP_CONFIG),
+@triton.autotune(configs=tile_configs(_GPU_CONFIGS, _FIXED_CONFIG),
                  key=["N", "NCOL", "H1", "H2", "B"], prune_configs_by=_PRUNE,
                  reset_to_zero=["dP_ptr", "gb1_ptr", "gW2_ptr", "gb2_ptr", "gwout_ptr",
                                 "gbout_ptr"])

@@ -67,7 +67,8 @@ import triton
 import triton.language as tl
 
 from .common import (activation, activation_code, activation_grad, activation_grad2,
-                     block_size, critic_tail, project_modalities)
+                     block_size, critic_tail, interpreter_enabled, project_modalities,
+                     tile_configs)
 
 #: fp32 tl.dot precision on GPU: 3×TF32 keeps ~fp32 accuracy on tensor cores.
 DOT_PRECISION = "tf32x3"
@@ -257,22 +258,18 @@ _GPU_CONFIGS = [
 ]
 
 _gp_kernel_tuned = triton.autotune(
-    configs=_GPU_CONFIGS,
+    configs=tile_configs(_GPU_CONFIGS, triton.Config({"BLOCK_N": 32}, num_warps=4,
+                                                     num_stages=1)),
     key=["H1", "H2", "K", "N_BUCKET", "M_TERMS", "TWO_LAYERS", "GRAM", "ACT", "COMPUTE_GRAD"],
     reset_to_zero=["dsj_ptr", "dsm_ptr"],
 )(_gp_kernel)
-
-
-def _interpreting() -> bool:
-    from .triton_backend import interpreter_enabled
-    return interpreter_enabled()
 
 
 def _num_programs(n: int, device: torch.device) -> int:
     """Persistent grid size (independent of the tuned BLOCK_N, so every partial slot is
     written by every config)."""
     tiles_min = triton.cdiv(n, 16)
-    if _interpreting() or device.type != "cuda":
+    if interpreter_enabled() or device.type != "cuda":
         return max(1, min(_INTERP_PROGRAMS, tiles_min))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(2 * sms, tiles_min))
@@ -311,7 +308,7 @@ def _launch(sj, sm, mi, eps, b1, wmat, w2, b2, wout, jb, gram, one_sided, act, c
     meta = dict(M_TERMS=mi.shape[0] if gather else 1, GATHER=gather, ATOMIC=atomic,
                 TWO_LAYERS=two_layers, GRAM=gram, ONE_SIDED=bool(one_sided), ACT=act,
                 COMPUTE_GRAD=compute_grad, DOT_PREC=DOT_PRECISION, BH1=bh1, BH2=bh2, BK=bk, BHO=bho)
-    if _interpreting():
+    if interpreter_enabled():
         _gp_kernel[(progs,)](*args, **meta, BLOCK_N=_INTERP_BLOCK_N, num_warps=4)
     else:
         _gp_kernel_tuned[(progs,)](*args, **meta)
