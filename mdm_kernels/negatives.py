@@ -26,10 +26,6 @@ from dataclasses import dataclass
 
 import torch
 
-#: Accepted string values of ``negatives``.
-NEGATIVE_MODES = ("shuffle", "all")
-
-
 @dataclass(frozen=True)
 class MarginalSamples:
     """Resolved choice of marginal samples.

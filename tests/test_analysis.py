@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mdm_kernels.train.analysis import (drop_conditions, load_run, modality_drop, run_critic, run_drop,
-                                        run_sweep, summarise)
+from mdm_kernels.train.analysis import (drop_conditions, load_run, modality_drop, run_critic, run_sweep, summarise)
 from mdm_kernels.train.analyze import main as analyze_main
 from mdm_kernels.train.config import TrainConfig
 from mdm_kernels.train.metrics import KEYS

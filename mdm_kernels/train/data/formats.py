@@ -376,7 +376,7 @@ def csd_to_segment_labels(csd: dict) -> dict[str, float]:
     it is *not* always time order) -> label. Checks the values lie in [-3, 3]."""
     out = {}
     for vid, item in csd["data"].items():
-        ft, iv = item["features"], item["intervals"]
+        ft = item["features"]
         if ft.shape[1] != 1:
             raise FormatError(f"{csd['source']}: video {vid!r}: label sequences have 1 feature, got {ft.shape[1]}")
         for k in range(1, ft.shape[0] + 1):
