@@ -3,26 +3,20 @@ from __future__ import annotations
 
 from .fusion import EFLSTM, LFLSTM, LMF, TFN, FusionModel, MulT
 
-MODELS = ("ef_lstm", "lf_lstm", "tfn", "lmf", "mult", "mag")
+#: model name -> class; "mag" is imported on demand (its encoder is an optional extra)
+_CLASSES = {"ef_lstm": EFLSTM, "lf_lstm": LFLSTM, "tfn": TFN, "lmf": LMF, "mult": MulT}
+MODELS = (*_CLASSES, "mag")
 
 
 def build_model(name: str, in_dims, **sizes) -> FusionModel:
     """``sizes``: d (z width), hidden, dropout, plus rank (lmf), heads/layers (mult)."""
     sizes = {k: v for k, v in sizes.items() if v is not None}
-    if name == "ef_lstm":
-        return EFLSTM(in_dims, **sizes)
-    if name == "lf_lstm":
-        return LFLSTM(in_dims, **sizes)
-    if name == "tfn":
-        return TFN(in_dims, **sizes)
-    if name == "lmf":
-        return LMF(in_dims, **sizes)
-    if name == "mult":
-        return MulT(in_dims, **sizes)
     if name == "mag":
         from .mag import MAGMiniLM
         return MAGMiniLM(in_dims, **sizes)
-    raise ValueError(f"--model must be one of {', '.join(MODELS)}; got {name!r}")
+    if name not in _CLASSES:
+        raise ValueError(f"--model must be one of {', '.join(MODELS)}; got {name!r}")
+    return _CLASSES[name](in_dims, **sizes)
 
 
 __all__ = ["MODELS", "build_model", "FusionModel", "EFLSTM", "LFLSTM", "TFN", "LMF", "MulT"]
