@@ -51,6 +51,21 @@ class Backend:
         """Why this backend cannot run ``op`` for this critic/input, or ``None``."""
         return None
 
+    def fused_critic_reason(self, critic, zs, hidden_layers: int) -> str | None:
+        """The checks every fused backend shares: an ``MLPCritic`` with at most
+        ``hidden_layers`` hidden layers, and no float64 critic or inputs (the fused kernels
+        compute in float32; float64 is the reference's job, never silently down-cast)."""
+        from .critic import MLPCritic
+        label = f"{self.name} kernels"
+        if not isinstance(critic, MLPCritic):
+            return f"{label} take an MLPCritic, got {type(critic).__name__}"
+        if len(critic.hidden) > hidden_layers:
+            return (f"{label} support an MLPCritic with at most {hidden_layers} hidden "
+                    f"layer(s), the critic has {len(critic.hidden)}")
+        if zs[0].dtype == torch.float64 or critic.first_bias.dtype == torch.float64:
+            return f"{label} take float32, float16 or bfloat16 (float64: backend='reference')"
+        return None
+
     def dependency_terms(self, kind, critic, zs, samples):
         """(joint_term, marginal_term), see :mod:`mdm_kernels.reference.estimators`."""
         raise NotImplementedError

@@ -69,6 +69,8 @@ def test_auto_uses_reference_on_cpu_and_triton_needs_mlp_critic(device):
     torch.testing.assert_close(tri, ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(mk.BackendUnavailable, match="float64"):
         mk.dv_bound(critic.double(), *[z.double() for z in zs], backend="triton")
+    with pytest.raises(mk.BackendUnavailable, match="float64"):  # float64 critic, float32 z's
+        mk.dv_bound(critic, *zs, backend="triton")
 
 
 def test_tile_configs_switch(monkeypatch):

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from ..critic import MLPCritic
 from ..dispatch import Backend
 from . import cuda_ops
 
-#: Hidden-layer counts the CUDA kernels implement.
-SUPPORTED_HIDDEN_LAYERS = (1,)
+#: Hidden layers the CUDA kernels implement (one).
+MAX_HIDDEN_LAYERS = 1
 
 
 def is_built() -> bool:
@@ -39,19 +38,15 @@ class CudaBackend(Backend):
         return None
 
     def unsupported_reason(self, op, critic, zs, samples=None) -> str | None:
-        if not isinstance(critic, MLPCritic):
-            return f"CUDA kernels take an MLPCritic, got {type(critic).__name__}"
-        if len(critic.hidden) not in SUPPORTED_HIDDEN_LAYERS:
-            return (f"CUDA kernels support MLPCritic with 1 hidden layer, the critic has "
-                    f"{len(critic.hidden)}")
+        reason = self.fused_critic_reason(critic, zs, MAX_HIDDEN_LAYERS)
+        if reason is not None:
+            return reason
         if critic.hidden[0] > cuda_ops.MAX_HIDDEN:
             return (f"CUDA kernels support hidden width <= {cuda_ops.MAX_HIDDEN}, got "
                     f"{critic.hidden[0]}")
         if critic.num_modalities > cuda_ops.MAX_MODALITIES:
             return (f"CUDA kernels support <= {cuda_ops.MAX_MODALITIES} modalities, got "
                     f"{critic.num_modalities}")
-        if zs[0].dtype == torch.float64 or critic.first_bias.dtype == torch.float64:
-            return "CUDA kernels take float32, float16 or bfloat16 inputs (float64: reference)"
         return None
 
     def dependency_terms(self, kind, critic, zs, samples):

@@ -12,7 +12,6 @@ import os
 
 import torch
 
-from ..critic import MLPCritic
 from ..dispatch import Backend
 
 try:  # triton is a Linux-only dependency
@@ -44,14 +43,7 @@ class TritonBackend(Backend):
                 f"before importing mdm_kernels to run them in the CPU interpreter")
 
     def unsupported_reason(self, op, critic, zs, samples=None) -> str | None:
-        if not isinstance(critic, MLPCritic):
-            return f"fused kernels take an MLPCritic, got {type(critic).__name__}"
-        if len(critic.hidden) > MAX_HIDDEN_LAYERS:
-            return (f"fused kernels support 1 or {MAX_HIDDEN_LAYERS} hidden layers, the critic "
-                    f"has {len(critic.hidden)}")
-        if zs[0].dtype == torch.float64:
-            return "fused kernels take float32, float16 or bfloat16 inputs (float64: reference)"
-        return None
+        return self.fused_critic_reason(critic, zs, MAX_HIDDEN_LAYERS)
 
     def dependency_terms(self, kind, critic, zs, samples):
         from .critic_bounds import fused_dependency_terms
