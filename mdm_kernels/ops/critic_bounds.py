@@ -77,6 +77,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.estimators import KINDS
 from .common import activation, activation_code, activation_grad, block_size, \
     critic_tail, interpreter_enabled, project_modalities, tile_configs
 
@@ -607,9 +608,6 @@ def _resolve_perms(samples, batch_size, device):
     if not isinstance(perms, torch.Tensor) or perms.dim() != 3 or perms.shape[2] != batch_size:
         raise ValueError("samples must be MarginalSamples, a (K, m, B) LongTensor or 'all'")
     return perms.to(device=device, dtype=torch.int64).contiguous()
-
-
-KINDS = ("dv", "nwj", "js", "infonce", "wasserstein")
 
 
 @torch.compiler.disable

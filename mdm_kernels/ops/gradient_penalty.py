@@ -69,6 +69,7 @@ import triton.language as tl
 from .common import (activation, activation_code, activation_grad, activation_grad2,
                      block_size, critic_tail, interpreter_enabled, project_modalities,
                      tile_configs)
+from .critic_bounds import fused_dependency_terms
 
 #: fp32 tl.dot precision on GPU: 3×TF32 keeps ~fp32 accuracy on tensor cores.
 DOT_PRECISION = "tf32x3"
@@ -382,18 +383,9 @@ def fused_gradient_penalty(critic, joint, marginal, eps, one_sided) -> torch.Ten
     parameters and every joint/marginal tensor (see the module docstring)."""
     pj = project_modalities(critic, joint)
     pm = project_modalities(critic, marginal)
-    sj = pj[0] if len(pj) == 1 else torch.stack(pj).sum(0)
-    sm = pm[0] if len(pm) == 1 else torch.stack(pm).sum(0)
+    sj = torch.stack(pj).sum(0)  # Σ_k P_k: the first pre-activation (bias excluded)
+    sm = torch.stack(pm).sum(0)
     return _penalty(critic, sj, sm, None, eps, sj.shape[0], one_sided, atomic=False)
-
-
-def _dependency_terms(critic, zs, samples, projections):
-    try:
-        from .critic_bounds import fused_dependency_terms
-    except ImportError:  # the fused estimators are not built yet: reference dependency part
-        from ..reference.estimators import dependency_terms
-        return dependency_terms("wasserstein", critic, zs, samples)
-    return fused_dependency_terms("wasserstein", critic, zs, samples, projections=projections)
 
 
 def fused_wasserstein_terms(critic, zs, samples, gp_perms, eps, one_sided):
@@ -404,7 +396,8 @@ def fused_wasserstein_terms(critic, zs, samples, gp_perms, eps, one_sided):
     sample (k, i) (Σ_j P_j[gp_perms[k, j, i]]), ε = eps[n].
     """
     projections = project_modalities(critic, zs)
-    joint, marginal = _dependency_terms(critic, zs, samples, projections)
+    joint, marginal = fused_dependency_terms("wasserstein", critic, zs, samples,
+                                             projections=projections)
     m, b = len(zs), zs[0].shape[0]
     kp = gp_perms.shape[0]
     stacked = torch.stack(projections)                         # (m, B, H1)
