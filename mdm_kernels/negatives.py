@@ -49,10 +49,29 @@ class MarginalSamples:
         return self.perms.shape[0] * self.perms.shape[2]
 
 
-def _random_perm(batch_size: int, generator, device) -> torch.Tensor:
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    perm = torch.randperm(batch_size, generator=generator, device=gen_device)
-    return perm.to(device)
+def draw_shuffles(batch_size: int, num_modalities: int, num_shuffles: int, generator,
+                  device, candidates_together: bool = False) -> torch.Tensor:
+    """K random shuffles as one (K, m, B) index tensor: row 0 of every shuffle is 0..B-1,
+    the other rows are independent ``torch.randperm`` draws (one shared draw for rows
+    1..m-1 when ``candidates_together``), taken from ``generator`` in (k, j) order.
+
+    The draws happen on the generator's device — the data's ``device`` when ``generator``
+    is ``None`` (that device's default generator) — into one preallocated buffer that is
+    moved to ``device`` once: no per-permutation host-device copy, and none of the stream
+    synchronisations such copies imply.
+    """
+    gen_device = generator.device if generator is not None else torch.device(device)
+    perms = torch.empty(num_shuffles, num_modalities, batch_size, dtype=torch.int64,
+                        device=gen_device)
+    perms[:, 0] = torch.arange(batch_size, device=gen_device)
+    for k in range(num_shuffles):
+        if candidates_together:
+            torch.randperm(batch_size, generator=generator, out=perms[k, 1])
+            perms[k, 2:] = perms[k, 1]
+        else:
+            for j in range(1, num_modalities):
+                torch.randperm(batch_size, generator=generator, out=perms[k, j])
+    return perms.to(device)
 
 
 def parse_negatives(negatives) -> int | str:
@@ -129,18 +148,9 @@ def product_of_marginals(batch_size: int, num_modalities: int, negatives="shuffl
         raise ValueError(f"negatives need a batch of at least 2 rows, got B={batch_size}")
     if mode == "all":
         return MarginalSamples(None, batch_size, num_modalities)
-    identity = torch.arange(batch_size, device=device)
-    draws = []
-    for _ in range(mode):
-        rows = [identity]
-        if candidates_together:
-            shared = _random_perm(batch_size, generator, device)
-            rows += [shared] * (num_modalities - 1)
-        else:
-            rows += [_random_perm(batch_size, generator, device)
-                     for _ in range(num_modalities - 1)]
-        draws.append(torch.stack(rows))
-    return MarginalSamples(torch.stack(draws), batch_size, num_modalities)
+    perms = draw_shuffles(batch_size, num_modalities, mode, generator, device,
+                          candidates_together)
+    return MarginalSamples(perms, batch_size, num_modalities)
 
 
 def all_grid_indices(batch_size: int, num_modalities: int, start: int, stop: int,

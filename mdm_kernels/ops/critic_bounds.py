@@ -394,6 +394,11 @@ def _bounds_bwd_kernel(
                                                       offs_c, offs_h, hmask, H1, H2)
                     d2 = g[:, None] * wo[None, :] * activation_grad(z2, ACT)
                     if PARAM_GRADS:
+                        # read-modify-write of this program's private slices: the threads
+                        # that load an element need not be the ones that stored it on the
+                        # previous tile (the layouts differ), so order them with a barrier
+                        # (global memory is not covered by Triton's shared-memory barriers)
+                        tl.debug_barrier()
                         a2 = activation(z2, ACT)
                         p_wo = gwout_ptr + pid * H2 + h0 + offs_c
                         tl.store(p_wo, tl.load(p_wo, mask=cmask, other=0.0)
