@@ -203,6 +203,32 @@ def _sample_rows(j: tl.constexpr, r, cols, valid, perm_ptr, B, M: tl.constexpr,
 
 
 @triton.jit
+def _scatter_shared_rows(dP_ptr, d1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1,
+                         M: tl.constexpr, IDX: tl.constexpr, NF: tl.constexpr,
+                         OWNER: tl.constexpr, GROUPED: tl.constexpr):
+    """∂P_j[i_j] += δ1 with atomics for every factor j the program does not own (shuffle,
+    joint and InfoNCE-candidate rows); "all"-grid launches skip them (each factor gets its
+    own launch as owner)."""
+    m2 = valid[:, None] & hmask[None, :]
+    for j in tl.static_range(M):
+        if not _owns_factor(j, OWNER, IDX, GROUPED):
+            if IDX != 2:
+                rows = _sample_rows(j, r, cols, valid, perm_ptr, B, M, IDX, NF, OWNER, GROUPED)
+                tl.atomic_add(dP_ptr + j * B * H1 + rows[:, None] * H1 + offs_h[None, :], d1,
+                              mask=m2)
+
+
+@triton.jit
+def _store_owned_row(dP_ptr, own, r, offs_h, hmask, B, H1, M: tl.constexpr,
+                     IDX: tl.constexpr, OWNER: tl.constexpr, GROUPED: tl.constexpr):
+    """Store row r's gradient ``own`` (summed over all its columns) into every owned P_j."""
+    if IDX >= 2:
+        for j in tl.static_range(M):
+            if _owns_factor(j, OWNER, IDX, GROUPED):
+                tl.store(dP_ptr + j * B * H1 + r * H1 + offs_h, own, mask=hmask)
+
+
+@triton.jit
 def _first_preact(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1,
                   M: tl.constexpr, IDX: tl.constexpr, NF: tl.constexpr,
                   OWNER: tl.constexpr, GROUPED: tl.constexpr):
@@ -245,6 +271,86 @@ def _scores(a1, W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask, H1, H2,
         wo = tl.load(wout_ptr + offs_h, mask=hmask, other=0.0)
         t = tl.sum(a1 * wo[None, :], axis=1) + bout
     return t
+
+
+@triton.jit
+def _score_grad(t, valid, scale, shift, GMODE: tl.constexpr):
+    """g = ∂term/∂T_s = scale·φ(T_s) of a tile (0 on invalid lanes), see the module
+    docstring: φ = 1 (G_ONE), e^{T − shift} (G_EXP_SHIFT; G_EXP_ROW with a per-row shift),
+    sigmoid(±T) (G_SIGMOID / G_SIGMOID_NEG, from e^{−|T|}: no overflow for |T| ~ 1e4).
+    Invalid lanes enter the exponentials as −inf, so nothing overflows there either."""
+    if GMODE == 0:
+        g = tl.zeros_like(t) + scale
+    elif GMODE <= 2:
+        g = scale * tl.exp(tl.where(valid, t, float("-inf")) - shift)
+    else:
+        e = tl.exp(-tl.abs(t))
+        if GMODE == 3:
+            g = scale * tl.where(t >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        else:
+            g = scale * tl.where(t >= 0, e / (1.0 + e), 1.0 / (1.0 + e))
+    return tl.where(valid, g, 0.0)
+
+
+@triton.jit
+def _term_grad(t, valid, r, cols, scale, shift, row_lse_ptr, perm_ptr, B, M: tl.constexpr,
+               IDX: tl.constexpr, NF: tl.constexpr, OWNER: tl.constexpr,
+               GROUPED: tl.constexpr, GMODE: tl.constexpr):
+    """:func:`_score_grad` with InfoNCE's per-row shift LSE_i of each sample's anchor
+    (G_EXP_ROW): row r's for the shuffle layout (IDX 3), gathered by anchor (factor 0) on
+    the "all" grid."""
+    if GMODE == 2:
+        if IDX == 3:
+            row_shift = tl.load(row_lse_ptr + r)
+        else:
+            anc = _sample_rows(0, r, cols, valid, perm_ptr, B, M, IDX, NF, OWNER, GROUPED)
+            row_shift = tl.load(row_lse_ptr + anc)
+        g = _score_grad(t, valid, scale, row_shift, GMODE)
+    else:
+        g = _score_grad(t, valid, scale, shift, GMODE)
+    return g
+
+
+@triton.jit
+def _tile_backprop(g, z1, a1, valid, W2_ptr, b2_ptr, wout_ptr, offs_h, hmask, offs_c, H1, H2,
+                   gW2_ptr, gb2_ptr, gwout_ptr, TWO_LAYERS: tl.constexpr,
+                   PARAM_GRADS: tl.constexpr, BLOCK_H2: tl.constexpr, ACT: tl.constexpr):
+    """Backpropagate g = ∂term/∂T of a tile through the MLP tail (module docstring):
+    returns δ1 = ∂term/∂z1 (BLOCK_N × BLOCK_H1, 0 on invalid lanes) and, with one hidden
+    layer, this tile's Σ g·a1 (the w_out gradient).  With two hidden layers and PARAM_GRADS
+    the W_2, b_2 and w_out gradients are added into the private slices gW2_ptr (H2 × H1),
+    gb2_ptr (H2), gwout_ptr (H2) by read-modify-write."""
+    gw_inc = tl.zeros([offs_h.shape[0]], tl.float32)
+    if TWO_LAYERS:
+        da1 = tl.zeros_like(a1)
+        for h0 in range(0, H2, BLOCK_H2):
+            z2, w2, wo, cmask = _layer2_chunk(a1, W2_ptr, b2_ptr, wout_ptr, h0, offs_c,
+                                              offs_h, hmask, H1, H2)
+            d2 = g[:, None] * wo[None, :] * activation_grad(z2, ACT)
+            if PARAM_GRADS:
+                # the threads that load an element need not be the ones that stored it on
+                # the previous tile (the layouts differ), so order them with a barrier
+                # (global memory is not covered by Triton's shared-memory barriers)
+                tl.debug_barrier()
+                a2 = activation(z2, ACT)
+                p_wo = gwout_ptr + h0 + offs_c
+                tl.store(p_wo, tl.load(p_wo, mask=cmask, other=0.0)
+                         + tl.sum(g[:, None] * a2, axis=0), mask=cmask)
+                p_b2 = gb2_ptr + h0 + offs_c
+                tl.store(p_b2, tl.load(p_b2, mask=cmask, other=0.0)
+                         + tl.sum(d2, axis=0), mask=cmask)
+                p_w2 = gW2_ptr + (h0 + offs_c)[:, None] * H1 + offs_h[None, :]
+                wm = cmask[:, None] & hmask[None, :]
+                tl.store(p_w2, tl.load(p_w2, mask=wm, other=0.0)
+                         + tl.dot(tl.trans(d2), a1, input_precision="ieee"), mask=wm)
+            da1 += tl.dot(d2, w2, input_precision="ieee")
+    else:
+        wo = tl.load(wout_ptr + offs_h, mask=hmask, other=0.0)
+        da1 = g[:, None] * wo[None, :]
+        if PARAM_GRADS:
+            gw_inc = tl.sum(g[:, None] * a1, axis=0)
+    d1 = da1 * activation_grad(z1, ACT)
+    return tl.where(valid[:, None], d1, 0.0), gw_inc
 
 
 @triton.autotune(configs=tile_configs(_GPU_CONFIGS, _FIXED_CONFIG),
@@ -355,8 +461,6 @@ def _bounds_bwd_kernel(
     gbout = tl.zeros([BLOCK_N], tl.float32)
     for r in range(pid, R, G):
         own = tl.zeros([BLOCK_H1], tl.float32)  # gradient of the owner row
-        if IDX == 3:
-            row_shift = tl.load(row_lse_ptr + r)
         for c0 in range(0, ncol, BLOCK_N):
             cols, valid = _tile_columns(r, c0, offs, N, ncol, BLOCK_N, IDX)
             z1 = _first_preact(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1,
@@ -364,76 +468,21 @@ def _bounds_bwd_kernel(
             a1 = activation(z1, ACT)
             t = _scores(a1, W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask, H1, H2,
                         TWO_LAYERS, BLOCK_H2, ACT)
-            # g = ∂term/∂T for every sample of the tile
-            # (invalid lanes: T = −inf in the exponentials, so nothing overflows)
-            if GMODE == 0:
-                g = tl.zeros_like(t) + scale
-            elif GMODE == 1:
-                g = scale * tl.exp(tl.where(valid, t, float("-inf")) - shift)
-            elif GMODE == 2:
-                if IDX == 3:
-                    g = scale * tl.exp(tl.where(valid, t, float("-inf")) - row_shift)
-                else:  # "all" InfoNCE: the anchor is factor 0
-                    anc = _sample_rows(0, r, cols, valid, perm_ptr, B, M, IDX, NF, owner,
-                                       GROUPED)
-                    g = scale * tl.exp(tl.where(valid, t, float("-inf"))
-                                       - tl.load(row_lse_ptr + anc))
-            else:  # sigmoid(±T) from e^{−|T|} (no overflow for |T| ~ 1e4)
-                e = tl.exp(-tl.abs(t))
-                if GMODE == 3:
-                    g = scale * tl.where(t >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-                else:
-                    g = scale * tl.where(t >= 0, e / (1.0 + e), 1.0 / (1.0 + e))
-            g = tl.where(valid, g, 0.0)
+            g = _term_grad(t, valid, r, cols, scale, shift, row_lse_ptr, perm_ptr, B, M, IDX,
+                           NF, owner, GROUPED, GMODE)
             if PARAM_GRADS:
                 gbout += g
-            if TWO_LAYERS:
-                da1 = tl.zeros_like(a1)
-                for h0 in range(0, H2, BLOCK_H2):
-                    z2, w2, wo, cmask = _layer2_chunk(a1, W2_ptr, b2_ptr, wout_ptr, h0,
-                                                      offs_c, offs_h, hmask, H1, H2)
-                    d2 = g[:, None] * wo[None, :] * activation_grad(z2, ACT)
-                    if PARAM_GRADS:
-                        # read-modify-write of this program's private slices: the threads
-                        # that load an element need not be the ones that stored it on the
-                        # previous tile (the layouts differ), so order them with a barrier
-                        # (global memory is not covered by Triton's shared-memory barriers)
-                        tl.debug_barrier()
-                        a2 = activation(z2, ACT)
-                        p_wo = gwout_ptr + pid * H2 + h0 + offs_c
-                        tl.store(p_wo, tl.load(p_wo, mask=cmask, other=0.0)
-                                 + tl.sum(g[:, None] * a2, axis=0), mask=cmask)
-                        p_b2 = gb2_ptr + pid * H2 + h0 + offs_c
-                        tl.store(p_b2, tl.load(p_b2, mask=cmask, other=0.0)
-                                 + tl.sum(d2, axis=0), mask=cmask)
-                        p_w2 = (gW2_ptr + pid * H2 * H1 + (h0 + offs_c)[:, None] * H1
-                                + offs_h[None, :])
-                        wm = cmask[:, None] & hmask[None, :]
-                        tl.store(p_w2, tl.load(p_w2, mask=wm, other=0.0)
-                                 + tl.dot(tl.trans(d2), a1, input_precision="ieee"), mask=wm)
-                    da1 += tl.dot(d2, w2, input_precision="ieee")
-            else:
-                wo = tl.load(wout_ptr + offs_h, mask=hmask, other=0.0)
-                da1 = g[:, None] * wo[None, :]
-                if PARAM_GRADS:
-                    gwout += tl.sum(g[:, None] * a1, axis=0)
-            d1 = da1 * activation_grad(z1, ACT)
-            d1 = tl.where(valid[:, None], d1, 0.0)
+            d1, gw_inc = _tile_backprop(g, z1, a1, valid, W2_ptr, b2_ptr, wout_ptr, offs_h,
+                                        hmask, offs_c, H1, H2, gW2_ptr + pid * H2 * H1,
+                                        gb2_ptr + pid * H2, gwout_ptr + pid * H2,
+                                        TWO_LAYERS, PARAM_GRADS, BLOCK_H2, ACT)
             if PARAM_GRADS:
+                gwout += gw_inc
                 gb1 += tl.sum(d1, axis=0)
-            m2 = valid[:, None] & hmask[None, :]
-            for j in tl.static_range(M):
-                if not _owns_factor(j, OWNER, IDX, GROUPED):
-                    if IDX != 2:  # GRID launches only write their owner factor
-                        rows = _sample_rows(j, r, cols, valid, perm_ptr, B, M, IDX, NF,
-                                            owner, GROUPED)
-                        tl.atomic_add(dP_ptr + j * B * H1 + rows[:, None] * H1
-                                      + offs_h[None, :], d1, mask=m2)
+            _scatter_shared_rows(dP_ptr, d1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1,
+                                 M, IDX, NF, owner, GROUPED)
             own += tl.sum(d1, axis=0)
-        if IDX >= 2:
-            for j in tl.static_range(M):
-                if _owns_factor(j, OWNER, IDX, GROUPED):
-                    tl.store(dP_ptr + j * B * H1 + r * H1 + offs_h, own, mask=hmask)
+        _store_owned_row(dP_ptr, own, r, offs_h, hmask, B, H1, M, IDX, owner, GROUPED)
     if PARAM_GRADS:
         tl.store(gb1_ptr + pid * H1 + offs_h, gb1, mask=hmask)
         tl.store(gbout_ptr + pid, tl.sum(gbout, axis=0))
