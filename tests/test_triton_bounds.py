@@ -1,5 +1,9 @@
 """Fused Triton estimators (``mdm_kernels.ops.critic_bounds``) against the float64 reference.
 
+Every kernel test runs twice, once per execution strategy: ``"single"`` (the whole step in one
+program, :mod:`mdm_kernels.ops.single_program_bounds`) and ``"grid"`` (the persistent
+multi-program kernels).
+
 Without a GPU the kernels run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1),
 which is slow: shapes stay tiny and every axis (estimator, negatives mode, activation, depth,
 shape, dtype, extreme scores) is covered against a small base case rather than as a full
@@ -8,6 +12,7 @@ cartesian product.  Values and gradients of every z and every critic parameter a
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -30,6 +35,20 @@ TOL = {
     torch.float16: dict(rtol=2e-3, atol=2e-4),
     torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3),
 }
+
+
+@pytest.fixture(params=["single", "grid"], autouse=True)
+def strategy(request, monkeypatch):
+    """The execution strategy of every fused call in the test (``STRATEGY`` below)."""
+    monkeypatch.setattr(sys.modules[__name__], "STRATEGY", request.param)
+    return request.param
+
+
+STRATEGY = "auto"
+
+
+def _terms(kind, critic, zs, samples, **kwargs):
+    return fused_dependency_terms(kind, critic, zs, samples, strategy=STRATEGY, **kwargs)
 
 
 def _explicit_perms(kind, B, m, K, gen):
@@ -72,7 +91,7 @@ def check(kind, *, B=5, dims=(3, 4), hidden=(7,), act="tanh", negatives="all", K
         negatives = K
     samples = resolve_samples(kind, zs, negatives, perms, gen)
 
-    joint, marg = fused_dependency_terms(kind, critic, zs, samples)
+    joint, marg = _terms(kind, critic, zs, samples)
     assert joint.dtype == marg.dtype == torch.float32 and joint.dim() == marg.dim() == 0
     (W_JOINT * joint + W_MARG * marg).backward()
 
@@ -167,7 +186,7 @@ def test_precomputed_projections():
     samples = resolve_samples("dv", zs, "all", None, None)
     proj = project_modalities(critic, zs)
     j1, m1 = fused_dependency_terms("dv", critic, zs, samples, projections=proj)
-    j2, m2 = fused_dependency_terms("dv", critic, zs, None)  # "all" as None
+    j2, m2 = _terms("dv", critic, zs, None)  # "all" as None
     assert_close(j1, j2)
     assert_close(m1, m2)
     (j1 - m1).backward()
@@ -208,7 +227,7 @@ def test_all_mode_is_deterministic():
         for z in zs:
             z.grad = None
         critic.zero_grad()
-        j, m = fused_dependency_terms("dv", critic, zs, None)
+        j, m = _terms("dv", critic, zs, None)
         (j - m).backward()
         grads.append([z.grad.clone() for z in zs] + [p.grad.clone() for p in critic.parameters()])
     for a, b in zip(*grads):
@@ -219,3 +238,95 @@ def test_rejects_bad_kind():
     critic, zs = _make(3, (2, 2), (4,), "relu", torch.float32, 12)
     with pytest.raises(ValueError):
         fused_dependency_terms("mine", critic, zs, None)
+
+
+# --- the one-program step: when it applies, what it refuses, what it launches ----------------
+def _count_launches(monkeypatch, module, names):
+    """Wrap kernels of ``module`` so that each ``kernel[grid](...)`` launch is counted."""
+    counts = dict.fromkeys(names, 0)
+
+    class Counted:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            counts[self.name] += 1
+            return self.kernel[grid]
+
+    for name in names:
+        monkeypatch.setattr(module, name, Counted(name, getattr(module, name)))
+    return counts
+
+
+def test_single_program_step_is_two_launches(monkeypatch):
+    """A paper-style MINE step on the one-program path: one forward and one backward
+    launch, and the multi-program kernels are never used."""
+    from mdm_kernels.ops import critic_bounds, single_program_bounds
+    single = _count_launches(monkeypatch, single_program_bounds,
+                             ["_single_program_fwd_kernel", "_single_program_bwd_kernel"])
+    grid = _count_launches(monkeypatch, critic_bounds, ["_bounds_fwd_kernel",
+                                                        "_bounds_bwd_kernel"])
+    critic, zs = _make(6, (3, 4, 5), (7,), "relu", torch.float32, 13)
+    loss = mdm_kernels.mine_loss(critic, *zs, negatives=2, backend="triton",
+                                 generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert single == {"_single_program_fwd_kernel": 1, "_single_program_bwd_kernel": 1}
+    assert grid == {"_bounds_fwd_kernel": 0, "_bounds_bwd_kernel": 0}
+    assert all(z.grad is not None for z in zs)
+
+
+def test_auto_strategy_switches_on_work(monkeypatch):
+    """"auto" runs one program for small steps and the grid kernels above the work limit."""
+    from mdm_kernels.ops import critic_bounds, single_program_bounds
+    critic, zs = _make(5, (3, 4), (7,), "tanh", torch.float32, 14)
+    for limit, expected in ((10 ** 9, (1, 0)), (0, (0, 2))):
+        monkeypatch.setattr(single_program_bounds, "SINGLE_PROGRAM_MAX_WORK", limit)
+        single = _count_launches(monkeypatch, single_program_bounds,
+                                 ["_single_program_fwd_kernel"])
+        grid = _count_launches(monkeypatch, critic_bounds, ["_bounds_fwd_kernel"])
+        fused_dependency_terms("dv", critic, zs, None, strategy="auto")
+        assert (single["_single_program_fwd_kernel"], grid["_bounds_fwd_kernel"]) == expected
+        monkeypatch.undo()
+
+
+def test_single_program_limits():
+    """Five modalities or a half-precision critic: "single" refuses with the reason, "auto"
+    takes the grid kernels and still matches the reference."""
+    critic, zs = _make(3, (2, 2, 2, 2, 2), (4,), "relu", torch.float32, 15)
+    with pytest.raises(ValueError, match="at most 4 modalities"):
+        fused_dependency_terms("dv", critic, zs, None, strategy="single")
+    joint, marg = fused_dependency_terms("dv", critic, zs, None, strategy="auto")
+    rj, rm, _, _ = _reference("dv", critic, zs, resolve_samples("dv", zs, "all", None, None))
+    assert_close(marg.double(), rm.detach(), **TOL[torch.float32])
+    half = MLPCritic((2, 2), (4,)).to(DEVICE, torch.float16)
+    zh = [torch.randn(3, 2, device=DEVICE, dtype=torch.float16) for _ in range(2)]
+    with pytest.raises(ValueError, match="float32 critic"):
+        fused_dependency_terms("dv", half, zh, None, strategy="single")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        fused_dependency_terms("dv", critic, zs, None, strategy="fast")
+    with pytest.raises(ValueError, match="projections"):
+        fused_dependency_terms("dv", critic, zs, None, strategy="single",
+                               projections=project_modalities(critic, zs))
+
+
+def test_detached_inputs_and_unused_term():
+    """The critic step (z's detached) and a loss that uses one term only: the backward
+    skips ∂z and treats the missing incoming gradient as zero."""
+    critic, zs = _make(5, (3, 4), (7, 5), "gelu", torch.float32, 16)
+    zd = [z.detach() for z in zs]
+    perms = _explicit_perms("dv", 5, 2, 2, torch.Generator().manual_seed(3))
+    joint, marg = _terms("dv", critic, zd, perms)
+    marg.backward()  # joint unused: its incoming gradient is None
+    got = [p.grad.clone() for p in critic.parameters()]
+    critic64 = copy.deepcopy(critic).double()
+    samples = resolve_samples("dv", zd, None, perms, None)
+    _, rm = dependency_terms("dv", critic64, [z.double() for z in zd], samples)
+    rm.backward()
+    for (name, _), a, b in zip(critic.named_parameters(), got, critic64.parameters()):
+        assert_close(a.double(), b.grad, **TOL[torch.float32], msg=lambda s: f"{name}: {s}")
+
+
+def test_four_modalities():
+    """m = 4 fills every per-modality slot of the one-program kernels."""
+    check("dv", B=3, dims=(2, 3, 5, 2), hidden=(6,), act="relu", negatives="K", seed=17)
+    check("infonce", B=3, dims=(2, 3, 5, 2), hidden=(6,), act="gelu", negatives="all", seed=17)

@@ -664,8 +664,32 @@ def _resolve_perms(samples, batch_size, device):
     return perms.to(device=device, dtype=torch.int64).contiguous()
 
 
+#: ``strategy`` values of :func:`fused_dependency_terms`.
+STRATEGIES = ("auto", "single", "grid")
+
+
+def single_program_reason(critic, zs, perms) -> str | None:
+    """Why the one-program step (:mod:`~mdm_kernels.ops.single_program_bounds`) cannot run
+    these inputs, or ``None``."""
+    from .single_program_bounds import MAX_MODALITIES
+    if len(zs) > MAX_MODALITIES:
+        return f"it takes at most {MAX_MODALITIES} modalities, got {len(zs)}"
+    if any(p.dtype != torch.float32 for p in critic.parameters()):
+        return "it takes a float32 critic"
+    return None
+
+
+def _single_program_small_enough(kind, critic, zs, perms) -> bool:
+    from .single_program_bounds import SINGLE_PROGRAM_MAX_WORK, single_program_work
+    B, m = zs[0].shape[0], len(zs)
+    plan = _marginal_plan(kind, B, m, perms)
+    work = single_program_work(B, [z.shape[1] for z in zs], critic.hidden, plan.N,
+                               plan.NF if plan.idx == IDX_GRID else 1)
+    return work <= SINGLE_PROGRAM_MAX_WORK
+
+
 @torch.compiler.disable
-def fused_dependency_terms(kind, critic, zs, samples, projections=None):
+def fused_dependency_terms(kind, critic, zs, samples, projections=None, strategy="auto"):
     """(joint_term, marginal_term) of estimator ``kind`` with the fused Triton kernels.
 
     Args:
@@ -676,18 +700,37 @@ def fused_dependency_terms(kind, critic, zs, samples, projections=None):
             tensor, or ``None``/``"all"`` for every combination (never materialised).
         projections: optional precomputed P_k = z_k W_{1,k}^T (from
             :func:`~mdm_kernels.ops.common.project_modalities`), to share them with other ops.
+        strategy: ``"single"`` — the whole step (projections, both terms and their
+            gradients) in one program, backward one launch
+            (:mod:`~mdm_kernels.ops.single_program_bounds`); ``"grid"`` — the persistent
+            multi-program kernels of this module, for large steps; ``"auto"`` (default) —
+            ``"single"`` when it applies (no ``projections``, m ≤ 4, float32 critic) and the
+            step is small enough for one SM, else ``"grid"``.
 
     Returns: two 0-dim float32 tensors, differentiable w.r.t. every z and critic parameter.
     Dynamo graph-breaks around this call (``torch.compiler.disable``); autograd still flows.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if len(critic.hidden) > 2:
         raise ValueError("fused kernels support 1 or 2 hidden layers")
+    perms = _resolve_perms(samples, zs[0].shape[0], zs[0].device)
+    if strategy != "grid" and projections is None:
+        reason = single_program_reason(critic, zs, perms)
+        if strategy == "single" and reason is not None:
+            raise ValueError(f"strategy='single' cannot run this step: {reason}")
+        if reason is None and (strategy == "single"
+                               or _single_program_small_enough(kind, critic, zs, perms)):
+            from .single_program_bounds import single_program_dependency_terms
+            return single_program_dependency_terms(kind, critic, zs, perms)
+    elif strategy == "single":
+        raise ValueError("strategy='single' computes its own projections: "
+                         "do not pass projections=")
     if projections is None:
         projections = project_modalities(critic, zs)
     P = torch.stack([p.float() for p in projections]).contiguous()
-    perms = _resolve_perms(samples, P.shape[1], P.device)
     ws, bs, wout, bout = critic_tail(critic)
     W2 = ws[0] if ws else None
     b2 = bs[0] if bs else None

@@ -1,0 +1,489 @@
+"""Whole estimator step in one program: projections, scores, reductions and every gradient.
+
+At paper scale (B = 32 … 256, a few shuffles, H = 64 … 256) the arithmetic of a dependency
+penalty is microseconds; what costs is the number of launches and the host work around
+each (the multi-program path of :mod:`mdm_kernels.ops.critic_bounds` needs a projection GEMM
+per modality, two launches per term and about forty small torch ops for its buffers and
+reductions).  This op runs the *whole* forward **and** the gradients of both terms in a
+single Triton program (grid = 1): a loss that is the last node can compute its gradient
+inside the forward pass (as Liger-Kernel's losses do), so the backward is one small launch
+that scales the stored gradients by the incoming ones.  One step = 2 launches.
+
+Math (the notation of :mod:`mdm_kernels.ops.critic_bounds`)
+==========================================================
+
+Phase A, projections:  P_j = z_j W_{1,j}^T (B × H_1, ``tl.dot`` in IEEE fp32, kept in an
+L2-resident scratch), for every modality j.
+
+Phase B, joint term:  J = mean_i f_J(T_ii), with g_i = ∂J/∂T_ii = φ_J(T_ii)/B (φ_J = 1, or
+sigmoid(−T) for JS).  The joint samples are the diagonal, so δ1_i is stored to ∂P^J[i] once:
+the same δ1 row is ∂J/∂P_j[i] for every modality j.
+
+Phase C, marginal term:  the sums, the online log-sum-exp (DV, NWJ) or the per-row
+log-sum-exp (InfoNCE) of :mod:`~mdm_kernels.ops.critic_bounds` over the marginal samples.
+
+Phase D, marginal gradients:  the marginal tiles are recomputed with g_s = ∂M/∂T_s now that
+the statistics are known (e^{T − LSE}, e^{T − 1 − log N}, e^{T − LSE_i}/B, sigmoid(T)/N or
+1/N), backpropagated through the MLP, and δ1 is scattered to ∂P^M_j (atomics for shuffled
+rows; the "all" grid makes one pass per factor and stores each owned row once, so it stays
+deterministic).
+
+Both terms' gradients of b_1, W_2, b_2, w_out, b_out are stored separately (``pg[0]``: joint,
+``pg[1]``: marginal), as are ∂P^J and ∂P^M: the backward needs the two terms apart because
+its incoming gradients (g_J, g_M) are arbitrary (MINE's moving-average surrogate, weighted
+sums...).  Backward (:func:`_single_program_bwd_kernel`, many programs, one launch):
+
+    ∂P_j   = g_J ∂P^J + g_M ∂P^M_j
+    ∂z_j   = ∂P_j W_{1,j}          ∂W_{1,j} = ∂P_jᵀ z_j
+    ∂θ     = g_J pg[0] + g_M pg[1]     for θ = (b_1, w_out, b_out, W_2, b_2)
+
+Memory: P, ∂P^J, ∂P^M (2m + 1)·B·H_1 floats, B LSE values, 2 × (parameter count after the
+first layer) — O(B·H), whatever the number of samples.
+
+When it is used: :func:`~mdm_kernels.ops.critic_bounds.fused_dependency_terms` picks this
+path when the step is small enough for one streaming multiprocessor
+(:func:`single_program_work` ≤ :data:`SINGLE_PROGRAM_MAX_WORK`, m ≤ 4 modalities) and falls
+back to the multi-program kernels otherwise.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import activation, block_size
+from .critic_bounds import (G_EXP_ROW, G_EXP_SHIFT, G_ONE, G_SIGMOID, G_SIGMOID_NEG,
+                            _NEG_BIG, _first_preact, _marginal_plan, _scatter_shared_rows,
+                            _scores, _store_owned_row, _term_grad, _tile_backprop,
+                            _tile_columns)
+from .triton_backend import interpreter_enabled
+
+#: Most modalities the single-program kernels take (one pointer argument each).
+MAX_MODALITIES = 4
+
+#: Largest :func:`single_program_work` run by one program; above it the multi-program path
+#: wins.  About 10^8 multiply-adds is ~0.2 ms on one H100/H200 SM (fp32 FMA) — the host cost
+#: the multi-program path pays in launches.  Override with ``MDM_SINGLE_PROGRAM_MAX_WORK``.
+SINGLE_PROGRAM_MAX_WORK = int(os.environ.get("MDM_SINGLE_PROGRAM_MAX_WORK", 10 ** 8))
+
+KIND_CODES = {"dv": 0, "nwj": 1, "js": 2, "infonce": 3, "wasserstein": 4}
+#: φ of the marginal term's score gradient, per estimator (critic_bounds' G_* codes).
+_MARGINAL_GMODE = {"dv": G_EXP_SHIFT, "nwj": G_EXP_SHIFT, "js": G_SIGMOID,
+                   "infonce": G_EXP_ROW, "wasserstein": G_ONE}
+
+
+def single_program_work(batch_size, dims, hidden, num_marginal, grid_factors=1):
+    """Multiply-adds one program does for a step: the projection GEMMs forward and backward
+    (3·B·Σd·H_1), and per sample (B joint + ``num_marginal``) a forward, a recomputation
+    and a backward through the MLP (~3 passes of m·H_1 + H_1·H_2); the "all" grid repeats
+    its backward once per factor (``grid_factors``)."""
+    h1 = hidden[0]
+    per_sample = len(dims) * h1 + sum(a * b for a, b in zip(hidden[:-1], hidden[1:])) + h1
+    passes = 2 + grid_factors
+    return 3 * batch_size * sum(dims) * h1 + (batch_size + num_marginal) * passes * per_sample
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _pick(j: tl.constexpr, a0, a1, a2, a3):
+    """The j-th of four per-modality arguments (j is a compile-time constant)."""
+    if j == 0:
+        out = a0
+    elif j == 1:
+        out = a1
+    elif j == 2:
+        out = a2
+    else:
+        out = a3
+    return out
+
+
+@triton.jit
+def _project(z_ptr, w_ptr, d, P_ptr, B, H1, offs_n, offs_h, hmask,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """P = z Wᵀ (B × H_1, float32) for one modality: z (B × d), W (H_1 × d), any float dtype."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for r0 in range(0, B, BLOCK_N):
+        rows = r0 + offs_n
+        rmask = rows < B
+        acc = tl.zeros([BLOCK_N, offs_h.shape[0]], tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            kk = k0 + offs_k
+            kmask = kk < d
+            zt = tl.load(z_ptr + rows[:, None] * d + kk[None, :],
+                         mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            wt = tl.load(w_ptr + offs_h[:, None] * d + kk[None, :],
+                         mask=hmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            acc += tl.dot(zt, tl.trans(wt), input_precision="ieee")
+        tl.store(P_ptr + rows[:, None] * H1 + offs_h[None, :], acc,
+                 mask=rmask[:, None] & hmask[None, :])
+
+
+@triton.jit
+def _zero(ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    for s in range(0, n, BLOCK):
+        tl.store(ptr + s + offs, tl.zeros([BLOCK], tl.float32), mask=(s + offs) < n)
+
+
+@triton.jit
+def _single_program_fwd_kernel(
+    z0, z1, z2, z3, w0, w1, w2, w3, d0, d1, d2, d3,
+    perm_ptr, b1_ptr, W2_ptr, b2_ptr, wout_ptr, bout_ptr,
+    P_ptr, dPJ_ptr, dPM_ptr, row_lse_ptr, pg_ptr, joint_ptr, marg_ptr,
+    B, N, NCOL, H1, H2, SP, log_n, log_ncol,
+    M: tl.constexpr, KIND: tl.constexpr, GMODE_J: tl.constexpr, GMODE_M: tl.constexpr,
+    IDX: tl.constexpr, NF: tl.constexpr,
+    GROUPED: tl.constexpr, TWO_LAYERS: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One program: the joint and marginal terms; ∂P^J, ∂P^M and the two rows of pg
+    (parameter gradients after the first layer, layout [b_1 | w_out | b_out | W_2 | b_2]).
+    Phases A–D of the module docstring, separated by barriers (a CTA barrier also orders
+    its global-memory accesses)."""
+    offs_h = tl.arange(0, BLOCK_H1)
+    hmask = offs_h < H1
+    offs = tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_H2)
+    H_LAST = H2 if TWO_LAYERS else H1
+    # pg row layout
+    o_wout = H1
+    o_bout = H1 + H_LAST
+    o_w2 = o_bout + 1
+    o_b2 = o_w2 + H2 * H1
+    # ---- phase 0: zero what is accumulated in memory ----
+    if IDX == 1 or IDX == 3:           # shuffled rows take atomic adds
+        _zero(dPM_ptr, M * B * H1, 1024)
+    if TWO_LAYERS:                     # W_2 / b_2 / w_out: read-modify-write per tile
+        _zero(pg_ptr + o_wout, H2, 1024)
+        _zero(pg_ptr + o_w2, H2 * H1 + H2, 1024)
+        _zero(pg_ptr + SP + o_wout, H2, 1024)
+        _zero(pg_ptr + SP + o_w2, H2 * H1 + H2, 1024)
+    # ---- phase A: projections ----
+    for j in tl.static_range(M):
+        _project(_pick(j, z0, z1, z2, z3), _pick(j, w0, w1, w2, w3), _pick(j, d0, d1, d2, d3),
+                 P_ptr + j * B * H1, B, H1, offs, offs_h, hmask, BLOCK_N, BLOCK_K)
+    tl.debug_barrier()
+    b1 = tl.load(b1_ptr + offs_h, mask=hmask, other=0.0).to(tl.float32)
+    bout = tl.load(bout_ptr).to(tl.float32)
+    # ---- phase B: joint term and its gradients ----
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    gb1 = tl.zeros([BLOCK_H1], tl.float32)
+    gwout = tl.zeros([BLOCK_H1], tl.float32)
+    gbout = tl.zeros([BLOCK_N], tl.float32)
+    inv_b = 1.0 / B
+    for r in range(0, tl.cdiv(B, BLOCK_N)):
+        cols, valid = _tile_columns(r, 0, offs, B, BLOCK_N, BLOCK_N, 0)
+        z1t = _first_preact(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1, M, 0,
+                            1, 0, False)
+        a1 = activation(z1t, ACT)
+        t = _scores(a1, W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask, H1, H2, TWO_LAYERS,
+                    BLOCK_H2, ACT)
+        if KIND == 2:  # JS: −softplus(−T)
+            acc += tl.where(valid, tl.minimum(t, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(t))), 0.0)
+        else:
+            acc += tl.where(valid, t, 0.0)
+        g = _term_grad(t, valid, r, cols, inv_b, 0.0, row_lse_ptr, perm_ptr, B, M, 0, 1, 0,
+                       False, GMODE_J)
+        gbout += g
+        d1, gw_inc = _tile_backprop(g, z1t, a1, valid, W2_ptr, b2_ptr, wout_ptr, offs_h, hmask,
+                                    offs_c, H1, H2, pg_ptr + o_w2, pg_ptr + o_b2,
+                                    pg_ptr + o_wout, TWO_LAYERS, True, BLOCK_H2, ACT)
+        gwout += gw_inc
+        gb1 += tl.sum(d1, axis=0)
+        tl.store(dPJ_ptr + cols[:, None] * H1 + offs_h[None, :], d1,
+                 mask=valid[:, None] & hmask[None, :])
+    tl.store(joint_ptr, tl.sum(acc, axis=0) * inv_b)
+    tl.store(pg_ptr + offs_h, gb1, mask=hmask)
+    tl.store(pg_ptr + o_bout, tl.sum(gbout, axis=0))
+    if not TWO_LAYERS:
+        tl.store(pg_ptr + o_wout + offs_h, gwout, mask=hmask)
+    # ---- phase C: marginal term ----
+    if IDX <= 1:
+        R = tl.cdiv(N, BLOCK_N)
+        ncol = BLOCK_N
+    else:
+        R = B
+        ncol = NCOL
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    run_m = tl.zeros([BLOCK_N], tl.float32) + _NEG_BIG
+    run_s = tl.zeros([BLOCK_N], tl.float32)
+    for r in range(0, R):
+        if KIND == 3:
+            row_m = tl.zeros([BLOCK_N], tl.float32) + _NEG_BIG
+            row_s = tl.zeros([BLOCK_N], tl.float32)
+        for c0 in range(0, ncol, BLOCK_N):
+            cols, valid = _tile_columns(r, c0, offs, N, ncol, BLOCK_N, IDX)
+            z1t = _first_preact(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1, M,
+                                IDX, NF, 0, GROUPED)
+            t = _scores(activation(z1t, ACT), W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask,
+                        H1, H2, TWO_LAYERS, BLOCK_H2, ACT)
+            if KIND <= 1:
+                t = tl.where(valid, t, float("-inf"))
+                new_m = tl.maximum(run_m, t)
+                run_s = run_s * tl.exp(run_m - new_m) + tl.exp(t - new_m)
+                run_m = new_m
+            elif KIND == 3:
+                t = tl.where(valid, t, float("-inf"))
+                new_m = tl.maximum(row_m, t)
+                row_s = row_s * tl.exp(row_m - new_m) + tl.exp(t - new_m)
+                row_m = new_m
+            elif KIND == 2:  # softplus(T)
+                acc += tl.where(valid, tl.maximum(t, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(t))),
+                                0.0)
+            else:
+                acc += tl.where(valid, t, 0.0)
+        if KIND == 3:
+            mx = tl.max(row_m, axis=0)
+            row_lse = mx + tl.log(tl.sum(row_s * tl.exp(row_m - mx), axis=0))
+            tl.store(row_lse_ptr + r, row_lse)
+            acc += tl.where(offs == 0, row_lse, 0.0)
+    # value, and the shift / scale of g = ∂M/∂T
+    if KIND <= 1:
+        mx = tl.max(run_m, axis=0)
+        lse = mx + tl.log(tl.sum(run_s * tl.exp(run_m - mx), axis=0))
+        if KIND == 0:
+            marginal = lse - log_n
+            shift = lse
+        else:
+            marginal = tl.exp(lse - log_n - 1.0)
+            shift = 1.0 + log_n
+        scale = 1.0
+    elif KIND == 3:
+        marginal = tl.sum(acc, axis=0) * inv_b - log_ncol
+        shift = 0.0
+        scale = inv_b
+    else:
+        marginal = tl.sum(acc, axis=0) / N
+        shift = 0.0
+        scale = 1.0 / N
+    tl.store(marg_ptr, marginal)
+    tl.debug_barrier()  # row LSEs and zeroed buffers visible to every thread
+    # ---- phase D: marginal gradients (the "all" grid: one pass per owner factor) ----
+    gb1 = tl.zeros([BLOCK_H1], tl.float32)
+    gwout = tl.zeros([BLOCK_H1], tl.float32)
+    gbout = tl.zeros([BLOCK_N], tl.float32)
+    PASSES: tl.constexpr = NF if IDX == 2 else 1
+    for f in tl.static_range(PASSES):
+        for r in range(0, R):
+            own = tl.zeros([BLOCK_H1], tl.float32)
+            for c0 in range(0, ncol, BLOCK_N):
+                cols, valid = _tile_columns(r, c0, offs, N, ncol, BLOCK_N, IDX)
+                z1t = _first_preact(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1,
+                                    M, IDX, NF, f, GROUPED)
+                a1 = activation(z1t, ACT)
+                t = _scores(a1, W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask, H1, H2,
+                            TWO_LAYERS, BLOCK_H2, ACT)
+                g = _term_grad(t, valid, r, cols, scale, shift, row_lse_ptr, perm_ptr, B, M,
+                               IDX, NF, f, GROUPED, GMODE_M)
+                d1, gw_inc = _tile_backprop(g, z1t, a1, valid, W2_ptr, b2_ptr, wout_ptr, offs_h,
+                                            hmask, offs_c, H1, H2, pg_ptr + SP + o_w2,
+                                            pg_ptr + SP + o_b2, pg_ptr + SP + o_wout,
+                                            TWO_LAYERS, f == 0, BLOCK_H2, ACT)
+                if f == 0:
+                    gbout += g
+                    gwout += gw_inc
+                    gb1 += tl.sum(d1, axis=0)
+                _scatter_shared_rows(dPM_ptr, d1, r, cols, valid, offs_h, hmask, perm_ptr, B,
+                                     H1, M, IDX, NF, f, GROUPED)
+                own += tl.sum(d1, axis=0)
+            _store_owned_row(dPM_ptr, own, r, offs_h, hmask, B, H1, M, IDX, f, GROUPED)
+    tl.store(pg_ptr + SP + offs_h, gb1, mask=hmask)
+    tl.store(pg_ptr + SP + o_bout, tl.sum(gbout, axis=0))
+    if not TWO_LAYERS:
+        tl.store(pg_ptr + SP + o_wout + offs_h, gwout, mask=hmask)
+
+
+@triton.jit
+def _combined_dP(dPJ_ptr, dPM_ptr, gj, gm, rows, rmask, hh, hm, H1):
+    """g_J ∂P^J + g_M ∂P^M_j on a (rows × hidden) block (dPM_ptr already at modality j)."""
+    m2 = rmask[:, None] & hm[None, :]
+    off = rows[:, None] * H1 + hh[None, :]
+    return gj * tl.load(dPJ_ptr + off, mask=m2, other=0.0) \
+        + gm * tl.load(dPM_ptr + off, mask=m2, other=0.0)
+
+
+@triton.jit
+def _input_grads(z_ptr, w_ptr, dz_ptr, dw_ptr, d, task, dPJ_ptr, dPM_ptr, gj, gm, B, H1,
+                 NRB: tl.constexpr, NEED_DZ: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One block of ∂z_j = ∂P_j W_{1,j} (tasks 0 … NRB − 1, BLOCK_R rows of z each) or of
+    ∂W_{1,j} = ∂P_jᵀ z_j (tasks NRB …, BLOCK_R rows of W each), D in BLOCK_D chunks."""
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    if task < NRB:
+        if NEED_DZ:
+            rows = task * BLOCK_R + offs_r
+            rmask = rows < B
+            for d0 in range(0, d, BLOCK_D):
+                dd = d0 + offs_d
+                dm = dd < d
+                acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+                for h0 in range(0, H1, BLOCK_K):
+                    hh = h0 + offs_k
+                    hm = hh < H1
+                    dp = _combined_dP(dPJ_ptr, dPM_ptr, gj, gm, rows, rmask, hh, hm, H1)
+                    w = tl.load(w_ptr + hh[:, None] * d + dd[None, :],
+                                mask=hm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+                    acc += tl.dot(dp, w, input_precision="ieee")
+                tl.store(dz_ptr + rows[:, None] * d + dd[None, :],
+                         acc.to(dz_ptr.dtype.element_ty), mask=rmask[:, None] & dm[None, :])
+    else:
+        hrows = (task - NRB) * BLOCK_R + offs_r
+        hmask = hrows < H1
+        for d0 in range(0, d, BLOCK_D):
+            dd = d0 + offs_d
+            dm = dd < d
+            acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+            for b0 in range(0, B, BLOCK_K):
+                bb = b0 + offs_k
+                bm = bb < B
+                dp = _combined_dP(dPJ_ptr, dPM_ptr, gj, gm, bb, bm, hrows, hmask, H1)
+                zt = tl.load(z_ptr + bb[:, None] * d + dd[None, :],
+                             mask=bm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+                acc += tl.dot(tl.trans(dp), zt, input_precision="ieee")
+            tl.store(dw_ptr + hrows[:, None] * d + dd[None, :],
+                     acc.to(dw_ptr.dtype.element_ty), mask=hmask[:, None] & dm[None, :])
+
+
+@triton.jit
+def _single_program_bwd_kernel(
+    z0, z1, z2, z3, w0, w1, w2, w3, d0, d1, d2, d3,
+    dz0, dz1, dz2, dz3, dw0, dw1, dw2, dw3,
+    dPJ_ptr, dPM_ptr, pg_ptr, gj_ptr, gm_ptr, gsmall_ptr,
+    B, H1, SP,
+    M: tl.constexpr, NRB: tl.constexpr, NHB: tl.constexpr, NEED_DZ: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Program p < m·(NRB + NHB): modality p // (NRB + NHB), block p % (NRB + NHB) of its ∂z
+    or ∂W_1 (:func:`_input_grads`); the last program: gsmall = g_J pg[0] + g_M pg[1]."""
+    pid = tl.program_id(0)
+    gj = tl.load(gj_ptr).to(tl.float32)
+    gm = tl.load(gm_ptr).to(tl.float32)
+    per = NRB + NHB
+    if pid == M * per:
+        offs = tl.arange(0, BLOCK_S)
+        for s in range(0, SP, BLOCK_S):
+            o = s + offs
+            msk = o < SP
+            tl.store(gsmall_ptr + o, gj * tl.load(pg_ptr + o, mask=msk, other=0.0)
+                     + gm * tl.load(pg_ptr + SP + o, mask=msk, other=0.0), mask=msk)
+    else:
+        j = pid // per
+        task = pid % per
+        for jj in tl.static_range(M):
+            if j == jj:
+                _input_grads(_pick(jj, z0, z1, z2, z3), _pick(jj, w0, w1, w2, w3),
+                             _pick(jj, dz0, dz1, dz2, dz3), _pick(jj, dw0, dw1, dw2, dw3),
+                             _pick(jj, d0, d1, d2, d3), task, dPJ_ptr, dPM_ptr + jj * B * H1,
+                             gj, gm, B, H1, NRB, NEED_DZ, BLOCK_R, BLOCK_K, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------- launches
+def _four(items, fill):
+    """Pad a per-modality list to the kernels' four slots."""
+    return list(items) + [fill] * (MAX_MODALITIES - len(items))
+
+
+class SingleProgramDependencyTerms(torch.autograd.Function):
+    """(joint_term, marginal_term) from the raw z's and critic parameters, gradients of both
+    terms computed in the forward launch; backward = one launch combining them."""
+
+    @staticmethod
+    def forward(ctx, kind, perms, act, m, *tensors):
+        zs, w1s = tensors[:m], tensors[m:2 * m]
+        b1, wout, bout, W2, b2 = tensors[2 * m:]
+        device = zs[0].device
+        B, H1 = zs[0].shape[0], w1s[0].shape[0]
+        two = W2 is not None
+        H2 = W2.shape[0] if two else 1
+        h_last = H2 if two else H1
+        sp = H1 + h_last + 1 + ((H2 * H1 + H2) if two else 0)
+        plan = _marginal_plan(kind, B, m, perms)
+        idx, n, ncol, nf, grouped = plan.idx, plan.N, plan.NCOL, plan.NF, plan.grouped
+        f32 = dict(device=device, dtype=torch.float32)
+        P = torch.empty(m, B, H1, **f32)
+        dPJ = torch.empty(B, H1, **f32)
+        dPM = torch.empty(m, B, H1, **f32)
+        row_lse = torch.empty(B, **f32)
+        pg = torch.empty(2, sp, **f32)
+        joint = torch.empty((), **f32)
+        marginal = torch.empty((), **f32)
+        dims = [z.shape[1] for z in zs]
+        interp = interpreter_enabled()
+        _single_program_fwd_kernel[(1,)](
+            *_four(zs, zs[0]), *_four(w1s, w1s[0]), *_four(dims, 1),
+            perms if perms is not None else row_lse, b1, W2 if two else b1,
+            b2 if two else b1, wout, bout,
+            P, dPJ, dPM, row_lse, pg, joint, marginal,
+            B, n, ncol, H1, H2, sp, math.log(n), math.log(max(ncol, 1)),
+            M=m, KIND=KIND_CODES[kind], GMODE_J=G_SIGMOID_NEG if kind == "js" else G_ONE,
+            GMODE_M=_MARGINAL_GMODE[kind], IDX=idx, NF=nf, GROUPED=grouped, TWO_LAYERS=two,
+            ACT=act, BLOCK_H1=block_size(H1), BLOCK_H2=min(32, block_size(H2)) if two else 16,
+            BLOCK_N=16 if (interp or two) else 32, BLOCK_K=16 if interp else 32,
+            num_warps=1 if interp else 8)
+        ctx.m, ctx.two, ctx.sp, ctx.H2 = m, two, sp, H2
+        ctx.param_shapes = [(p.shape, p.dtype) for p in (b1, wout, bout, W2, b2)
+                            if p is not None]
+        ctx.save_for_backward(*zs, *w1s, dPJ, dPM, pg)
+        return joint, marginal
+
+    @staticmethod
+    def backward(ctx, g_joint, g_marg):
+        m = ctx.m
+        saved = ctx.saved_tensors
+        zs, w1s = saved[:m], saved[m:2 * m]
+        dPJ, dPM, pg = saved[2 * m:]
+        device = dPJ.device
+        B, H1 = dPJ.shape
+        zero = None
+        if g_joint is None or g_marg is None:
+            zero = torch.zeros((), device=device, dtype=torch.float32)
+        g_joint = zero if g_joint is None else g_joint
+        g_marg = zero if g_marg is None else g_marg
+        need_dz = any(ctx.needs_input_grad[4:4 + m])
+        dzs = [torch.empty_like(z) for z in zs] if need_dz else list(zs)
+        dws = [torch.empty_like(w) for w in w1s]
+        gsmall = torch.empty(ctx.sp, device=device, dtype=torch.float32)
+        interp = interpreter_enabled()
+        block_r = 16 if interp else 32
+        nrb, nhb = triton.cdiv(B, block_r), triton.cdiv(H1, block_r)
+        dims = [z.shape[1] for z in zs]
+        _single_program_bwd_kernel[(m * (nrb + nhb) + 1,)](
+            *_four(zs, zs[0]), *_four(w1s, w1s[0]), *_four(dims, 1),
+            *_four(dzs, dzs[0]), *_four(dws, dws[0]),
+            dPJ, dPM, pg, g_joint, g_marg, gsmall, B, H1, ctx.sp,
+            M=m, NRB=nrb, NHB=nhb, NEED_DZ=need_dz, BLOCK_R=block_r,
+            BLOCK_K=16 if interp else 32, BLOCK_D=min(64, block_size(max(dims))),
+            BLOCK_S=256, num_warps=1 if interp else 4)
+        grads, start = [], 0
+        for shape, dtype in ctx.param_shapes:
+            size = math.prod(shape)
+            grads.append(gsmall[start:start + size].view(shape).to(dtype))
+            start += size
+        # gsmall layout [b_1 | w_out | b_out | W_2 | b_2]; inputs (b1, wout, bout, W2, b2)
+        if not ctx.two:
+            grads += [None, None]
+        return (None, None, None, None, *(dzs if need_dz else [None] * m), *dws, *grads)
+
+
+def single_program_dependency_terms(kind, critic, zs, perms):
+    """(joint_term, marginal_term) of estimator ``kind`` in one forward launch and one
+    backward launch (see the module docstring); ``perms`` is the (K, m, B) int64 index
+    tensor or ``None`` for the "all" grid.  Call through
+    :func:`~mdm_kernels.ops.critic_bounds.fused_dependency_terms`, which checks the inputs
+    and decides when this path applies."""
+    from .common import activation_code
+    tail_w = [layer.weight for layer in critic.hidden_layers]
+    tail_b = [layer.bias for layer in critic.hidden_layers]
+    tensors = [z.contiguous() for z in zs] + [w.contiguous() for w in critic.first_weights]
+    tensors += [critic.first_bias, critic.out.weight, critic.out.bias,
+                tail_w[0] if tail_w else None, tail_b[0] if tail_b else None]
+    return SingleProgramDependencyTerms.apply(kind, perms, activation_code(critic), len(zs),
+                                              *tensors)
