@@ -78,7 +78,7 @@ import triton
 import triton.language as tl
 
 from ..reference.estimators import KINDS
-from .common import activation, activation_code, activation_grad, block_size, \
+from .common import DOT_PREC, activation, activation_code, activation_grad, block_size, \
     critic_tail, interpreter_enabled, project_modalities, tile_configs
 
 # ----------------------------------------------------------------------------- constants
@@ -245,13 +245,13 @@ def _first_preact(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1,
 @triton.jit
 def _layer2_chunk(a1, W2_ptr, b2_ptr, wout_ptr, h0, offs_c, offs_h, hmask, H1, H2):
     """Second-layer units h0 .. h0 + BLOCK_H2 of a tile: z2 = a1 W_2[chunk]ᵀ + b_2[chunk]
-    (tl.dot in IEEE fp32), with the chunk's W_2 rows, output weights and mask."""
+    (tl.dot at :data:`~mdm_kernels.ops.common.DOT_PRECISION`), with the chunk's W_2 rows, output weights and mask."""
     cmask = (h0 + offs_c) < H2
     w2 = tl.load(W2_ptr + (h0 + offs_c)[:, None] * H1 + offs_h[None, :],
                  mask=cmask[:, None] & hmask[None, :], other=0.0)
     b2 = tl.load(b2_ptr + h0 + offs_c, mask=cmask, other=0.0)
     wo = tl.load(wout_ptr + h0 + offs_c, mask=cmask, other=0.0)
-    z2 = tl.dot(a1, tl.trans(w2), input_precision="ieee") + b2[None, :]
+    z2 = tl.dot(a1, tl.trans(w2), input_precision=DOT_PREC) + b2[None, :]
     return z2, w2, wo, cmask
 
 
@@ -259,7 +259,7 @@ def _layer2_chunk(a1, W2_ptr, b2_ptr, wout_ptr, h0, offs_c, offs_h, hmask, H1, H
 def _scores(a1, W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask, H1, H2,
             TWO_LAYERS: tl.constexpr, BLOCK_H2: tl.constexpr, ACT: tl.constexpr):
     """T = w_out · a_L + b_out from the first activations a1 (BLOCK_N × BLOCK_H1).
-    The second layer is done in H_2 chunks of BLOCK_H2 with tl.dot (fp32, IEEE)."""
+    The second layer is done in H_2 chunks of BLOCK_H2 with tl.dot (3×TF32, about fp32 accuracy)."""
     if TWO_LAYERS:
         t = tl.zeros([a1.shape[0]], tl.float32) + bout
         offs_c = tl.arange(0, BLOCK_H2)
@@ -342,8 +342,8 @@ def _tile_backprop(g, z1, a1, valid, W2_ptr, b2_ptr, wout_ptr, offs_h, hmask, of
                 p_w2 = gW2_ptr + (h0 + offs_c)[:, None] * H1 + offs_h[None, :]
                 wm = cmask[:, None] & hmask[None, :]
                 tl.store(p_w2, tl.load(p_w2, mask=wm, other=0.0)
-                         + tl.dot(tl.trans(d2), a1, input_precision="ieee"), mask=wm)
-            da1 += tl.dot(d2, w2, input_precision="ieee")
+                         + tl.dot(tl.trans(d2), a1, input_precision=DOT_PREC), mask=wm)
+            da1 += tl.dot(d2, w2, input_precision=DOT_PREC)
     else:
         wo = tl.load(wout_ptr + offs_h, mask=hmask, other=0.0)
         da1 = g[:, None] * wo[None, :]

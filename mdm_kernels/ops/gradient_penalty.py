@@ -66,13 +66,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (activation, activation_code, activation_grad, activation_grad2,
+from .common import (DOT_PRECISION, activation, activation_code, activation_grad, activation_grad2,
                      block_size, critic_tail, interpreter_enabled, project_modalities,
                      tile_configs)
 from .critic_bounds import fused_dependency_terms
 
-#: fp32 tl.dot precision on GPU: 3×TF32 keeps ~fp32 accuracy on tensor cores.
-DOT_PRECISION = "tf32x3"
 
 #: Interpreter (CPU) launch: one small fixed config, few programs (so the persistent loop
 #: runs more than one tile per program in the tests).

@@ -12,7 +12,7 @@ that scales the stored gradients by the incoming ones.  One step = 2 launches.
 Math (the notation of :mod:`mdm_kernels.ops.critic_bounds`)
 ==========================================================
 
-Phase A, projections:  P_j = z_j W_{1,j}^T (B × H_1, ``tl.dot`` in IEEE fp32, kept in an
+Phase A, projections:  P_j = z_j W_{1,j}^T (B × H_1, ``tl.dot`` in 3×TF32 ≈ fp32, kept in an
 L2-resident scratch), for every modality j.
 
 Phase B, joint term:  J = mean_i f_J(T_ii), with g_i = ∂J/∂T_ii = φ_J(T_ii)/B (φ_J = 1, or
@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import activation, block_size
+from .common import DOT_PREC, activation, block_size
 from .critic_bounds import (G_EXP_ROW, G_EXP_SHIFT, G_ONE, G_SIGMOID, G_SIGMOID_NEG,
                             _NEG_BIG, _first_preact, _marginal_plan, _scatter_shared_rows,
                             _scores, _store_owned_row, _term_grad, _tile_backprop,
@@ -117,7 +117,7 @@ def _project(z_ptr, w_ptr, d, P_ptr, B, H1, offs_n, offs_h, hmask,
                          mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
             wt = tl.load(w_ptr + offs_h[:, None] * d + kk[None, :],
                          mask=hmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-            acc += tl.dot(zt, tl.trans(wt), input_precision="ieee")
+            acc += tl.dot(zt, tl.trans(wt), input_precision=DOT_PREC)
         tl.store(P_ptr + rows[:, None] * H1 + offs_h[None, :], acc,
                  mask=rmask[:, None] & hmask[None, :])
 
@@ -131,7 +131,7 @@ def _zero(ptr, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def _single_program_fwd_kernel(
-    z0, z1, z2, z3, w0, w1, w2, w3, d0, d1, d2, d3,
+    z0, z1, z2, z3, w0, w1, w2, w3, dim0, dim1, dim2, dim3,
     perm_ptr, b1_ptr, W2_ptr, b2_ptr, wout_ptr, bout_ptr,
     P_ptr, dPJ_ptr, dPM_ptr, row_lse_ptr, pg_ptr, joint_ptr, marg_ptr,
     B, N, NCOL, H1, H2, SP, log_n, log_ncol,
@@ -165,7 +165,7 @@ def _single_program_fwd_kernel(
         _zero(pg_ptr + SP + o_w2, H2 * H1 + H2, 1024)
     # ---- phase A: projections ----
     for j in tl.static_range(M):
-        _project(_pick(j, z0, z1, z2, z3), _pick(j, w0, w1, w2, w3), _pick(j, d0, d1, d2, d3),
+        _project(_pick(j, z0, z1, z2, z3), _pick(j, w0, w1, w2, w3), _pick(j, dim0, dim1, dim2, dim3),
                  P_ptr + j * B * H1, B, H1, offs, offs_h, hmask, BLOCK_N, BLOCK_K)
     tl.debug_barrier()
     b1 = tl.load(b1_ptr + offs_h, mask=hmask, other=0.0).to(tl.float32)
@@ -330,7 +330,7 @@ def _input_grads(z_ptr, w_ptr, dz_ptr, dw_ptr, d, task, dPJ_ptr, dPM_ptr, gj, gm
                     dp = _combined_dP(dPJ_ptr, dPM_ptr, gj, gm, rows, rmask, hh, hm, H1)
                     w = tl.load(w_ptr + hh[:, None] * d + dd[None, :],
                                 mask=hm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-                    acc += tl.dot(dp, w, input_precision="ieee")
+                    acc += tl.dot(dp, w, input_precision=DOT_PREC)
                 tl.store(dz_ptr + rows[:, None] * d + dd[None, :],
                          acc.to(dz_ptr.dtype.element_ty), mask=rmask[:, None] & dm[None, :])
     else:
@@ -346,14 +346,14 @@ def _input_grads(z_ptr, w_ptr, dz_ptr, dw_ptr, d, task, dPJ_ptr, dPM_ptr, gj, gm
                 dp = _combined_dP(dPJ_ptr, dPM_ptr, gj, gm, bb, bm, hrows, hmask, H1)
                 zt = tl.load(z_ptr + bb[:, None] * d + dd[None, :],
                              mask=bm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-                acc += tl.dot(tl.trans(dp), zt, input_precision="ieee")
+                acc += tl.dot(tl.trans(dp), zt, input_precision=DOT_PREC)
             tl.store(dw_ptr + hrows[:, None] * d + dd[None, :],
                      acc.to(dw_ptr.dtype.element_ty), mask=hmask[:, None] & dm[None, :])
 
 
 @triton.jit
 def _single_program_bwd_kernel(
-    z0, z1, z2, z3, w0, w1, w2, w3, d0, d1, d2, d3,
+    z0, z1, z2, z3, w0, w1, w2, w3, dim0, dim1, dim2, dim3,
     dz0, dz1, dz2, dz3, dw0, dw1, dw2, dw3,
     dPJ_ptr, dPM_ptr, pg_ptr, gj_ptr, gm_ptr, gsmall_ptr,
     B, H1, SP,
@@ -381,7 +381,7 @@ def _single_program_bwd_kernel(
             if j == jj:
                 _input_grads(_pick(jj, z0, z1, z2, z3), _pick(jj, w0, w1, w2, w3),
                              _pick(jj, dz0, dz1, dz2, dz3), _pick(jj, dw0, dw1, dw2, dw3),
-                             _pick(jj, d0, d1, d2, d3), task, dPJ_ptr, dPM_ptr + jj * B * H1,
+                             _pick(jj, dim0, dim1, dim2, dim3), task, dPJ_ptr, dPM_ptr + jj * B * H1,
                              gj, gm, B, H1, NRB, NEED_DZ, BLOCK_R, BLOCK_K, BLOCK_D)
 
 
@@ -425,9 +425,8 @@ class SingleProgramDependencyTerms(torch.autograd.Function):
             B, n, ncol, H1, H2, sp, math.log(n), math.log(max(ncol, 1)),
             M=m, KIND=KIND_CODES[kind], GMODE_J=G_SIGMOID_NEG if kind == "js" else G_ONE,
             GMODE_M=_MARGINAL_GMODE[kind], IDX=idx, NF=nf, GROUPED=grouped, TWO_LAYERS=two,
-            ACT=act, BLOCK_H1=block_size(H1), BLOCK_H2=min(32, block_size(H2)) if two else 16,
-            BLOCK_N=16 if (interp or two) else 32, BLOCK_K=16 if interp else 32,
-            num_warps=1 if interp else 8)
+            ACT=act, BLOCK_H1=block_size(H1), BLOCK_H2=16, BLOCK_N=16,
+            BLOCK_K=32 if (two and not interp) else 16, num_warps=1 if interp else 8)
         ctx.m, ctx.two, ctx.sp, ctx.H2 = m, two, sp, H2
         ctx.param_shapes = [(p.shape, p.dtype) for p in (b1, wout, bout, W2, b2)
                             if p is not None]
@@ -452,7 +451,7 @@ class SingleProgramDependencyTerms(torch.autograd.Function):
         dws = [torch.empty_like(w) for w in w1s]
         gsmall = torch.empty(ctx.sp, device=device, dtype=torch.float32)
         interp = interpreter_enabled()
-        block_r = 16 if interp else 32
+        block_r = 16 if interp else 32  # tiles/warps: no ptxas spills on sm_90
         nrb, nhb = triton.cdiv(B, block_r), triton.cdiv(H1, block_r)
         dims = [z.shape[1] for z in zs]
         _single_program_bwd_kernel[(m * (nrb + nhb) + 1,)](
@@ -461,7 +460,7 @@ class SingleProgramDependencyTerms(torch.autograd.Function):
             dPJ, dPM, pg, g_joint, g_marg, gsmall, B, H1, ctx.sp,
             M=m, NRB=nrb, NHB=nhb, NEED_DZ=need_dz, BLOCK_R=block_r,
             BLOCK_K=16 if interp else 32, BLOCK_D=min(64, block_size(max(dims))),
-            BLOCK_S=256, num_warps=1 if interp else 4)
+            BLOCK_S=256, num_warps=1 if interp else 8)
         grads, start = [], 0
         for shape, dtype in ctx.param_shapes:
             size = math.prod(shape)
