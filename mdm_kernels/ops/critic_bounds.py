@@ -668,7 +668,7 @@ def _resolve_perms(samples, batch_size, device):
 STRATEGIES = ("auto", "single", "grid")
 
 
-def single_program_reason(critic, zs, perms) -> str | None:
+def single_program_reason(critic, zs) -> str | None:
     """Why the one-program step (:mod:`~mdm_kernels.ops.single_program_bounds`) cannot run
     these inputs, or ``None``."""
     from .single_program_bounds import MAX_MODALITIES
@@ -679,13 +679,32 @@ def single_program_reason(critic, zs, perms) -> str | None:
     return None
 
 
-def _single_program_small_enough(kind, critic, zs, perms) -> bool:
+def choose_strategy(kind, critic, zs, samples, strategy="auto", projections=None) -> str:
+    """``"single"`` or ``"grid"``: what :func:`fused_dependency_terms` runs for these inputs
+    (raises ``ValueError`` when ``strategy="single"`` cannot run them)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "grid":
+        return "grid"
+    if projections is not None:
+        if strategy == "single":
+            raise ValueError("strategy='single' computes its own projections: "
+                             "do not pass projections=")
+        return "grid"
+    perms = _resolve_perms(samples, zs[0].shape[0], zs[0].device)
+    reason = single_program_reason(critic, zs)
+    if strategy == "single":
+        if reason is not None:
+            raise ValueError(f"strategy='single' cannot run this step: {reason}")
+        return "single"
+    if reason is not None:
+        return "grid"
     from .single_program_bounds import SINGLE_PROGRAM_MAX_WORK, single_program_work
     B, m = zs[0].shape[0], len(zs)
     plan = _marginal_plan(kind, B, m, perms)
     work = single_program_work(B, [z.shape[1] for z in zs], critic.hidden, plan.N,
                                plan.NF if plan.idx == IDX_GRID else 1)
-    return work <= SINGLE_PROGRAM_MAX_WORK
+    return "single" if work <= SINGLE_PROGRAM_MAX_WORK else "grid"
 
 
 @torch.compiler.disable
@@ -712,22 +731,12 @@ def fused_dependency_terms(kind, critic, zs, samples, projections=None, strategy
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if len(critic.hidden) > 2:
         raise ValueError("fused kernels support 1 or 2 hidden layers")
     perms = _resolve_perms(samples, zs[0].shape[0], zs[0].device)
-    if strategy != "grid" and projections is None:
-        reason = single_program_reason(critic, zs, perms)
-        if strategy == "single" and reason is not None:
-            raise ValueError(f"strategy='single' cannot run this step: {reason}")
-        if reason is None and (strategy == "single"
-                               or _single_program_small_enough(kind, critic, zs, perms)):
-            from .single_program_bounds import single_program_dependency_terms
-            return single_program_dependency_terms(kind, critic, zs, perms)
-    elif strategy == "single":
-        raise ValueError("strategy='single' computes its own projections: "
-                         "do not pass projections=")
+    if choose_strategy(kind, critic, zs, perms, strategy, projections) == "single":
+        from .single_program_bounds import single_program_dependency_terms
+        return single_program_dependency_terms(kind, critic, zs, perms)
     if projections is None:
         projections = project_modalities(critic, zs)
     P = torch.stack([p.float() for p in projections]).contiguous()

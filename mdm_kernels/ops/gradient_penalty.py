@@ -69,7 +69,7 @@ import triton.language as tl
 from .common import (DOT_PRECISION, activation, activation_code, activation_grad, activation_grad2,
                      block_size, critic_tail, interpreter_enabled, project_modalities,
                      tile_configs)
-from .critic_bounds import fused_dependency_terms
+from .critic_bounds import choose_strategy, fused_dependency_terms
 
 
 #: Interpreter (CPU) launch: one small fixed config, few programs (so the persistent loop
@@ -288,15 +288,16 @@ def _launch(sj, sm, mi, eps, b1, wmat, w2, b2, wout, jb, gram, one_sided, act, c
     bho = bh2 if two_layers else bh1
     progs = _num_programs(n, device)
     f32 = dict(device=device, dtype=torch.float32)
-    loss_part = torch.zeros(progs, **f32)
+    # every program writes its whole partial slot: no zero-fill launches for those
+    loss_part = torch.empty(progs, **f32)
     if compute_grad:
-        dsj = torch.zeros_like(sj)
+        dsj = torch.zeros_like(sj)   # rows are only written on curved activations / scattered
         dsm = torch.zeros_like(sm)
-        db1_part = torch.zeros(progs, bh1, **f32)
-        dwmat_part = torch.zeros(progs, bh1, bk, **f32)
-        dwout_part = torch.zeros(progs, bho, **f32)
-        dw2_part = torch.zeros(progs, bh2, bh1, **f32) if two_layers else loss_part
-        db2_part = torch.zeros(progs, bh2, **f32) if two_layers else loss_part
+        db1_part = torch.empty(progs, bh1, **f32)
+        dwmat_part = torch.empty(progs, bh1, bk, **f32)
+        dwout_part = torch.empty(progs, bho, **f32)
+        dw2_part = torch.empty(progs, bh2, bh1, **f32) if two_layers else loss_part
+        db2_part = torch.empty(progs, bh2, **f32) if two_layers else loss_part
     else:
         dsj = dsm = db1_part = dwmat_part = dwout_part = dw2_part = db2_part = loss_part
     gather = mi is not None
@@ -343,15 +344,14 @@ class FusedGradientPenalty(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        saved = list(ctx.saved_tensors)
+        saved = list(ctx.saved_tensors)  # dsj, dsm, db1, dwmat, (dw2, db2,) dwout
+        # one multi-tensor launch scales every saved gradient
+        scaled = iter(torch._foreach_mul(saved, grad_out.to(torch.float32)))
         if ctx.has_second:
-            dsj, dsm, db1, dwmat, dw2, db2, dwout = saved
+            grads = [next(scaled) for _ in range(7)]
         else:
-            (dsj, dsm, db1, dwmat, dwout), dw2, db2 = saved, None, None
-        go = grad_out.to(torch.float32)
-        scale = (lambda t: None if t is None else t * go)
-        return (scale(dsj), scale(dsm), scale(db1), scale(dwmat), scale(dw2), scale(db2),
-                scale(dwout), None, None, None, None, None, None, None)
+            grads = [next(scaled) for _ in range(4)] + [None, None, next(scaled)]
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _critic_weights(critic):
@@ -387,15 +387,21 @@ def fused_gradient_penalty(critic, joint, marginal, eps, one_sided) -> torch.Ten
 
 
 def fused_wasserstein_terms(critic, zs, samples, gp_perms, eps, one_sided):
-    """(joint_term, marginal_term, gp) of ``wasserstein_loss`` sharing one projection per
-    modality between the dependency estimator and the penalty.
+    """(joint_term, marginal_term, gp) of ``wasserstein_loss``.  Large steps share one
+    projection per modality between the dependency estimator and the penalty; small ones
+    run the estimator on the one-program path (which projects inside its kernel).
 
     GP row n = k·B + i interpolates joint row i (pre-activation Σ_j P_j[i]) with marginal
     sample (k, i) (Σ_j P_j[gp_perms[k, j, i]]), ε = eps[n].
     """
     projections = project_modalities(critic, zs)
-    joint, marginal = fused_dependency_terms("wasserstein", critic, zs, samples,
-                                             projections=projections)
+    if choose_strategy("wasserstein", critic, zs, samples) == "single":
+        # small step: the one-program estimator (2 launches) beats sharing the projections
+        joint, marginal = fused_dependency_terms("wasserstein", critic, zs, samples,
+                                                 strategy="single")
+    else:
+        joint, marginal = fused_dependency_terms("wasserstein", critic, zs, samples,
+                                                 projections=projections)
     m, b = len(zs), zs[0].shape[0]
     kp = gp_perms.shape[0]
     stacked = torch.stack(projections)                         # (m, B, H1)
