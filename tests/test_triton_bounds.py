@@ -219,9 +219,11 @@ def test_torch_compile_graph_break():
         assert_close(a, b)
 
 
-def test_all_mode_is_deterministic():
-    """"all" has no atomics (one backward launch per owner factor): bitwise reproducible."""
-    critic, zs = _make(5, (3, 4), (6, 5), "gelu", torch.float32, 11)
+@pytest.mark.parametrize("hidden", [(6, 5), (7,)], ids=["gathered-tiles", "outer-sum"])
+def test_all_mode_is_deterministic(hidden):
+    """"all" has no atomics (one backward launch per owner factor or side): bitwise
+    reproducible."""
+    critic, zs = _make(5, (3, 4), hidden, "gelu", torch.float32, 11)
     grads = []
     for _ in range(2):
         for z in zs:
@@ -279,12 +281,13 @@ def test_auto_strategy_switches_on_work(monkeypatch):
     """"auto" runs one program for small steps and the grid kernels above the work limit."""
     from mdm_kernels.ops import critic_bounds, single_program_bounds
     critic, zs = _make(5, (3, 4), (7,), "tanh", torch.float32, 14)
+    perms = _explicit_perms("dv", 5, 2, 2, torch.Generator().manual_seed(4))
     for limit, expected in ((10 ** 9, (1, 0)), (0, (0, 2))):
         monkeypatch.setattr(single_program_bounds, "SINGLE_PROGRAM_MAX_WORK", limit)
         single = _count_launches(monkeypatch, single_program_bounds,
                                  ["_single_program_fwd_kernel"])
         grid = _count_launches(monkeypatch, critic_bounds, ["_bounds_fwd_kernel"])
-        fused_dependency_terms("dv", critic, zs, None, strategy="auto")
+        fused_dependency_terms("dv", critic, zs, perms, strategy="auto")
         assert (single["_single_program_fwd_kernel"], grid["_bounds_fwd_kernel"]) == expected
         monkeypatch.undo()
 
@@ -330,3 +333,19 @@ def test_four_modalities():
     """m = 4 fills every per-modality slot of the one-program kernels."""
     check("dv", B=3, dims=(2, 3, 5, 2), hidden=(6,), act="relu", negatives="K", seed=17)
     check("infonce", B=3, dims=(2, 3, 5, 2), hidden=(6,), act="gelu", negatives="all", seed=17)
+
+
+@pytest.mark.parametrize("hidden,expected", [((7,), (1, 2, 0)), ((7, 5), (0, 0, 3))],
+                         ids=["1layer", "2layers"])
+def test_two_factor_grid_takes_outer_sum_kernels(monkeypatch, hidden, expected):
+    """m = 2 "all" with one hidden layer runs the outer-sum kernels (one forward launch, one
+    backward launch per side); two hidden layers stay on the 2-D grid kernels."""
+    from mdm_kernels.ops import critic_bounds, outer_grid_bounds
+    outer = _count_launches(monkeypatch, outer_grid_bounds,
+                            ["_outer_fwd_kernel", "_outer_bwd_kernel"])
+    grid = _count_launches(monkeypatch, critic_bounds, ["_bounds_bwd_kernel"])
+    critic, zs = _make(5, (3, 4), hidden, "relu", torch.float32, 18)
+    joint, marg = fused_dependency_terms("dv", critic, zs, None, strategy="grid")
+    (joint - marg).backward()
+    got = (outer["_outer_fwd_kernel"], outer["_outer_bwd_kernel"], grid["_bounds_bwd_kernel"])
+    assert got == expected

@@ -744,5 +744,9 @@ def fused_dependency_terms(kind, critic, zs, samples, projections=None, strategy
     W2 = ws[0] if ws else None
     b2 = bs[0] if bs else None
     b1 = critic.first_bias.float().contiguous()
+    plan = _marginal_plan(kind, P.shape[1], P.shape[0], perms)
+    from .outer_grid_bounds import outer_grid_applies, outer_grid_terms
+    if outer_grid_applies(kind, critic, plan.idx, plan.NF, IDX_GRID):
+        return outer_grid_terms(kind, critic, P, b1, wout, bout, activation_code(critic))
     return FusedDependencyTerms.apply(kind, perms, activation_code(critic), P, b1, wout, bout,
                                       W2, b2)
