@@ -40,6 +40,8 @@ def run_op_row(benchmark, op_row, sizes, disabled):
             "batch": case.batch, "negatives": case.negatives, "family": case.family(),
             "num_marginal_samples": case.num_marginal(), "gp_rows": case.gp_rows(),
             "sizes": sizes}
+    if backend == "triton":
+        info["triton_path"] = mb.triton_path(case, critic, zs)
     pair_hidden = None
     if case.negatives == "all" and case.op != "gp":
         pair_hidden = case.num_marginal() * case.hidden[0]

@@ -248,6 +248,18 @@ def make_inputs(case: OpCase, seed: int = 0):
     return critic, zs
 
 
+def triton_path(case: OpCase, critic, zs) -> str | None:
+    """Which Triton kernel family runs the estimator of ``case`` (``"single"``, ``"outer"`` or
+    ``"grid"``, see docs/triton_backend.md); None for the gradient penalty alone."""
+    if case.op == "gp":
+        return None
+    from mdm_kernels.ops.critic_bounds import execution_path
+    from mdm_kernels.reference.estimators import resolve_samples
+    kind = {"mine": "dv"}.get(case.op, case.op)
+    neg = None if (kind == "infonce" and case.negatives == "all") else case.negatives
+    return execution_path(kind, critic, zs, resolve_samples(kind, zs, neg, None, None))
+
+
 def make_op_step(case: OpCase, backend: str, critic, zs) -> Callable[[], torch.Tensor]:
     """A closure running one fwd + bwd of ``case`` on ``backend`` (random negatives drawn
     inside, as in training)."""

@@ -267,7 +267,10 @@ def markdown(rows: list[dict], meta: dict, skipped: list[dict] | None = None,
         head += ["×eager", "×compile", "mem÷eager", "first call"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in sel:
-            cells = [workload_label(r), str(r.get("batch", "")), str(r.get("backend")),
+            backend = str(r.get("backend"))
+            if r.get("triton_path"):  # which Triton kernel family ran the estimator
+                backend += f" ({r['triton_path']})"
+            cells = [workload_label(r), str(r.get("batch", "")), backend,
                      fmt_time(r.get("median_s")), fmt_bytes(r.get("peak_mem_bytes")),
                      fmt_flops(r.get("flops_per_s"))]
             if gpu:

@@ -9,7 +9,7 @@
 #
 # 1. versions; editable install without network (builds the CUDA extension);
 # 2. the Triton and integration tests compiled on the GPU (one tile config per kernel
-#    variant, MDM_TRITON_AUTOTUNE=0, see tests/conftest.py);
+#    variant, MDM_TRITON_AUTOTUNE=0, see tests/conftest.py), four pytest processes at once;
 # 3. python/check_cuda.sh: CUDA backend tests + compute-sanitizer memcheck / racecheck;
 # 4. the paper-scale benchmark rows (quick grid, no torch.compile rows) with a time cap.
 # Each step has its own timeout so that a slow one cannot eat the whole budget; the log and
@@ -43,9 +43,25 @@ git rev-parse --short HEAD 2>/dev/null || true
 export MDM_BUILD_CUDA=1
 run_step "install" 240 "$PY" -m pip install -q --no-deps --no-build-isolation -e . || STATUS=1
 if [ "$PART" != bench ]; then
-  run_step "triton + integration tests (compiled)" 300 "$PY" -m pytest -q -rs \
-      tests/test_triton_bounds.py tests/test_triton_gradient_penalty.py \
-      tests/test_backend_integration.py || STATUS=1
+  # Triton compiles each kernel variant on the CPU: four pytest processes in parallel (the
+  # machine has 16 cores), disjoint test subsets, each with its own log
+  echo; echo "=== triton + integration tests (compiled, 4 processes, limit 330s)"
+  t0=$SECONDS
+  pids=()
+  timeout 330 "$PY" -m pytest -q -rs tests/test_triton_bounds.py -k "single" \
+      > "$OUT_DIR/pytest-1.log" 2>&1 & pids+=($!)
+  timeout 330 "$PY" -m pytest -q -rs tests/test_triton_bounds.py -k "not single" \
+      > "$OUT_DIR/pytest-2.log" 2>&1 & pids+=($!)
+  timeout 330 "$PY" -m pytest -q -rs tests/test_triton_gradient_penalty.py \
+      > "$OUT_DIR/pytest-3.log" 2>&1 & pids+=($!)
+  timeout 330 "$PY" -m pytest -q -rs tests/test_backend_integration.py \
+      > "$OUT_DIR/pytest-4.log" 2>&1 & pids+=($!)
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}"; rc=$?
+    echo "--- pytest part $((i + 1)): rc=$rc"; tail -n 3 "$OUT_DIR/pytest-$((i + 1)).log"
+    [ $rc -eq 0 ] || STATUS=1
+  done
+  echo "--- triton + integration tests: $((SECONDS - t0)) s"
   run_step "CUDA backend check" 200 bash python/check_cuda.sh || STATUS=1
   cp benchmarks/results/cuda-check-*.txt "$OUT_DIR/" 2>/dev/null || true
 fi

@@ -707,6 +707,18 @@ def choose_strategy(kind, critic, zs, samples, strategy="auto", projections=None
     return "single" if work <= SINGLE_PROGRAM_MAX_WORK else "grid"
 
 
+def execution_path(kind, critic, zs, samples, strategy="auto", projections=None) -> str:
+    """The kernel family :func:`fused_dependency_terms` runs for these inputs: ``"single"``
+    (:mod:`~mdm_kernels.ops.single_program_bounds`), ``"outer"``
+    (:mod:`~mdm_kernels.ops.outer_grid_bounds`) or ``"grid"`` (this module's kernels)."""
+    if choose_strategy(kind, critic, zs, samples, strategy, projections) == "single":
+        return "single"
+    from .outer_grid_bounds import outer_grid_applies
+    perms = _resolve_perms(samples, zs[0].shape[0], zs[0].device)
+    plan = _marginal_plan(kind, zs[0].shape[0], len(zs), perms)
+    return "outer" if outer_grid_applies(kind, critic, plan.idx, plan.NF, IDX_GRID) else "grid"
+
+
 @torch.compiler.disable
 def fused_dependency_terms(kind, critic, zs, samples, projections=None, strategy="auto"):
     """(joint_term, marginal_term) of estimator ``kind`` with the fused Triton kernels.
@@ -734,7 +746,8 @@ def fused_dependency_terms(kind, critic, zs, samples, projections=None, strategy
     if len(critic.hidden) > 2:
         raise ValueError("fused kernels support 1 or 2 hidden layers")
     perms = _resolve_perms(samples, zs[0].shape[0], zs[0].device)
-    if choose_strategy(kind, critic, zs, perms, strategy, projections) == "single":
+    path = execution_path(kind, critic, zs, perms, strategy, projections)
+    if path == "single":
         from .single_program_bounds import single_program_dependency_terms
         return single_program_dependency_terms(kind, critic, zs, perms)
     if projections is None:
@@ -744,9 +757,8 @@ def fused_dependency_terms(kind, critic, zs, samples, projections=None, strategy
     W2 = ws[0] if ws else None
     b2 = bs[0] if bs else None
     b1 = critic.first_bias.float().contiguous()
-    plan = _marginal_plan(kind, P.shape[1], P.shape[0], perms)
-    from .outer_grid_bounds import outer_grid_applies, outer_grid_terms
-    if outer_grid_applies(kind, critic, plan.idx, plan.NF, IDX_GRID):
+    if path == "outer":
+        from .outer_grid_bounds import outer_grid_terms
         return outer_grid_terms(kind, critic, P, b1, wout, bout, activation_code(critic))
     return FusedDependencyTerms.apply(kind, perms, activation_code(critic), P, b1, wout, bout,
                                       W2, b2)
