@@ -142,6 +142,19 @@ def _grid_factor(q: tl.constexpr, r, cols, B, NF: tl.constexpr, OWNER: tl.conste
 
 
 @triton.jit
+def _row_layout(N, NCOL, B, IDX: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(number of rows R, columns per row) of a launch: flat sample modes (IDX 0, 1) cut the
+    N samples into rows of one BLOCK_N tile; grid and InfoNCE modes have B rows of NCOL."""
+    if IDX <= 1:
+        R = tl.cdiv(N, BLOCK_N)
+        ncol = BLOCK_N
+    else:
+        R = B
+        ncol = NCOL
+    return R, ncol
+
+
+@triton.jit
 def _tile_columns(r, c0, offs, N, ncol, BLOCK_N: tl.constexpr, IDX: tl.constexpr):
     """Sample ids of one tile and their validity mask: tile r of the N flat samples for
     memory-indexed launches (IDX 0, 1), columns c0.. of row r's ncol columns otherwise."""
@@ -274,6 +287,20 @@ def _scores(a1, W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask, H1, H2,
 
 
 @triton.jit
+def _tile_scores(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, W2_ptr, b2_ptr, wout_ptr,
+                 bout, B, H1, H2, M: tl.constexpr, IDX: tl.constexpr, NF: tl.constexpr,
+                 OWNER: tl.constexpr, GROUPED: tl.constexpr, TWO_LAYERS: tl.constexpr,
+                 BLOCK_H2: tl.constexpr, ACT: tl.constexpr):
+    """(z1, a1 = σ(z1), T) of a tile: :func:`_first_preact` then :func:`_scores`."""
+    z1 = _first_preact(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1, M, IDX, NF,
+                       OWNER, GROUPED)
+    a1 = activation(z1, ACT)
+    t = _scores(a1, W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask, H1, H2, TWO_LAYERS,
+                BLOCK_H2, ACT)
+    return z1, a1, t
+
+
+@triton.jit
 def _score_grad(t, valid, scale, shift, GMODE: tl.constexpr):
     """g = ∂term/∂T_s = scale·φ(T_s) of a tile (0 on invalid lanes), see the module
     docstring: φ = 1 (G_ONE), e^{T − shift} (G_EXP_SHIFT; G_EXP_ROW with a per-row shift),
@@ -353,6 +380,49 @@ def _tile_backprop(g, z1, a1, valid, W2_ptr, b2_ptr, wout_ptr, offs_h, hmask, of
     return tl.where(valid[:, None], d1, 0.0), gw_inc
 
 
+@triton.jit
+def _reduce_samples(P_ptr, b1, perm_ptr, W2_ptr, b2_ptr, wout_ptr, bout, row_lse_ptr, r0,
+                    r_step, R, N, ncol, offs, offs_h, hmask, B, H1, H2, M: tl.constexpr,
+                    IDX: tl.constexpr, RED: tl.constexpr, NF: tl.constexpr,
+                    GROUPED: tl.constexpr, TWO_LAYERS: tl.constexpr, BLOCK_H2: tl.constexpr,
+                    BLOCK_N: tl.constexpr, ACT: tl.constexpr):
+    """Score rows r0, r0 + r_step, … < R (every column of each) and reduce in registers:
+    returns per-lane (acc, run_m, run_s) — the sum (RED_SUM, RED_NEG_SOFTPLUS_NEG,
+    RED_SOFTPLUS) or the online log-sum-exp state (RED_LSE).  RED_LSE_ROW stores LSE_r of
+    every row and adds it to lane 0 of acc."""
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    run_m = tl.zeros([BLOCK_N], tl.float32) + _NEG_BIG
+    run_s = tl.zeros([BLOCK_N], tl.float32)
+    for r in range(r0, R, r_step):
+        if RED == 4:
+            run_m = tl.zeros([BLOCK_N], tl.float32) + _NEG_BIG
+            run_s = tl.zeros([BLOCK_N], tl.float32)
+        for c0 in range(0, ncol, BLOCK_N):
+            cols, valid = _tile_columns(r, c0, offs, N, ncol, BLOCK_N, IDX)
+            _, _, t = _tile_scores(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, W2_ptr,
+                                   b2_ptr, wout_ptr, bout, B, H1, H2, M, IDX, NF, 0, GROUPED,
+                                   TWO_LAYERS, BLOCK_H2, ACT)
+            if RED == 0:
+                acc += tl.where(valid, t, 0.0)
+            elif RED == 1:  # −softplus(−T) = min(T, 0) − log(1 + e^{−|T|})
+                acc += tl.where(valid, tl.minimum(t, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(t))),
+                                0.0)
+            elif RED == 2:  # softplus(T) = max(T, 0) + log(1 + e^{−|T|})
+                acc += tl.where(valid, tl.maximum(t, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(t))),
+                                0.0)
+            else:
+                t = tl.where(valid, t, float("-inf"))
+                new_m = tl.maximum(run_m, t)
+                run_s = run_s * tl.exp(run_m - new_m) + tl.exp(t - new_m)
+                run_m = new_m
+        if RED == 4:
+            mx = tl.max(run_m, axis=0)
+            row_lse = mx + tl.log(tl.sum(run_s * tl.exp(run_m - mx), axis=0))
+            tl.store(row_lse_ptr + r, row_lse)
+            acc += tl.where(offs == 0, row_lse, 0.0)
+    return acc, run_m, run_s
+
+
 @triton.autotune(configs=tile_configs(_GPU_CONFIGS, _FIXED_CONFIG),
                  key=["N", "NCOL", "H1", "H2", "B"], prune_configs_by=_PRUNE,
                  restore_value=["stats_ptr"])  # unused program slots must keep their init
@@ -374,41 +444,11 @@ def _bounds_fwd_kernel(
     b1 = tl.load(b1_ptr + offs_h, mask=hmask, other=0.0)
     bout = tl.load(bout_ptr)
     offs = tl.arange(0, BLOCK_N)
-    if IDX <= 1:  # flat modes: one "row" = one tile of BLOCK_N samples
-        R = tl.cdiv(N, BLOCK_N)
-        ncol = BLOCK_N
-    else:
-        R = B
-        ncol = NCOL
-    acc = tl.zeros([BLOCK_N], tl.float32)           # sums
-    run_m = tl.zeros([BLOCK_N], tl.float32) + _NEG_BIG  # online LSE, per lane
-    run_s = tl.zeros([BLOCK_N], tl.float32)
-    for r in range(pid, R, G):
-        if RED == 4:
-            run_m = tl.zeros([BLOCK_N], tl.float32) + _NEG_BIG
-            run_s = tl.zeros([BLOCK_N], tl.float32)
-        for c0 in range(0, ncol, BLOCK_N):
-            cols, valid = _tile_columns(r, c0, offs, N, ncol, BLOCK_N, IDX)
-            z1 = _first_preact(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1,
-                               M, IDX, NF, 0, GROUPED)
-            t = _scores(activation(z1, ACT), W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask,
-                        H1, H2, TWO_LAYERS, BLOCK_H2, ACT)
-            if RED == 0:
-                acc += tl.where(valid, t, 0.0)
-            elif RED == 1:  # −softplus(−T) = min(T, 0) − log(1 + e^{−|T|})
-                acc += tl.where(valid, tl.minimum(t, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(t))),
-                                0.0)
-            elif RED == 2:  # softplus(T) = max(T, 0) + log(1 + e^{−|T|})
-                acc += tl.where(valid, tl.maximum(t, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(t))),
-                                0.0)
-            else:
-                t = tl.where(valid, t, float("-inf"))
-                new_m = tl.maximum(run_m, t)
-                run_s = run_s * tl.exp(run_m - new_m) + tl.exp(t - new_m)
-                run_m = new_m
-        if RED == 4:
-            mx = tl.max(run_m, axis=0)
-            tl.store(row_lse_ptr + r, mx + tl.log(tl.sum(run_s * tl.exp(run_m - mx), axis=0)))
+    R, ncol = _row_layout(N, NCOL, B, IDX, BLOCK_N)
+    acc, run_m, run_s = _reduce_samples(P_ptr, b1, perm_ptr, W2_ptr, b2_ptr, wout_ptr, bout,
+                                        row_lse_ptr, pid, G, R, N, ncol, offs, offs_h, hmask,
+                                        B, H1, H2, M, IDX, RED, NF, GROUPED, TWO_LAYERS,
+                                        BLOCK_H2, BLOCK_N, ACT)
     if RED == 3:
         mx = tl.max(run_m, axis=0)
         tl.store(stats_ptr + pid * 2, mx)
@@ -446,12 +486,7 @@ def _bounds_bwd_kernel(
     shift = tl.load(shift_ptr)
     offs = tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, BLOCK_H2)
-    if IDX <= 1:
-        R = tl.cdiv(N, BLOCK_N)
-        ncol = BLOCK_N
-    else:
-        R = B
-        ncol = NCOL
+    R, ncol = _row_layout(N, NCOL, B, IDX, BLOCK_N)
     if IDX == 2:
         owner = OWNER
     else:
@@ -463,11 +498,9 @@ def _bounds_bwd_kernel(
         own = tl.zeros([BLOCK_H1], tl.float32)  # gradient of the owner row
         for c0 in range(0, ncol, BLOCK_N):
             cols, valid = _tile_columns(r, c0, offs, N, ncol, BLOCK_N, IDX)
-            z1 = _first_preact(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1,
-                               M, IDX, NF, owner, GROUPED)
-            a1 = activation(z1, ACT)
-            t = _scores(a1, W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask, H1, H2,
-                        TWO_LAYERS, BLOCK_H2, ACT)
+            z1, a1, t = _tile_scores(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr,
+                                     W2_ptr, b2_ptr, wout_ptr, bout, B, H1, H2, M, IDX, NF,
+                                     owner, GROUPED, TWO_LAYERS, BLOCK_H2, ACT)
             g = _term_grad(t, valid, r, cols, scale, shift, row_lse_ptr, perm_ptr, B, M, IDX,
                            NF, owner, GROUPED, GMODE)
             if PARAM_GRADS:

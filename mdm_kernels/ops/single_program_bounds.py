@@ -54,11 +54,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import DOT_PREC, activation, block_size
+from .common import DOT_PREC, block_size
 from .critic_bounds import (G_EXP_ROW, G_EXP_SHIFT, G_ONE, G_SIGMOID, G_SIGMOID_NEG,
-                            _NEG_BIG, _first_preact, _marginal_plan, _scatter_shared_rows,
-                            _scores, _store_owned_row, _term_grad, _tile_backprop,
-                            _tile_columns)
+                            RED_LSE, RED_LSE_ROW, RED_SOFTPLUS, RED_SUM, _marginal_plan,
+                            _reduce_samples, _row_layout, _scatter_shared_rows, _store_owned_row,
+                            _term_grad, _tile_backprop, _tile_columns, _tile_scores)
 from .triton_backend import interpreter_enabled
 
 #: Most modalities the single-program kernels take (one pointer argument each).
@@ -70,6 +70,9 @@ MAX_MODALITIES = 4
 SINGLE_PROGRAM_MAX_WORK = int(os.environ.get("MDM_SINGLE_PROGRAM_MAX_WORK", 10 ** 8))
 
 KIND_CODES = {"dv": 0, "nwj": 1, "js": 2, "infonce": 3, "wasserstein": 4}
+#: Reduction of the marginal scores, per estimator (critic_bounds' RED_* codes).
+_MARGINAL_RED = {"dv": RED_LSE, "nwj": RED_LSE, "js": RED_SOFTPLUS, "infonce": RED_LSE_ROW,
+                 "wasserstein": RED_SUM}
 #: φ of the marginal term's score gradient, per estimator (critic_bounds' G_* codes).
 _MARGINAL_GMODE = {"dv": G_EXP_SHIFT, "nwj": G_EXP_SHIFT, "js": G_SIGMOID,
                    "infonce": G_EXP_ROW, "wasserstein": G_ONE}
@@ -135,7 +138,8 @@ def _single_program_fwd_kernel(
     perm_ptr, b1_ptr, W2_ptr, b2_ptr, wout_ptr, bout_ptr,
     P_ptr, dPJ_ptr, dPM_ptr, row_lse_ptr, pg_ptr, joint_ptr, marg_ptr,
     B, N, NCOL, H1, H2, SP, log_n, log_ncol,
-    M: tl.constexpr, KIND: tl.constexpr, GMODE_J: tl.constexpr, GMODE_M: tl.constexpr,
+    M: tl.constexpr, KIND: tl.constexpr, RED_M: tl.constexpr, GMODE_J: tl.constexpr,
+    GMODE_M: tl.constexpr,
     IDX: tl.constexpr, NF: tl.constexpr,
     GROUPED: tl.constexpr, TWO_LAYERS: tl.constexpr, ACT: tl.constexpr,
     BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -178,11 +182,9 @@ def _single_program_fwd_kernel(
     inv_b = 1.0 / B
     for r in range(0, tl.cdiv(B, BLOCK_N)):
         cols, valid = _tile_columns(r, 0, offs, B, BLOCK_N, BLOCK_N, 0)
-        z1t = _first_preact(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1, M, 0,
-                            1, 0, False)
-        a1 = activation(z1t, ACT)
-        t = _scores(a1, W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask, H1, H2, TWO_LAYERS,
-                    BLOCK_H2, ACT)
+        z1t, a1, t = _tile_scores(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, W2_ptr,
+                                  b2_ptr, wout_ptr, bout, B, H1, H2, M, 0, 1, 0, False,
+                                  TWO_LAYERS, BLOCK_H2, ACT)
         if KIND == 2:  # JS: −softplus(−T)
             acc += tl.where(valid, tl.minimum(t, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(t))), 0.0)
         else:
@@ -203,45 +205,11 @@ def _single_program_fwd_kernel(
     if not TWO_LAYERS:
         tl.store(pg_ptr + o_wout + offs_h, gwout, mask=hmask)
     # ---- phase C: marginal term ----
-    if IDX <= 1:
-        R = tl.cdiv(N, BLOCK_N)
-        ncol = BLOCK_N
-    else:
-        R = B
-        ncol = NCOL
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    run_m = tl.zeros([BLOCK_N], tl.float32) + _NEG_BIG
-    run_s = tl.zeros([BLOCK_N], tl.float32)
-    for r in range(0, R):
-        if KIND == 3:
-            row_m = tl.zeros([BLOCK_N], tl.float32) + _NEG_BIG
-            row_s = tl.zeros([BLOCK_N], tl.float32)
-        for c0 in range(0, ncol, BLOCK_N):
-            cols, valid = _tile_columns(r, c0, offs, N, ncol, BLOCK_N, IDX)
-            z1t = _first_preact(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1, M,
-                                IDX, NF, 0, GROUPED)
-            t = _scores(activation(z1t, ACT), W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask,
-                        H1, H2, TWO_LAYERS, BLOCK_H2, ACT)
-            if KIND <= 1:
-                t = tl.where(valid, t, float("-inf"))
-                new_m = tl.maximum(run_m, t)
-                run_s = run_s * tl.exp(run_m - new_m) + tl.exp(t - new_m)
-                run_m = new_m
-            elif KIND == 3:
-                t = tl.where(valid, t, float("-inf"))
-                new_m = tl.maximum(row_m, t)
-                row_s = row_s * tl.exp(row_m - new_m) + tl.exp(t - new_m)
-                row_m = new_m
-            elif KIND == 2:  # softplus(T)
-                acc += tl.where(valid, tl.maximum(t, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(t))),
-                                0.0)
-            else:
-                acc += tl.where(valid, t, 0.0)
-        if KIND == 3:
-            mx = tl.max(row_m, axis=0)
-            row_lse = mx + tl.log(tl.sum(row_s * tl.exp(row_m - mx), axis=0))
-            tl.store(row_lse_ptr + r, row_lse)
-            acc += tl.where(offs == 0, row_lse, 0.0)
+    R, ncol = _row_layout(N, NCOL, B, IDX, BLOCK_N)
+    acc, run_m, run_s = _reduce_samples(P_ptr, b1, perm_ptr, W2_ptr, b2_ptr, wout_ptr, bout,
+                                        row_lse_ptr, 0, 1, R, N, ncol, offs, offs_h, hmask, B,
+                                        H1, H2, M, IDX, RED_M, NF, GROUPED, TWO_LAYERS, BLOCK_H2,
+                                        BLOCK_N, ACT)
     # value, and the shift / scale of g = ∂M/∂T
     if KIND <= 1:
         mx = tl.max(run_m, axis=0)
@@ -273,11 +241,9 @@ def _single_program_fwd_kernel(
             own = tl.zeros([BLOCK_H1], tl.float32)
             for c0 in range(0, ncol, BLOCK_N):
                 cols, valid = _tile_columns(r, c0, offs, N, ncol, BLOCK_N, IDX)
-                z1t = _first_preact(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1,
-                                    M, IDX, NF, f, GROUPED)
-                a1 = activation(z1t, ACT)
-                t = _scores(a1, W2_ptr, b2_ptr, wout_ptr, bout, offs_h, hmask, H1, H2,
-                            TWO_LAYERS, BLOCK_H2, ACT)
+                z1t, a1, t = _tile_scores(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr,
+                                          W2_ptr, b2_ptr, wout_ptr, bout, B, H1, H2, M, IDX, NF,
+                                          f, GROUPED, TWO_LAYERS, BLOCK_H2, ACT)
                 g = _term_grad(t, valid, r, cols, scale, shift, row_lse_ptr, perm_ptr, B, M,
                                IDX, NF, f, GROUPED, GMODE_M)
                 d1, gw_inc = _tile_backprop(g, z1t, a1, valid, W2_ptr, b2_ptr, wout_ptr, offs_h,
@@ -308,47 +274,46 @@ def _combined_dP(dPJ_ptr, dPM_ptr, gj, gm, rows, rmask, hh, hm, H1):
 
 
 @triton.jit
+def _dP_product(dPJ_ptr, dPM_ptr, gj, gm, Y_ptr, out_ptr, idx, imask, K, d, H1,
+                TRANS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[idx, :] = Σ_k X[idx, k]·Y[k, :] with X = ∂P_j (B × H_1, TRANS=False; Y = W_{1,j},
+    K = H_1) or X = ∂P_jᵀ (TRANS=True; Y = z_j, K = B); Y and out row-major with d columns."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, d, BLOCK_D):
+        dd = d0 + offs_d
+        dm = dd < d
+        acc = tl.zeros([idx.shape[0], BLOCK_D], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            km = kk < K
+            if TRANS:
+                x = tl.trans(_combined_dP(dPJ_ptr, dPM_ptr, gj, gm, kk, km, idx, imask, H1))
+            else:
+                x = _combined_dP(dPJ_ptr, dPM_ptr, gj, gm, idx, imask, kk, km, H1)
+            y = tl.load(Y_ptr + kk[:, None] * d + dd[None, :], mask=km[:, None] & dm[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.dot(x, y, input_precision=DOT_PREC)
+        tl.store(out_ptr + idx[:, None] * d + dd[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=imask[:, None] & dm[None, :])
+
+
+@triton.jit
 def _input_grads(z_ptr, w_ptr, dz_ptr, dw_ptr, d, task, dPJ_ptr, dPM_ptr, gj, gm, B, H1,
                  NRB: tl.constexpr, NEED_DZ: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """One block of ∂z_j = ∂P_j W_{1,j} (tasks 0 … NRB − 1, BLOCK_R rows of z each) or of
     ∂W_{1,j} = ∂P_jᵀ z_j (tasks NRB …, BLOCK_R rows of W each), D in BLOCK_D chunks."""
     offs_r = tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_d = tl.arange(0, BLOCK_D)
     if task < NRB:
         if NEED_DZ:
             rows = task * BLOCK_R + offs_r
-            rmask = rows < B
-            for d0 in range(0, d, BLOCK_D):
-                dd = d0 + offs_d
-                dm = dd < d
-                acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-                for h0 in range(0, H1, BLOCK_K):
-                    hh = h0 + offs_k
-                    hm = hh < H1
-                    dp = _combined_dP(dPJ_ptr, dPM_ptr, gj, gm, rows, rmask, hh, hm, H1)
-                    w = tl.load(w_ptr + hh[:, None] * d + dd[None, :],
-                                mask=hm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-                    acc += tl.dot(dp, w, input_precision=DOT_PREC)
-                tl.store(dz_ptr + rows[:, None] * d + dd[None, :],
-                         acc.to(dz_ptr.dtype.element_ty), mask=rmask[:, None] & dm[None, :])
+            _dP_product(dPJ_ptr, dPM_ptr, gj, gm, w_ptr, dz_ptr, rows, rows < B, H1, d, H1,
+                        False, BLOCK_K, BLOCK_D)
     else:
         hrows = (task - NRB) * BLOCK_R + offs_r
-        hmask = hrows < H1
-        for d0 in range(0, d, BLOCK_D):
-            dd = d0 + offs_d
-            dm = dd < d
-            acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-            for b0 in range(0, B, BLOCK_K):
-                bb = b0 + offs_k
-                bm = bb < B
-                dp = _combined_dP(dPJ_ptr, dPM_ptr, gj, gm, bb, bm, hrows, hmask, H1)
-                zt = tl.load(z_ptr + bb[:, None] * d + dd[None, :],
-                             mask=bm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-                acc += tl.dot(tl.trans(dp), zt, input_precision=DOT_PREC)
-            tl.store(dw_ptr + hrows[:, None] * d + dd[None, :],
-                     acc.to(dw_ptr.dtype.element_ty), mask=hmask[:, None] & dm[None, :])
+        _dP_product(dPJ_ptr, dPM_ptr, gj, gm, z_ptr, dw_ptr, hrows, hrows < H1, B, d, H1,
+                    True, BLOCK_K, BLOCK_D)
 
 
 @triton.jit
@@ -423,7 +388,8 @@ class SingleProgramDependencyTerms(torch.autograd.Function):
             b2 if two else b1, wout, bout,
             P, dPJ, dPM, row_lse, pg, joint, marginal,
             B, n, ncol, H1, H2, sp, math.log(n), math.log(max(ncol, 1)),
-            M=m, KIND=KIND_CODES[kind], GMODE_J=G_SIGMOID_NEG if kind == "js" else G_ONE,
+            M=m, KIND=KIND_CODES[kind], RED_M=_MARGINAL_RED[kind],
+            GMODE_J=G_SIGMOID_NEG if kind == "js" else G_ONE,
             GMODE_M=_MARGINAL_GMODE[kind], IDX=idx, NF=nf, GROUPED=grouped, TWO_LAYERS=two,
             ACT=act, BLOCK_H1=block_size(H1), BLOCK_H2=16, BLOCK_N=16,
             BLOCK_K=32 if (two and not interp) else 16, num_warps=1 if interp else 8)
