@@ -311,10 +311,15 @@ def test_wasserstein_loss_matches_reference(device, negatives, act, hidden):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), float((a - b).abs().max())
 
 
+@pytest.mark.parametrize("path", ["single", "grid"])
 @pytest.mark.parametrize("one_sided", [False, True], ids=["two-sided", "one-sided"])
-def test_wasserstein_terms_all_three(device, one_sided):
-    """The backend's combined call (gathered projections, repeated joint rows → atomics)
-    against the float64 reference composition, term by term, values and gradients."""
+def test_wasserstein_terms_all_three(device, one_sided, path, monkeypatch):
+    """The backend's combined call (shared projections — the one-program kernel's or torch
+    GEMMs —, repeated joint rows → atomics) against the float64 reference composition, term
+    by term, values and gradients."""
+    from mdm_kernels.ops import single_program_bounds
+    monkeypatch.setattr(single_program_bounds, "SINGLE_PROGRAM_MAX_WORK",
+                        10 ** 9 if path == "single" else 0)
     dims, b, kp = (3, 4, 2), 7, 3
     critic = make_critic(dims, (5, 4), "tanh", seed=2).to(device)
     g = torch.Generator().manual_seed(3)

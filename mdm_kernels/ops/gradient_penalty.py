@@ -69,7 +69,7 @@ import triton.language as tl
 from .common import (DOT_PRECISION, activation, activation_code, activation_grad, activation_grad2,
                      block_size, critic_tail, interpreter_enabled, project_modalities,
                      tile_configs)
-from .critic_bounds import choose_strategy, fused_dependency_terms
+from .critic_bounds import _resolve_perms, choose_strategy, fused_dependency_terms
 
 
 #: Interpreter (CPU) launch: one small fixed config, few programs (so the persistent loop
@@ -387,24 +387,27 @@ def fused_gradient_penalty(critic, joint, marginal, eps, one_sided) -> torch.Ten
 
 
 def fused_wasserstein_terms(critic, zs, samples, gp_perms, eps, one_sided):
-    """(joint_term, marginal_term, gp) of ``wasserstein_loss``.  Large steps share one
-    projection per modality between the dependency estimator and the penalty; small ones
-    run the estimator on the one-program path (which projects inside its kernel).
+    """(joint_term, marginal_term, gp) of ``wasserstein_loss``, one projection per modality
+    shared by the dependency estimator and the penalty: torch GEMMs on the multi-program
+    path, the in-kernel projections of the one-program path for small steps.
 
     GP row n = k·B + i interpolates joint row i (pre-activation Σ_j P_j[i]) with marginal
     sample (k, i) (Σ_j P_j[gp_perms[k, j, i]]), ε = eps[n].
     """
-    projections = project_modalities(critic, zs)
     if choose_strategy("wasserstein", critic, zs, samples) == "single":
-        # small step: the one-program estimator (2 launches) beats sharing the projections
-        joint, marginal = fused_dependency_terms("wasserstein", critic, zs, samples,
-                                                 strategy="single")
+        # small step: the one-program estimator, whose in-kernel projections (returned,
+        # differentiable) feed the penalty too — no projection GEMMs at all
+        from .single_program_bounds import single_program_dependency_terms
+        joint, marginal, stacked = single_program_dependency_terms(
+            "wasserstein", critic, zs, _resolve_perms(samples, zs[0].shape[0], zs[0].device),
+            return_projections=True)
     else:
+        projections = project_modalities(critic, zs)
         joint, marginal = fused_dependency_terms("wasserstein", critic, zs, samples,
                                                  projections=projections)
+        stacked = torch.stack(projections)                     # (m, B, H1)
     m, b = len(zs), zs[0].shape[0]
     kp = gp_perms.shape[0]
-    stacked = torch.stack(projections)                         # (m, B, H1)
     sj = stacked.sum(0)                                        # joint rows Σ_j P_j[i]
     sm = stacked.reshape(m * b, -1)                            # row j·B + r = P_j[r]
     offsets = torch.arange(m, device=gp_perms.device).unsqueeze(1) * b

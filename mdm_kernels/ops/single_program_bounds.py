@@ -265,17 +265,23 @@ def _single_program_fwd_kernel(
 
 
 @triton.jit
-def _combined_dP(dPJ_ptr, dPM_ptr, gj, gm, rows, rmask, hh, hm, H1):
-    """g_J ∂P^J + g_M ∂P^M_j on a (rows × hidden) block (dPM_ptr already at modality j)."""
+def _combined_dP(dPJ_ptr, dPM_ptr, gP_ptr, gj, gm, rows, rmask, hh, hm, H1,
+                 HAS_GP: tl.constexpr):
+    """g_J ∂P^J + g_M ∂P^M_j (+ the incoming gradient of the returned P_j when HAS_GP) on a
+    (rows × hidden) block (dPM_ptr and gP_ptr already at modality j)."""
     m2 = rmask[:, None] & hm[None, :]
     off = rows[:, None] * H1 + hh[None, :]
-    return gj * tl.load(dPJ_ptr + off, mask=m2, other=0.0) \
+    out = gj * tl.load(dPJ_ptr + off, mask=m2, other=0.0) \
         + gm * tl.load(dPM_ptr + off, mask=m2, other=0.0)
+    if HAS_GP:
+        out += tl.load(gP_ptr + off, mask=m2, other=0.0)
+    return out
 
 
 @triton.jit
-def _dP_product(dPJ_ptr, dPM_ptr, gj, gm, Y_ptr, out_ptr, idx, imask, K, d, H1,
-                TRANS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dP_product(dPJ_ptr, dPM_ptr, gP_ptr, gj, gm, Y_ptr, out_ptr, idx, imask, K, d, H1,
+                HAS_GP: tl.constexpr, TRANS: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_D: tl.constexpr):
     """out[idx, :] = Σ_k X[idx, k]·Y[k, :] with X = ∂P_j (B × H_1, TRANS=False; Y = W_{1,j},
     K = H_1) or X = ∂P_jᵀ (TRANS=True; Y = z_j, K = B); Y and out row-major with d columns."""
     offs_k = tl.arange(0, BLOCK_K)
@@ -288,9 +294,11 @@ def _dP_product(dPJ_ptr, dPM_ptr, gj, gm, Y_ptr, out_ptr, idx, imask, K, d, H1,
             kk = k0 + offs_k
             km = kk < K
             if TRANS:
-                x = tl.trans(_combined_dP(dPJ_ptr, dPM_ptr, gj, gm, kk, km, idx, imask, H1))
+                x = tl.trans(_combined_dP(dPJ_ptr, dPM_ptr, gP_ptr, gj, gm, kk, km, idx, imask,
+                                          H1, HAS_GP))
             else:
-                x = _combined_dP(dPJ_ptr, dPM_ptr, gj, gm, idx, imask, kk, km, H1)
+                x = _combined_dP(dPJ_ptr, dPM_ptr, gP_ptr, gj, gm, idx, imask, kk, km, H1,
+                                 HAS_GP)
             y = tl.load(Y_ptr + kk[:, None] * d + dd[None, :], mask=km[:, None] & dm[None, :],
                         other=0.0).to(tl.float32)
             acc += tl.dot(x, y, input_precision=DOT_PREC)
@@ -299,35 +307,36 @@ def _dP_product(dPJ_ptr, dPM_ptr, gj, gm, Y_ptr, out_ptr, idx, imask, K, d, H1,
 
 
 @triton.jit
-def _input_grads(z_ptr, w_ptr, dz_ptr, dw_ptr, d, task, dPJ_ptr, dPM_ptr, gj, gm, B, H1,
-                 NRB: tl.constexpr, NEED_DZ: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _input_grads(z_ptr, w_ptr, dz_ptr, dw_ptr, d, task, dPJ_ptr, dPM_ptr, gP_ptr, gj, gm, B,
+                 H1, HAS_GP: tl.constexpr, NRB: tl.constexpr, NEED_DZ: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """One block of ∂z_j = ∂P_j W_{1,j} (tasks 0 … NRB − 1, BLOCK_R rows of z each) or of
     ∂W_{1,j} = ∂P_jᵀ z_j (tasks NRB …, BLOCK_R rows of W each), D in BLOCK_D chunks."""
     offs_r = tl.arange(0, BLOCK_R)
     if task < NRB:
         if NEED_DZ:
             rows = task * BLOCK_R + offs_r
-            _dP_product(dPJ_ptr, dPM_ptr, gj, gm, w_ptr, dz_ptr, rows, rows < B, H1, d, H1,
-                        False, BLOCK_K, BLOCK_D)
+            _dP_product(dPJ_ptr, dPM_ptr, gP_ptr, gj, gm, w_ptr, dz_ptr, rows, rows < B, H1, d,
+                        H1, HAS_GP, False, BLOCK_K, BLOCK_D)
     else:
         hrows = (task - NRB) * BLOCK_R + offs_r
-        _dP_product(dPJ_ptr, dPM_ptr, gj, gm, z_ptr, dw_ptr, hrows, hrows < H1, B, d, H1,
-                    True, BLOCK_K, BLOCK_D)
+        _dP_product(dPJ_ptr, dPM_ptr, gP_ptr, gj, gm, z_ptr, dw_ptr, hrows, hrows < H1, B, d,
+                    H1, HAS_GP, True, BLOCK_K, BLOCK_D)
 
 
 @triton.jit
 def _single_program_bwd_kernel(
     z0, z1, z2, z3, w0, w1, w2, w3, dim0, dim1, dim2, dim3,
     dz0, dz1, dz2, dz3, dw0, dw1, dw2, dw3,
-    dPJ_ptr, dPM_ptr, pg_ptr, gj_ptr, gm_ptr, gsmall_ptr,
+    dPJ_ptr, dPM_ptr, gP_ptr, pg_ptr, gj_ptr, gm_ptr, gsmall_ptr,
     B, H1, SP,
-    M: tl.constexpr, NRB: tl.constexpr, NHB: tl.constexpr, NEED_DZ: tl.constexpr,
+    M: tl.constexpr, HAS_GP: tl.constexpr, NRB: tl.constexpr, NHB: tl.constexpr, NEED_DZ: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
     """Program p < m·(NRB + NHB): modality p // (NRB + NHB), block p % (NRB + NHB) of its ∂z
-    or ∂W_1 (:func:`_input_grads`); the last program: gsmall = g_J pg[0] + g_M pg[1]."""
+    or ∂W_1 (:func:`_input_grads`, with ∂P_j = g_J ∂P^J + g_M ∂P^M_j [+ gP_j, the incoming
+    gradient of the returned projections]); the last program: gsmall = g_J pg[0] + g_M pg[1]."""
     pid = tl.program_id(0)
     gj = tl.load(gj_ptr).to(tl.float32)
     gm = tl.load(gm_ptr).to(tl.float32)
@@ -346,8 +355,9 @@ def _single_program_bwd_kernel(
             if j == jj:
                 _input_grads(_pick(jj, z0, z1, z2, z3), _pick(jj, w0, w1, w2, w3),
                              _pick(jj, dz0, dz1, dz2, dz3), _pick(jj, dw0, dw1, dw2, dw3),
-                             _pick(jj, dim0, dim1, dim2, dim3), task, dPJ_ptr, dPM_ptr + jj * B * H1,
-                             gj, gm, B, H1, NRB, NEED_DZ, BLOCK_R, BLOCK_K, BLOCK_D)
+                             _pick(jj, dim0, dim1, dim2, dim3), task, dPJ_ptr,
+                             dPM_ptr + jj * B * H1, gP_ptr + jj * B * H1, gj, gm, B, H1, HAS_GP,
+                             NRB, NEED_DZ, BLOCK_R, BLOCK_K, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------- launches
@@ -357,8 +367,10 @@ def _four(items, fill):
 
 
 class SingleProgramDependencyTerms(torch.autograd.Function):
-    """(joint_term, marginal_term) from the raw z's and critic parameters, gradients of both
-    terms computed in the forward launch; backward = one launch combining them."""
+    """(joint_term, marginal_term, P) from the raw z's and critic parameters, gradients of both
+    terms computed in the forward launch; backward = one launch combining them.  P (m × B ×
+    H_1, the projections of phase A) is differentiable too, so another op can build on it
+    (the gradient penalty of ``wasserstein_loss``) without projecting again."""
 
     @staticmethod
     def forward(ctx, kind, perms, act, m, *tensors):
@@ -397,10 +409,11 @@ class SingleProgramDependencyTerms(torch.autograd.Function):
         ctx.param_shapes = [(p.shape, p.dtype) for p in (b1, wout, bout, W2, b2)
                             if p is not None]
         ctx.save_for_backward(*zs, *w1s, dPJ, dPM, pg)
-        return joint, marginal
+        ctx.set_materialize_grads(False)  # unused outputs: None, not zero-filled buffers
+        return joint, marginal, P
 
     @staticmethod
-    def backward(ctx, g_joint, g_marg):
+    def backward(ctx, g_joint, g_marg, g_proj):
         m = ctx.m
         saved = ctx.saved_tensors
         zs, w1s = saved[:m], saved[m:2 * m]
@@ -423,8 +436,8 @@ class SingleProgramDependencyTerms(torch.autograd.Function):
         _single_program_bwd_kernel[(m * (nrb + nhb) + 1,)](
             *_four(zs, zs[0]), *_four(w1s, w1s[0]), *_four(dims, 1),
             *_four(dzs, dzs[0]), *_four(dws, dws[0]),
-            dPJ, dPM, pg, g_joint, g_marg, gsmall, B, H1, ctx.sp,
-            M=m, NRB=nrb, NHB=nhb, NEED_DZ=need_dz, BLOCK_R=block_r,
+            dPJ, dPM, dPM if g_proj is None else g_proj.float().contiguous(), pg, g_joint,
+            g_marg, gsmall, B, H1, ctx.sp, M=m, HAS_GP=g_proj is not None, NRB=nrb, NHB=nhb, NEED_DZ=need_dz, BLOCK_R=block_r,
             BLOCK_K=16 if interp else 32, BLOCK_D=min(64, block_size(max(dims))),
             BLOCK_S=256, num_warps=1 if interp else 8)
         grads, start = [], 0
@@ -438,10 +451,11 @@ class SingleProgramDependencyTerms(torch.autograd.Function):
         return (None, None, None, None, *(dzs if need_dz else [None] * m), *dws, *grads)
 
 
-def single_program_dependency_terms(kind, critic, zs, perms):
+def single_program_dependency_terms(kind, critic, zs, perms, return_projections=False):
     """(joint_term, marginal_term) of estimator ``kind`` in one forward launch and one
     backward launch (see the module docstring); ``perms`` is the (K, m, B) int64 index
-    tensor or ``None`` for the "all" grid.  Call through
+    tensor or ``None`` for the "all" grid.  ``return_projections=True`` also returns the
+    differentiable projections P (m × B × H_1, float32).  Call through
     :func:`~mdm_kernels.ops.critic_bounds.fused_dependency_terms`, which checks the inputs
     and decides when this path applies."""
     from .common import activation_code
@@ -450,5 +464,6 @@ def single_program_dependency_terms(kind, critic, zs, perms):
     tensors = [z.contiguous() for z in zs] + [w.contiguous() for w in critic.first_weights]
     tensors += [critic.first_bias, critic.out.weight, critic.out.bias,
                 tail_w[0] if tail_w else None, tail_b[0] if tail_b else None]
-    return SingleProgramDependencyTerms.apply(kind, perms, activation_code(critic), len(zs),
-                                              *tensors)
+    joint, marginal, P = SingleProgramDependencyTerms.apply(kind, perms, activation_code(critic),
+                                                            len(zs), *tensors)
+    return (joint, marginal, P) if return_projections else (joint, marginal)
