@@ -99,18 +99,21 @@ def main():
         n += 1
     from mdm_kernels.ops import outer_grid_bounds as ogb
     for kind, act in itertools.product(kinds, acts):
-        consts = dict(RED=ogb._RED[kind], ACT=act, BLOCK_R=16, BLOCK_C=256)  # _fwd_tiles()
-        kernel, secs = compile_one(ogb._outer_fwd_kernel, consts, 8, ints=("B", "S", "H"))
-        print(f"outer fwd {kind:11s} act={act}: {ptxas_report(kernel)}  ({secs:.1f}s)",
-              flush=True)
         gmode = {"dv": 1, "nwj": 1, "js": 3, "infonce": 2, "wasserstein": 0}[kind]
-        for owned_is_row in (True, False):
-            consts = dict(GMODE=gmode, OWNED_IS_ROW=owned_is_row, PARAM_GRADS=owned_is_row,
-                          ACT=act, BLOCK_S=16, BLOCK_O=256)  # _bwd_tiles()
-            kernel, secs = compile_one(ogb._outer_bwd_kernel, consts, 8, ints=("B", "S", "H"))
-            print(f"outer bwd {kind:11s} act={act} owned_is_row={owned_is_row}: "
-                  f"{ptxas_report(kernel)}  ({secs:.1f}s)", flush=True)
-        n += 3
+        for nf in ((2,) if kind == "infonce" else (2, 3)):
+            consts = dict(NF=nf, RED=ogb._RED[kind], ACT=act, BLOCK_R=16, BLOCK_C=256)
+            kernel, secs = compile_one(ogb._outer_fwd_kernel, consts, 8, ints=("B", "S", "H"))
+            print(f"outer fwd {kind:11s} nf={nf} act={act}: {ptxas_report(kernel)}  "
+                  f"({secs:.1f}s)", flush=True)
+            n += 1
+            for owned in range(nf):
+                consts = dict(NF=nf, OWNED=owned, GMODE=gmode, PARAM_GRADS=owned == 0,
+                              ACT=act, BLOCK_S=16, BLOCK_O=256)  # _bwd_tiles()
+                kernel, secs = compile_one(ogb._outer_bwd_kernel, consts, 8,
+                                           ints=("B", "S", "H"))
+                print(f"outer bwd {kind:11s} nf={nf} owned={owned} act={act}: "
+                      f"{ptxas_report(kernel)}  ({secs:.1f}s)", flush=True)
+                n += 1
     print(f"compiled {n} variants for sm_90 with triton {triton.__version__}")
 
 

@@ -335,16 +335,18 @@ def test_four_modalities():
     check("infonce", B=3, dims=(2, 3, 5, 2), hidden=(6,), act="gelu", negatives="all", seed=17)
 
 
-@pytest.mark.parametrize("hidden,expected", [((7,), (1, 2, 0)), ((7, 5), (0, 0, 3))],
-                         ids=["1layer", "2layers"])
-def test_two_factor_grid_takes_outer_sum_kernels(monkeypatch, hidden, expected):
-    """m = 2 "all" with one hidden layer runs the outer-sum kernels (one forward launch, one
-    backward launch per side); two hidden layers stay on the 2-D grid kernels."""
+@pytest.mark.parametrize("dims,hidden,expected", [
+    ((3, 4), (7,), (1, 2, 0)), ((3, 4, 2), (7,), (1, 3, 0)), ((3, 4), (7, 5), (0, 0, 3))],
+    ids=["m2-1layer", "m3-1layer", "m2-2layers"])
+def test_all_grid_takes_outer_sum_kernels(monkeypatch, dims, hidden, expected):
+    """"all" over two or three modalities with one hidden layer runs the outer-sum kernels
+    (one forward launch, one backward launch per factor); two hidden layers stay on the
+    gathered-tile kernels (their backward: the joint term, then one launch per factor)."""
     from mdm_kernels.ops import critic_bounds, outer_grid_bounds
     outer = _count_launches(monkeypatch, outer_grid_bounds,
                             ["_outer_fwd_kernel", "_outer_bwd_kernel"])
     grid = _count_launches(monkeypatch, critic_bounds, ["_bounds_bwd_kernel"])
-    critic, zs = _make(5, (3, 4), hidden, "relu", torch.float32, 18)
+    critic, zs = _make(5, dims, hidden, "relu", torch.float32, 18)
     joint, marg = fused_dependency_terms("dv", critic, zs, None, strategy="grid")
     (joint - marg).backward()
     got = (outer["_outer_fwd_kernel"], outer["_outer_bwd_kernel"], grid["_bounds_bwd_kernel"])

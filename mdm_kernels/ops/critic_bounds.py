@@ -792,6 +792,7 @@ def fused_dependency_terms(kind, critic, zs, samples, projections=None, strategy
     b1 = critic.first_bias.float().contiguous()
     if path == "outer":
         from .outer_grid_bounds import outer_grid_terms
-        return outer_grid_terms(kind, critic, P, b1, wout, bout, activation_code(critic))
+        return outer_grid_terms(kind, critic, P, b1, wout, bout, activation_code(critic),
+                                _marginal_plan(kind, P.shape[1], P.shape[0], perms).NF)
     return FusedDependencyTerms.apply(kind, perms, activation_code(critic), P, b1, wout, bout,
                                       W2, b2)

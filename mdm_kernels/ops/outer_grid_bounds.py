@@ -1,39 +1,42 @@
-"""The ``"all"``-negatives marginal term of a one-hidden-layer critic over a two-factor grid,
-as outer sums: (rows × columns) score tiles built one hidden unit at a time.
+"""The ``"all"``-negatives marginal term of a one-hidden-layer critic over a grid of two or
+three factors, as outer sums: (rows × columns) score tiles built one hidden unit at a time.
 
-Two-factor grids are ``"all"`` with m = 2 (every pair (i, j) of rows of z_1 and z_2) and
-InfoNCE's ``"all"`` (anchor i × candidate j, the candidate modalities kept together).  With
-the split first layer every grid score is
+The grids: ``"all"`` with m = 2 or 3 (every combination of rows of z_1, …, z_m) and InfoNCE's
+``"all"`` (anchor i × candidate j, the candidate modalities kept together, two factors).
+With the split first layer every grid score is
 
-    T(r, c) = w_out · σ(A[r] + C[c]) + b_out,     A = P_1 + b_1,   C = Σ_{k ≥ 2} P_k   (B × H)
+    T(i_0, …, i_{NF−1}) = w_out · σ(Σ_f F_f[i_f]) + b_out      (factors F_f: B × H)
 
-— the critic of an outer *sum*.  Forward: a program takes BLOCK_R rows × BLOCK_C columns
-of the grid and loops over the hidden units h, adding w_out[h]·σ(Aᵀ[h, r] + Cᵀ[h, c]) into
-the (BLOCK_R × BLOCK_C) score tile: 1 add, σ and 1 fma per (pair, hidden unit), no
-reduction, and each value loaded from Aᵀ / Cᵀ serves BLOCK_C (BLOCK_R) pairs — where the 2-D
-kernels of :mod:`~mdm_kernels.ops.critic_bounds` re-gather one (BLOCK_N × H) row tile per
-BLOCK_N samples and so read 4 bytes of L2 per (pair, hidden unit), a bandwidth bound at
-about a tenth of the FP32 instruction bound (~3 instructions per pair and hidden unit).
+with F_0 = P_1 + b_1 and F_f = P_{f+1} (or, for InfoNCE, F_1 = Σ_{k ≥ 2} P_k) — the critic of
+an outer *sum*.  Forward: rows are the combinations of the first NF − 1 factors, columns the
+last factor.  A program takes BLOCK_R rows × BLOCK_C columns and loops over the hidden units
+h, adding w_out[h]·σ(z) into the (BLOCK_R × BLOCK_C) score tile: 1-2 adds, σ and 1 fma per
+(sample, hidden unit), no reduction, and each value loaded from Fᵀ serves BLOCK_C (BLOCK_R)
+samples — where the 2-D kernels of :mod:`~mdm_kernels.ops.critic_bounds` re-gather one
+(BLOCK_N × H) row tile per BLOCK_N samples and so read 4 bytes of L2 per (sample, hidden
+unit), a bandwidth bound at about a tenth of the FP32 instruction bound (~3 instructions per
+sample and hidden unit).  With three factors a row block is one index of F_0 and 16
+consecutive (padded) indices of F_1, so its loads stay vectorised.
 
 Forward: the estimator's reduction of T over the B² pairs, in registers (sum, online
 log-sum-exp per tile element, or per-row log-sum-exp for InfoNCE), one partial per program.
 
-Backward, from g(r, c) = ∂term/∂T(r, c) (the φ of :mod:`~mdm_kernels.ops.critic_bounds`):
+Backward, from g = ∂term/∂T (the φ of :mod:`~mdm_kernels.ops.critic_bounds`):
 
-    ∂A[r]   = w_out ⊙ Σ_c g(r, c) σ'(A[r] + C[c])
-    ∂C[c]   = w_out ⊙ Σ_r g(r, c) σ'(A[r] + C[c])
-    ∂w_out  = Σ_{r,c} g(r, c) σ(A[r] + C[c]),      ∂b_out = Σ_{r,c} g(r, c)
+    ∂F_f[i]  = w_out ⊙ Σ_{samples with i_f = i} g · σ'(z)
+    ∂w_out   = Σ g · σ(z),      ∂b_out = Σ g
 
-in two launches of one kernel, one per side, without atomics (deterministic): a program
-owns a block of that side's indices, one per thread, and sweeps the other side in blocks.
-Per tile it recomputes T with the forward's own loop (bitwise the same scores, so e^{T − LSE}
-is consistent with the saved LSE even at |T| ~ 1e4), forms g, then loops over h again: the
-sum over the swept side is in-thread and is added into ∂Oᵀ[h, o] by the thread owning o.
-The ∂A launch also accumulates the w_out partials.  Autograd carries ∂A into P_1 and b_1,
-and ∂C into every P_k, k ≥ 2.
+in one launch per factor, without atomics (deterministic): a program owns a block of that
+factor's indices, one per thread, and sweeps the combinations of the other factors in
+blocks.  Per tile it recomputes T with the forward's own loop — every launch sums z in the
+canonical order ((F_0 + F_1) + F_2), so the scores are bitwise the forward's and e^{T − LSE}
+is consistent with the saved LSE even at |T| ~ 1e4 — forms g, then loops over h again: the
+sum over the swept side is in-thread and is added into ∂F_fᵀ[h, o] by the thread owning o.
+The first launch also accumulates the w_out partials.  Autograd carries ∂F_0 into P_1 and
+b_1, and the other factors' gradients into their projections.
 
-Memory: Aᵀ, Cᵀ, ∂Aᵀ, ∂Cᵀ and the w_out partials (5·B·H floats, B padded to 256), B row
-LSEs, one partial per program — O(B·H).
+Memory: Fᵀ, one ∂Fᵀ at a time and the w_out partials ((NF + 2)·B·H floats, B padded to 256),
+B row LSEs, one partial per program — O(B·H).
 """
 from __future__ import annotations
 
@@ -50,25 +53,66 @@ from .critic_bounds import (G_EXP_ROW, G_EXP_SHIFT, G_ONE, G_SIGMOID, RED_LSE, R
 from .triton_backend import interpreter_enabled
 
 @triton.jit
-def _outer_scores(At_ptr, Ct_ptr, wout_ptr, bout, rows, cols, S, H, ACT: tl.constexpr):
-    """T(r, c) = Σ_h w_out[h]·σ(A[r, h] + C[c, h]) + b_out for a (BLOCK_R × BLOCK_C) tile,
-    one hidden unit at a time: an outer sum per unit (1 add, σ, 1 fma per pair — no
-    reduction, so no shuffles), reading the unit's row of Aᵀ / Cᵀ (H × S, zero-padded to a
-    whole number of blocks: unmasked loads, and S divisible by 16 lets them vectorise)."""
-    t = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32) + bout
+def _pair_preact(Ft_ptr, h, S, HS, s_idx, s_scalar, o_idx, NF: tl.constexpr,
+                 OWNED: tl.constexpr):
+    """Pre-activation z[s, o] of hidden unit h on a (swept × owned) tile, always summed in
+    the canonical order ((F_0 + F_1) + F_2) whichever factor is owned, so that every launch
+    computes bitwise the same scores.  Fᵀ is (NF, H, S).  NF = 2: the swept index s_idx and
+    the owned index o_idx are the other factor's and factor OWNED's.  NF = 3: the swept side
+    is (s_scalar, s_idx) — one index of the lower remaining factor for the whole tile and a
+    vector of the higher one."""
+    if NF == 2:
+        w = tl.load(Ft_ptr + (1 - OWNED) * HS + h * S + s_idx)
+        o = tl.load(Ft_ptr + OWNED * HS + h * S + o_idx)
+        z = w[:, None] + o[None, :]
+    else:
+        if OWNED == 2:
+            y = tl.load(Ft_ptr + h * S + s_scalar) + tl.load(Ft_ptr + HS + h * S + s_idx)
+            z = y[:, None] + tl.load(Ft_ptr + 2 * HS + h * S + o_idx)[None, :]
+        else:
+            if OWNED == 0:
+                x = tl.load(Ft_ptr + h * S + o_idx) + tl.load(Ft_ptr + HS + h * S + s_scalar)
+            else:
+                x = tl.load(Ft_ptr + h * S + s_scalar) + tl.load(Ft_ptr + HS + h * S + o_idx)
+            z = tl.load(Ft_ptr + 2 * HS + h * S + s_idx)[:, None] + x[None, :]
+    return z
+
+
+@triton.jit
+def _outer_scores(Ft_ptr, wout_ptr, bout, s_idx, s_scalar, o_idx, S, H, NF: tl.constexpr,
+                  OWNED: tl.constexpr, ACT: tl.constexpr):
+    """T = Σ_h w_out[h]·σ(z_h) + b_out of a (swept × owned) tile, one hidden unit at a time:
+    an outer sum per unit (1-2 adds, σ, 1 fma per pair — no reduction, so no shuffles),
+    reading rows of the zero-padded Fᵀ (unmasked loads; S divisible by 16 lets the
+    per-thread runs of 16 swept indices load as 128-bit vectors)."""
+    t = tl.zeros([s_idx.shape[0], o_idx.shape[0]], tl.float32) + bout
     for h in range(0, H):
-        a = tl.load(At_ptr + h * S + rows)
-        c = tl.load(Ct_ptr + h * S + cols)
-        t += tl.load(wout_ptr + h) * activation(a[:, None] + c[None, :], ACT)
+        z = _pair_preact(Ft_ptr, h, S, H * S, s_idx, s_scalar, o_idx, NF, OWNED)
+        t += tl.load(wout_ptr + h) * activation(z, ACT)
     return t
 
 
 @triton.jit
-def _outer_fwd_kernel(At_ptr, Ct_ptr, wout_ptr, bout_ptr, stats_ptr, row_lse_ptr, B, S, H,
-                      RED: tl.constexpr, ACT: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
-    """Per-program partial of the reduction (stats[pid] = sum, or (max, Σ e^{T − max}));
-    RED_LSE_ROW stores LSE_r of the rows a program owns."""
+def _swept_block(sb, offs, B, S, NF: tl.constexpr, BLOCK: tl.constexpr):
+    """Swept block sb → (s_idx vector, s_scalar, validity): NF = 2 blocks of the B indices;
+    NF = 3 blocks of the (B × S) combinations, the vector index running within S."""
+    if NF == 2:
+        s_idx = sb * BLOCK + offs
+        s_scalar = 0
+    else:
+        per = S // BLOCK
+        s_scalar = sb // per
+        s_idx = (sb % per) * BLOCK + offs
+    return s_idx, s_scalar, s_idx < B
+
+
+@triton.jit
+def _outer_fwd_kernel(Ft_ptr, wout_ptr, bout_ptr, stats_ptr, row_lse_ptr, B, S, H,
+                      NF: tl.constexpr, RED: tl.constexpr, ACT: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-program partial of the reduction over the grid (rows: the combinations of the
+    first NF − 1 factors, columns: the last factor): stats[pid] = sum, or (max, Σ e^{T − max});
+    RED_LSE_ROW (InfoNCE, NF = 2) stores LSE_r of the rows a program owns."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     offs_r = tl.arange(0, BLOCK_R)
@@ -77,15 +121,19 @@ def _outer_fwd_kernel(At_ptr, Ct_ptr, wout_ptr, bout_ptr, stats_ptr, row_lse_ptr
     acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     run_m = tl.zeros([BLOCK_R, BLOCK_C], tl.float32) + _NEG_BIG
     run_s = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-    for rb in range(pid, tl.cdiv(B, BLOCK_R), G):
-        rows = rb * BLOCK_R + offs_r
-        rmask = rows < B
+    if NF == 2:
+        n_rb = tl.cdiv(B, BLOCK_R)
+    else:
+        n_rb = B * (S // BLOCK_R)
+    for rb in range(pid, n_rb, G):
+        rows, r_scalar, rmask = _swept_block(rb, offs_r, B, S, NF, BLOCK_R)
         row_m = tl.zeros([BLOCK_R], tl.float32) + _NEG_BIG
         row_s = tl.zeros([BLOCK_R], tl.float32)
         for cb in range(0, tl.cdiv(B, BLOCK_C)):
             cols = cb * BLOCK_C + offs_c
             cmask = cols < B
-            t = _outer_scores(At_ptr, Ct_ptr, wout_ptr, bout, rows, cols, S, H, ACT)
+            t = _outer_scores(Ft_ptr, wout_ptr, bout, rows, r_scalar, cols, S, H, NF, NF - 1,
+                              ACT)
             valid = rmask[:, None] & cmask[None, :]
             if RED == 0:
                 acc += tl.where(valid, t, 0.0)
@@ -115,18 +163,18 @@ def _outer_fwd_kernel(At_ptr, Ct_ptr, wout_ptr, bout_ptr, stats_ptr, row_lse_ptr
 
 
 @triton.jit
-def _outer_bwd_kernel(Ot_ptr, Wt_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, row_lse_ptr,
+def _outer_bwd_kernel(Ft_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, row_lse_ptr,
                       dOt_ptr, gwt_ptr, gbout_ptr, B, S, H,
-                      GMODE: tl.constexpr, OWNED_IS_ROW: tl.constexpr,
+                      NF: tl.constexpr, OWNED: tl.constexpr, GMODE: tl.constexpr,
                       PARAM_GRADS: tl.constexpr, ACT: tl.constexpr, BLOCK_S: tl.constexpr,
                       BLOCK_O: tl.constexpr):
-    """Gradient of the owned side O (A when OWNED_IS_ROW, else C) of the grid, the other
-    side W swept: tiles of BLOCK_S swept × BLOCK_O owned indices, one owned index per
-    thread.  Per tile: T by :func:`_outer_scores` (bitwise the forward's: a + c commutes),
-    g = ∂term/∂T, then per hidden unit h the column sums Σ_s g·σ'(z) (in-thread) are added
-    into ∂Oᵀ[h, o] (and with PARAM_GRADS Σ_s g·σ(z) into the w_out partials gwᵀ[h, o]) by
-    the thread that owns o — the same thread on every tile, so no atomics and no barrier.
-    ∂Oᵀ must hold zeros on entry; w_out is applied by the caller."""
+    """Gradient of factor OWNED, all other factors swept: tiles of BLOCK_S swept × BLOCK_O
+    owned indices, one owned index per thread.  Per tile: T by :func:`_outer_scores`
+    (bitwise the forward's), g = ∂term/∂T, then per hidden unit h the sums over the swept
+    side Σ_s g·σ'(z) (in-thread) are added into ∂Fᵀ[h, o] (with PARAM_GRADS also Σ_s g·σ(z)
+    into the w_out partials gwᵀ[h, o]) by the thread that owns o — the same thread on every
+    tile, so no atomics and no barrier.  ∂Fᵀ must hold zeros on entry; the caller applies
+    w_out."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     offs_s = tl.arange(0, BLOCK_S)
@@ -135,16 +183,20 @@ def _outer_bwd_kernel(Ot_ptr, Wt_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, 
     scale = tl.load(scale_ptr)
     shift = tl.load(shift_ptr)
     gb = tl.zeros([BLOCK_S, BLOCK_O], tl.float32)
+    if NF == 2:
+        n_sb = tl.cdiv(B, BLOCK_S)
+    else:
+        n_sb = B * (S // BLOCK_S)
     for ob in range(pid, tl.cdiv(B, BLOCK_O), G):
         own = ob * BLOCK_O + offs_o
         omask = own < B
-        for sb in range(0, tl.cdiv(B, BLOCK_S)):
-            swept = sb * BLOCK_S + offs_s
-            smask = swept < B
+        for sb in range(0, n_sb):
+            swept, s_scalar, smask = _swept_block(sb, offs_s, B, S, NF, BLOCK_S)
             valid = smask[:, None] & omask[None, :]
-            t = _outer_scores(Wt_ptr, Ot_ptr, wout_ptr, bout, swept, own, S, H, ACT)
-            if GMODE == 2:  # InfoNCE: the anchor is the row side (A)
-                if OWNED_IS_ROW:
+            t = _outer_scores(Ft_ptr, wout_ptr, bout, swept, s_scalar, own, S, H, NF, OWNED,
+                              ACT)
+            if GMODE == 2:  # InfoNCE (NF = 2): the anchor is factor 0
+                if OWNED == 0:
                     anchor_shift = tl.load(row_lse_ptr + own, mask=omask, other=0.0)[None, :]
                 else:
                     anchor_shift = tl.load(row_lse_ptr + swept, mask=smask, other=0.0)[:, None]
@@ -154,9 +206,7 @@ def _outer_bwd_kernel(Ot_ptr, Wt_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, 
             if PARAM_GRADS:
                 gb += g
             for h in range(0, H):
-                w = tl.load(Wt_ptr + h * S + swept)
-                o = tl.load(Ot_ptr + h * S + own)
-                z = w[:, None] + o[None, :]
+                z = _pair_preact(Ft_ptr, h, S, H * S, swept, s_scalar, own, NF, OWNED)
                 p_own = dOt_ptr + h * S + own
                 tl.store(p_own, tl.load(p_own) + tl.sum(g * activation_grad(z, ACT), axis=0))
                 if PARAM_GRADS:
@@ -184,11 +234,6 @@ def _bwd_tiles() -> tuple[int, int]:
     return (4, 16) if interpreter_enabled() else (16, 256)
 
 
-def _padded(X: torch.Tensor, S: int) -> torch.Tensor:
-    """Xᵀ (H × S) with zero columns beyond B."""
-    return torch.nn.functional.pad(X.t(), (0, S - X.shape[0]))
-
-
 def _programs(blocks: int, device) -> int:
     if interpreter_enabled() or device.type != "cuda":
         return max(1, min(blocks, 3))
@@ -200,29 +245,33 @@ _RED = {"dv": RED_LSE, "nwj": RED_LSE, "js": RED_SOFTPLUS, "infonce": RED_LSE_RO
 
 
 def _stride(B: int) -> int:
-    """Padded batch S of Aᵀ / Cᵀ: a multiple of every block size (all powers of two)."""
+    """Padded batch S of Fᵀ: a multiple of every block size (all powers of two)."""
     step = max(*_fwd_tiles(), *_bwd_tiles())
     return triton.cdiv(B, step) * step
 
 
 class OuterGridMarginal(torch.autograd.Function):
-    """Marginal term over the B × B grid T(r, c) = w_out·σ(A[r] + C[c]) + b_out (module
-    docstring); differentiable w.r.t. A, C, w_out (H,) and b_out (1,)."""
+    """Marginal term over the grid of NF = 2 or 3 factors F_f (B × H each),
+    T(i_0, …) = w_out·σ(Σ_f F_f[i_f]) + b_out (module docstring); differentiable w.r.t.
+    every factor, w_out (H,) and b_out (1,)."""
 
     @staticmethod
-    def forward(ctx, kind, act, A, C, wout, bout):
-        B, H = A.shape
+    def forward(ctx, kind, act, wout, bout, *factors):
+        nf = len(factors)
+        B, H = factors[0].shape
         S = _stride(B)
-        At, Ct = _padded(A, S), _padded(C, S)
+        # Fᵀ (NF, H, S), zero columns beyond B
+        Ft = torch.nn.functional.pad(torch.stack(factors).transpose(1, 2), (0, S - B))
         br, bc = _fwd_tiles()
         red = _RED[kind]
-        G = _programs(triton.cdiv(B, br), A.device)
-        stats = torch.empty(G, 2, device=A.device, dtype=torch.float32)
-        row_lse = torch.empty(B, device=A.device, dtype=torch.float32)
-        _outer_fwd_kernel[(G,)](At, Ct, wout, bout, stats, row_lse, B, S, H, RED=red, ACT=act,
-                                BLOCK_R=br, BLOCK_C=bc,
+        n_rb = triton.cdiv(B, br) if nf == 2 else B * (S // br)
+        G = _programs(n_rb, Ft.device)
+        stats = torch.empty(G, 2, device=Ft.device, dtype=torch.float32)
+        row_lse = torch.empty(B, device=Ft.device, dtype=torch.float32)
+        _outer_fwd_kernel[(G,)](Ft, wout, bout, stats, row_lse, B, S, H, NF=nf, RED=red,
+                                ACT=act, BLOCK_R=br, BLOCK_C=bc,
                                 num_warps=1 if interpreter_enabled() else 8)
-        n = B * B
+        n = B ** nf
         stat = None
         if red == RED_LSE:
             stat = _combine_lse(stats)
@@ -234,17 +283,17 @@ class OuterGridMarginal(torch.autograd.Function):
         else:
             value = stats[:, 0].sum() / n
         ctx.kind, ctx.act, ctx.B = kind, act, B
-        ctx.save_for_backward(At, Ct, wout, bout, stat if stat is not None else row_lse)
+        ctx.save_for_backward(Ft, wout, bout, stat if stat is not None else row_lse)
         return value
 
     @staticmethod
     def backward(ctx, grad):
-        At, Ct, wout, bout, stat = ctx.saved_tensors
+        Ft, wout, bout, stat = ctx.saved_tensors
         kind, act, B = ctx.kind, ctx.act, ctx.B
-        H, S = At.shape
-        n = B * B
+        nf, H, S = Ft.shape
+        n = B ** nf
         grad = grad.float().reshape(1)
-        zero = torch.zeros(1, device=At.device, dtype=torch.float32)
+        zero = torch.zeros(1, device=Ft.device, dtype=torch.float32)
         row_lse = zero
         if kind == "dv":
             gmode, scale, shift = G_EXP_SHIFT, grad, stat.reshape(1)
@@ -255,39 +304,39 @@ class OuterGridMarginal(torch.autograd.Function):
         else:
             gmode, scale, shift = (G_SIGMOID if kind == "js" else G_ONE), grad / n, zero
         bs, bo = _bwd_tiles()
-        G = _programs(triton.cdiv(B, bo), At.device)
+        G = _programs(triton.cdiv(B, bo), Ft.device)
         grads = []
-        for owned_is_row in (True, False):
-            Ot, Wt = (At, Ct) if owned_is_row else (Ct, At)
-            dOt = torch.zeros_like(Ot)
-            gwt = torch.zeros_like(Ot) if owned_is_row else dOt
-            gb = torch.empty(G, device=At.device, dtype=torch.float32)
-            _outer_bwd_kernel[(G,)](Ot, Wt, wout, bout, scale.contiguous(), shift.contiguous(),
-                                    row_lse, dOt, gwt, gb, B, S, H, GMODE=gmode,
-                                    OWNED_IS_ROW=owned_is_row, PARAM_GRADS=owned_is_row,
-                                    ACT=act, BLOCK_S=bs, BLOCK_O=bo,
-                                    num_warps=1 if interpreter_enabled() else 8)
+        for f in range(nf):  # one launch per factor, the w_out / b_out partials in the first
+            dOt = torch.zeros(H, S, device=Ft.device, dtype=torch.float32)
+            gwt = torch.zeros_like(dOt) if f == 0 else dOt
+            gb = torch.empty(G, device=Ft.device, dtype=torch.float32)
+            _outer_bwd_kernel[(G,)](Ft, wout, bout, scale.contiguous(), shift.contiguous(),
+                                    row_lse, dOt, gwt, gb, B, S, H, NF=nf, OWNED=f,
+                                    GMODE=gmode, PARAM_GRADS=f == 0, ACT=act, BLOCK_S=bs,
+                                    BLOCK_O=bo, num_warps=1 if interpreter_enabled() else 8)
             grads.append((dOt[:, :B] * wout[:, None]).t())
-            if owned_is_row:
+            if f == 0:
                 g_wout = gwt.sum(1)
                 g_bout = gb.sum().reshape(1)
-        dA, dC = grads
-        return None, None, dA, dC, g_wout, g_bout
+        return (None, None, g_wout, g_bout, *grads)
 
 
 def outer_grid_applies(kind, critic, plan_idx, plan_nf, idx_grid) -> bool:
-    """Whether :func:`outer_grid_terms` takes this step: an ``"all"`` grid of two factors
-    and a one-hidden-layer critic."""
-    return plan_idx == idx_grid and plan_nf == 2 and len(critic.hidden) == 1
+    """Whether :func:`outer_grid_terms` takes this step: an ``"all"`` grid of two or three
+    factors and a one-hidden-layer critic."""
+    return plan_idx == idx_grid and plan_nf in (2, 3) and len(critic.hidden) == 1
 
 
-def outer_grid_terms(kind, critic, P, b1, wout, bout, act):
-    """(joint_term, marginal_term) on the two-factor ``"all"`` grid from the stacked
-    projections P (m × B × H, float32): the joint term (B diagonal pairs) in torch, the
-    marginal term with :class:`OuterGridMarginal`."""
-    A = P[0] + b1
-    C = P[1:].sum(0)
-    t_joint = critic.act(A + C) @ wout + bout
+def outer_grid_terms(kind, critic, P, b1, wout, bout, act, num_factors):
+    """(joint_term, marginal_term) on a two- or three-factor ``"all"`` grid from the stacked
+    projections P (m × B × H, float32): the joint term (B diagonal samples) in torch, the
+    marginal term with :class:`OuterGridMarginal`.  Factors: F_0 = P_1 + b_1, then P_2, P_3
+    (m = 3), or the candidate sum Σ_{k ≥ 2} P_k (two factors: m = 2, InfoNCE)."""
+    first = P[0] + b1
+    rest = [P[1:].sum(0)] if num_factors == 2 else list(P[1:])
+    factors = [first] + rest
+    t_joint = critic.act(sum(factors)) @ wout + bout
     joint = (-torch.nn.functional.softplus(-t_joint) if kind == "js" else t_joint).mean()
-    marginal = OuterGridMarginal.apply(kind, act, A.contiguous(), C.contiguous(), wout, bout)
+    marginal = OuterGridMarginal.apply(kind, act, wout, bout,
+                                       *[f.contiguous() for f in factors])
     return joint, marginal
