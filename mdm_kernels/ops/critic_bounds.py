@@ -743,7 +743,8 @@ def choose_strategy(kind, critic, zs, samples, strategy="auto", projections=None
 def execution_path(kind, critic, zs, samples, strategy="auto", projections=None) -> str:
     """The kernel family :func:`fused_dependency_terms` runs for these inputs: ``"single"``
     (:mod:`~mdm_kernels.ops.single_program_bounds`), ``"outer"``
-    (:mod:`~mdm_kernels.ops.outer_grid_bounds`) or ``"grid"`` (this module's kernels)."""
+    (:mod:`~mdm_kernels.ops.outer_grid_bounds`, ``"all"`` with m ≤ 3) or ``"grid"`` (this
+    module's kernels)."""
     if choose_strategy(kind, critic, zs, samples, strategy, projections) == "single":
         return "single"
     from .outer_grid_bounds import outer_grid_applies

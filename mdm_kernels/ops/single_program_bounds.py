@@ -67,7 +67,21 @@ MAX_MODALITIES = 4
 #: Largest :func:`single_program_work` run by one program; above it the multi-program path
 #: wins.  About 10^8 multiply-adds is ~0.2 ms on one H100/H200 SM (fp32 FMA) — the host cost
 #: the multi-program path pays in launches.  Override with ``MDM_SINGLE_PROGRAM_MAX_WORK``.
-SINGLE_PROGRAM_MAX_WORK = int(os.environ.get("MDM_SINGLE_PROGRAM_MAX_WORK", 10 ** 8))
+def _max_work_from_env(default: int = 10 ** 8) -> int:
+    raw = os.environ.get("MDM_SINGLE_PROGRAM_MAX_WORK", "")
+    if not raw:
+        return default
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise ValueError(f"MDM_SINGLE_PROGRAM_MAX_WORK must be a number of multiply-adds, "
+                         f"got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"MDM_SINGLE_PROGRAM_MAX_WORK must be >= 0, got {raw!r}")
+    return value
+
+
+SINGLE_PROGRAM_MAX_WORK = _max_work_from_env()
 
 KIND_CODES = {"dv": 0, "nwj": 1, "js": 2, "infonce": 3, "wasserstein": 4}
 #: Reduction of the marginal scores, per estimator (critic_bounds' RED_* codes).
