@@ -375,6 +375,7 @@ def _penalty(critic, sj, sm, mi, eps, jb, one_sided, atomic):
                                       activation_code(critic), atomic)
 
 
+@torch.compiler.disable
 def fused_gradient_penalty(critic, joint, marginal, eps, one_sided) -> torch.Tensor:
     """WGAN-GP of an ``MLPCritic`` at x̂ = ε·joint + (1 − ε)·marginal (validated per-modality
     tensors N × d_k, ε of shape (N,)); 0-dim float32, differentiable w.r.t. the critic's
@@ -386,13 +387,15 @@ def fused_gradient_penalty(critic, joint, marginal, eps, one_sided) -> torch.Ten
     return _penalty(critic, sj, sm, None, eps, sj.shape[0], one_sided, atomic=False)
 
 
+@torch.compiler.disable
 def fused_wasserstein_terms(critic, zs, samples, gp_perms, eps, one_sided):
     """(joint_term, marginal_term, gp) of ``wasserstein_loss``, one projection per modality
     shared by the dependency estimator and the penalty: torch GEMMs on the multi-program
     path, the in-kernel projections of the one-program path for small steps.
 
     GP row n = k·B + i interpolates joint row i (pre-activation Σ_j P_j[i]) with marginal
-    sample (k, i) (Σ_j P_j[gp_perms[k, j, i]]), ε = eps[n].
+    sample (k, i) (Σ_j P_j[gp_perms[k, j, i]]), ε = eps[n].  Dynamo graph-breaks around
+    this call (``torch.compiler.disable``), as around every fused op; autograd flows.
     """
     if choose_strategy("wasserstein", critic, zs, samples) == "single":
         # small step: the one-program estimator, whose in-kernel projections (returned,
