@@ -33,6 +33,11 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 
 def signature(fn, consts, ints=(), floats=(), int_ptrs=()):
+    """Triton signature of ``fn``: every constexpr must be given in ``consts`` (a missing one
+    would otherwise be typed as a pointer and compile a different kernel)."""
+    missing = [fn.arg_names[i] for i in fn.constexprs if fn.arg_names[i] not in consts]
+    if missing:
+        raise ValueError(f"{fn.__name__}: constexpr arguments without a value: {missing}")
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -81,7 +86,7 @@ def main():
         layouts = [(2, 2, True, 3), (3, 1, False, 3)] if kind == "infonce" else \
             [(1, 1, False, 3), (2, 2, False, 2), (2, 3, False, 3)]
         for idx, nf, grouped, m in layouts:
-            consts = dict(M=m, KIND=spb.KIND_CODES[kind],
+            consts = dict(M=m, KIND=spb.KIND_CODES[kind], RED_M=spb._MARGINAL_RED[kind],
                           GMODE_J=spb.G_SIGMOID_NEG if kind == "js" else spb.G_ONE,
                           GMODE_M=spb._MARGINAL_GMODE[kind], IDX=idx, NF=nf, GROUPED=grouped,
                           TWO_LAYERS=two, ACT=act, BLOCK_H1=128, BLOCK_H2=16,
@@ -91,11 +96,12 @@ def main():
             print(f"fwd {kind:11s} idx={idx} nf={nf} m={m} layers={1 + two} act={act}: "
                   f"{ptxas_report(kernel)}  ({secs:.1f}s)", flush=True)
             n += 1
-    for m in (2, 3):
-        consts = dict(M=m, NRB=8, NHB=4, NEED_DZ=True, BLOCK_R=32, BLOCK_K=32, BLOCK_D=64,
-                      BLOCK_S=256)
+    for m, has_gp in ((2, False), (3, False), (3, True)):
+        consts = dict(M=m, HAS_GP=has_gp, NRB=8, NHB=4, NEED_DZ=True, BLOCK_R=32, BLOCK_K=16,
+                      BLOCK_D=64, BLOCK_S=256)
         kernel, secs = compile_one(bwd, consts, 8, ints=("B", "H1", "SP"))
-        print(f"bwd m={m}: {ptxas_report(kernel)}  ({secs:.1f}s)", flush=True)
+        print(f"bwd m={m} projections-grad={has_gp}: {ptxas_report(kernel)}  ({secs:.1f}s)",
+              flush=True)
         n += 1
     from mdm_kernels.ops import outer_grid_bounds as ogb
     for kind, act in itertools.product(kinds, acts):

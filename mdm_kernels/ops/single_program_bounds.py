@@ -444,7 +444,7 @@ class SingleProgramDependencyTerms(torch.autograd.Function):
         dws = [torch.empty_like(w) for w in w1s]
         gsmall = torch.empty(ctx.sp, device=device, dtype=torch.float32)
         interp = interpreter_enabled()
-        block_r = 16 if interp else 32  # tiles/warps: no ptxas spills on sm_90
+        block_r = 16 if interp else 32  # tiles/warps: no ptxas spills on sm_90 (compile_sm90)
         nrb, nhb = triton.cdiv(B, block_r), triton.cdiv(H1, block_r)
         dims = [z.shape[1] for z in zs]
         _single_program_bwd_kernel[(m * (nrb + nhb) + 1,)](
@@ -452,8 +452,8 @@ class SingleProgramDependencyTerms(torch.autograd.Function):
             *_four(dzs, dzs[0]), *_four(dws, dws[0]),
             dPJ, dPM, dPM if g_proj is None else g_proj.float().contiguous(), pg, g_joint,
             g_marg, gsmall, B, H1, ctx.sp, M=m, HAS_GP=g_proj is not None, NRB=nrb, NHB=nhb, NEED_DZ=need_dz, BLOCK_R=block_r,
-            BLOCK_K=16 if interp else 32, BLOCK_D=min(64, block_size(max(dims))),
-            BLOCK_S=256, num_warps=1 if interp else 8)
+            BLOCK_K=16, BLOCK_D=min(64, block_size(max(dims))), BLOCK_S=256,
+            num_warps=1 if interp else 8)
         grads, start = [], 0
         for shape, dtype in ctx.param_shapes:
             size = math.prod(shape)
