@@ -1,7 +1,8 @@
 """Compile the one-program and outer-sum estimator kernels for sm_90 with the real Triton compiler and
 report ptxas' register and spill counts — a GPU-free check that the kernels build for an
-H100/H200 and fit in registers.  Needs Triton (3.6 is what the GPU machine has) and the
-CUDA toolkit's ptxas; no GPU.
+H100/H200 and fit in registers.  No GPU needed; use Triton 3.6 (what the GPU machine has:
+Triton 3.9 emits PTX 9.4, which the CUDA 13.0 ptxas here rejects — the report then says so)
+with numpy < 2.3, e.g. a venv with ``triton==3.6.0 "numpy<2.3"`` and the CPU torch:
 
     PYTHONPATH=. python python/compile_sm90.py [--quick]
 
@@ -53,17 +54,32 @@ def signature(fn, consts, ints=(), floats=(), int_ptrs=()):
     return sig
 
 
+def _ptxas_candidates() -> list[str]:
+    """Triton's bundled ptxas, then the CUDA toolkit's (PTX versions differ between them)."""
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                           "ptxas")
+    found = [bundled] if os.path.exists(bundled) else []
+    return found + [shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"]
+
+
 def ptxas_report(kernel) -> str:
-    ptxas = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
+    """ptxas' register / spill-store counts for sm_90a, from the first ptxas that accepts
+    the PTX version."""
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
-    out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
-                         capture_output=True, text=True)
-    os.unlink(f.name)
-    text = out.stdout + out.stderr
-    regs = re.search(r"Used (\d+) registers", text)
-    spill = re.search(r"(\d+) bytes spill stores", text)
-    return f"regs {regs.group(1) if regs else '?'} spill-stores {spill.group(1) if spill else '?'}"
+    try:
+        for ptxas in _ptxas_candidates():
+            out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                                 capture_output=True, text=True)
+            text = out.stdout + out.stderr
+            if out.returncode == 0:
+                regs = re.search(r"Used (\d+) registers", text)
+                spill = re.search(r"(\d+) bytes spill stores", text)
+                return (f"regs {regs.group(1) if regs else '?'} "
+                        f"spill-stores {spill.group(1) if spill else '?'}")
+        return f"ptxas failed: {text.strip().splitlines()[0] if text.strip() else out.returncode}"
+    finally:
+        os.unlink(f.name)
 
 
 def compile_one(fn, consts, num_warps, **sig):
