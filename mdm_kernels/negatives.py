@@ -17,8 +17,11 @@ For InfoNCE the first modality is the anchor and the others stay together as the
 sample (k, i) pairs anchor i with candidate row ``perms[k, 1, i]`` of every other modality,
 so an explicit ``perms`` must have ``perms[:, 0]`` = 0..B-1 and ``perms[:, j]`` equal for j ≥ 1.
 
-Randomness comes only from the ``generator`` passed in (or torch's default generator when it
-is ``None``); given ``perms`` everything is deterministic.
+Randomness comes only from the ``generator`` passed in (or the default generator of the data's
+device when it is ``None``); given ``perms`` everything is deterministic.  On CPU the shuffles
+are ``torch.randperm`` draws; on a GPU one batched draw (:func:`batched_permutations`), so the
+same seed gives different (equally uniform) shuffles on the two devices — as ``randperm``
+itself does.
 """
 from __future__ import annotations
 
@@ -52,26 +55,42 @@ class MarginalSamples:
 def draw_shuffles(batch_size: int, num_modalities: int, num_shuffles: int, generator,
                   device, candidates_together: bool = False) -> torch.Tensor:
     """K random shuffles as one (K, m, B) index tensor: row 0 of every shuffle is 0..B-1,
-    the other rows are independent ``torch.randperm`` draws (one shared draw for rows
-    1..m-1 when ``candidates_together``), taken from ``generator`` in (k, j) order.
+    the other rows are independent uniform permutations (one shared draw for rows 1..m-1
+    when ``candidates_together``), taken from ``generator``.
 
     The draws happen on the generator's device — the data's ``device`` when ``generator``
-    is ``None`` (that device's default generator) — into one preallocated buffer that is
-    moved to ``device`` once: no per-permutation host-device copy, and none of the stream
-    synchronisations such copies imply.
+    is ``None`` (that device's default generator) — and are moved to ``device`` once: no
+    per-permutation host-device copy, and none of the stream synchronisations such copies
+    imply.  On CPU they are ``torch.randperm`` calls in (k, j) order; on a GPU all of them
+    come from one batched draw (:func:`batched_permutations`: a few kernels instead of a
+    ``randperm`` each — K = 8 shuffles of 3 modalities were 16 of them).
     """
     gen_device = generator.device if generator is not None else torch.device(device)
+    rows = 1 if candidates_together else num_modalities - 1
     perms = torch.empty(num_shuffles, num_modalities, batch_size, dtype=torch.int64,
                         device=gen_device)
     perms[:, 0] = torch.arange(batch_size, device=gen_device)
-    for k in range(num_shuffles):
-        if candidates_together:
-            torch.randperm(batch_size, generator=generator, out=perms[k, 1])
-            perms[k, 2:] = perms[k, 1]
-        else:
-            for j in range(1, num_modalities):
+    if gen_device.type == "cuda":
+        perms[:, 1:] = batched_permutations(num_shuffles, rows, batch_size, generator,
+                                            gen_device)
+    else:
+        for k in range(num_shuffles):
+            for j in range(1, rows + 1):
                 torch.randperm(batch_size, generator=generator, out=perms[k, j])
+            if candidates_together:
+                perms[k, 2:] = perms[k, 1]
     return perms.to(device)
+
+
+def batched_permutations(num_shuffles: int, rows: int, batch_size: int, generator,
+                         device) -> torch.Tensor:
+    """(K, m−1, B) independent uniform permutations of 0..B-1 in one batched draw: the
+    argsort of i.i.d. float64 uniform keys (a tie — probability about B²/2^54 per row —
+    is broken by position).  ``rows = 1`` is broadcast to m − 1 identical rows by the
+    caller's assignment (InfoNCE keeps its candidate modalities together)."""
+    keys = torch.rand(num_shuffles, rows, batch_size, generator=generator, device=device,
+                      dtype=torch.float64)
+    return keys.argsort(dim=-1)
 
 
 def parse_negatives(negatives) -> int | str:
