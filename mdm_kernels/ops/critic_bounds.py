@@ -768,7 +768,10 @@ def fused_dependency_terms(kind, critic, zs, samples, projections=None, strategy
         strategy: ``"single"`` — the whole step (projections, both terms and their
             gradients) in one program, backward one launch
             (:mod:`~mdm_kernels.ops.single_program_bounds`); ``"grid"`` — the persistent
-            multi-program kernels of this module, for large steps; ``"auto"`` (default) —
+            multi-program kernels, for large steps: this module's gathered tiles, or the
+            outer-sum tiles of :mod:`~mdm_kernels.ops.outer_grid_bounds` for ``"all"`` with
+            m ≤ 3 and one hidden layer (:func:`execution_path` says which); ``"auto"``
+            (default) —
             ``"single"`` when it applies (no ``projections``, m ≤ 4, float32 critic) and the
             step is small enough for one SM, else ``"grid"``.
 

@@ -37,6 +37,9 @@ sums...).  Backward (:func:`_single_program_bwd_kernel`, many programs, one laun
     ∂z_j   = ∂P_j W_{1,j}          ∂W_{1,j} = ∂P_jᵀ z_j
     ∂θ     = g_J pg[0] + g_M pg[1]     for θ = (b_1, w_out, b_out, W_2, b_2)
 
+The projections P are also an output of the op, differentiable: the gradient penalty of
+``wasserstein_loss`` builds on them, and their incoming gradient joins ∂P_j in the backward.
+
 Memory: P, ∂P^J, ∂P^M (2m + 1)·B·H_1 floats, B LSE values, 2 × (parameter count after the
 first layer) — O(B·H), whatever the number of samples.
 
@@ -64,9 +67,6 @@ from .triton_backend import interpreter_enabled
 #: Most modalities the single-program kernels take (one pointer argument each).
 MAX_MODALITIES = 4
 
-#: Largest :func:`single_program_work` run by one program; above it the multi-program path
-#: wins.  About 10^8 multiply-adds is ~0.2 ms on one H100/H200 SM (fp32 FMA) — the host cost
-#: the multi-program path pays in launches.  Override with ``MDM_SINGLE_PROGRAM_MAX_WORK``.
 def _max_work_from_env(default: int = 10 ** 8) -> int:
     raw = os.environ.get("MDM_SINGLE_PROGRAM_MAX_WORK", "")
     if not raw:
@@ -81,6 +81,10 @@ def _max_work_from_env(default: int = 10 ** 8) -> int:
     return value
 
 
+#: Largest :func:`single_program_work` run by one program; above it the multi-program path
+#: wins.  About 10^8 multiply-adds is ~0.2 ms on one H100/H200 SM (fp32 FMA) — the host cost
+#: the multi-program path pays in launches; an estimate to tune on a GPU.  Override with the
+#: environment variable ``MDM_SINGLE_PROGRAM_MAX_WORK`` (read at import).
 SINGLE_PROGRAM_MAX_WORK = _max_work_from_env()
 
 KIND_CODES = {"dv": 0, "nwj": 1, "js": 2, "infonce": 3, "wasserstein": 4}
