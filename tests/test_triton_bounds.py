@@ -351,3 +351,25 @@ def test_all_grid_takes_outer_sum_kernels(monkeypatch, dims, hidden, expected):
     (joint - marg).backward()
     got = (outer["_outer_fwd_kernel"], outer["_outer_bwd_kernel"], grid["_bounds_bwd_kernel"])
     assert got == expected
+
+
+@pytest.mark.parametrize("kind,B,dims,hidden,negatives,expected", [
+    ("dv", 256, (64, 64, 64), (128,), "shuffle", "single"),      # paper scale
+    ("dv", 256, (64, 64, 64), (128,), 8, "single"),
+    ("infonce", 128, (64, 64, 64), (128,), "all", "single"),
+    ("dv", 4096, (128, 128), (128,), "all", "outer"),            # issue 7's "all" sweep
+    ("infonce", 4096, (64, 64, 64), (128,), "all", "outer"),
+    ("dv", 1000, (64, 64, 64), (128,), "all", "outer"),          # m = 3, 10^9 samples
+    ("dv", 4096, (128, 128), (128, 128), "all", "grid"),         # two hidden layers
+    ("dv", 64, (8, 8, 8, 8), (16,), "all", "grid"),               # m = 4 "all": gathered
+    ("dv", 65536, (64, 64, 64), (128,), "shuffle", "grid"),      # too big for one program
+])
+def test_execution_path_of_typical_steps(kind, B, dims, hidden, negatives, expected):
+    """Which kernel family runs typical steps (shapes only: nothing is launched)."""
+    from mdm_kernels.ops.critic_bounds import execution_path
+    critic = MLPCritic(dims, hidden).to("meta")
+    zs = [torch.empty(B, d, device="meta") for d in dims]
+    perms = None if negatives == "all" else torch.zeros(
+        1 if negatives == "shuffle" else negatives, len(dims), B, dtype=torch.int64,
+        device="meta")
+    assert execution_path(kind, critic, zs, perms) == expected
