@@ -9,7 +9,7 @@
 #
 # 1. versions; editable install without network (builds the CUDA extension);
 # 2. the Triton and integration tests compiled on the GPU (one tile config per kernel
-#    variant, MDM_TRITON_AUTOTUNE=0, see tests/conftest.py), four pytest processes at once;
+#    variant, MDM_TRITON_AUTOTUNE=0, see tests/conftest.py), six pytest processes at once;
 # 3. python/check_cuda.sh: CUDA backend tests + compute-sanitizer memcheck / racecheck;
 # 4. the paper-scale benchmark rows (quick grid, no torch.compile rows) with a time cap.
 # Each step has its own timeout so that a slow one cannot eat the whole budget; the log and
@@ -43,22 +43,26 @@ git rev-parse --short HEAD 2>/dev/null || true
 export MDM_BUILD_CUDA=1
 run_step "install" 240 "$PY" -m pip install -q --no-deps --no-build-isolation -e . || STATUS=1
 if [ "$PART" != bench ]; then
-  # Triton compiles each kernel variant on the CPU: four pytest processes in parallel (the
-  # machine has 16 cores), disjoint test subsets, each with its own log
-  echo; echo "=== triton + integration tests (compiled, 4 processes, limit 330s)"
+  # Triton compiles each kernel variant on the CPU (1-15 s each, ~150 variants): six pytest
+  # processes in parallel (the machine has 16 cores), disjoint test subsets, one log each
+  echo; echo "=== triton + integration tests (compiled, 6 processes, limit 330s)"
   t0=$SECONDS
+  big="(estimator_and_negatives or activations)"
+  parts=("tests/test_triton_bounds.py -k 'single and $big'"
+         "tests/test_triton_bounds.py -k 'single and not $big'"
+         "tests/test_triton_bounds.py -k 'not single and $big'"
+         "tests/test_triton_bounds.py -k 'not single and not $big'"
+         "tests/test_triton_gradient_penalty.py"
+         "tests/test_backend_integration.py")
   pids=()
-  timeout 330 "$PY" -m pytest -q -rs tests/test_triton_bounds.py -k "single" \
-      > "$OUT_DIR/pytest-1.log" 2>&1 & pids+=($!)
-  timeout 330 "$PY" -m pytest -q -rs tests/test_triton_bounds.py -k "not single" \
-      > "$OUT_DIR/pytest-2.log" 2>&1 & pids+=($!)
-  timeout 330 "$PY" -m pytest -q -rs tests/test_triton_gradient_penalty.py \
-      > "$OUT_DIR/pytest-3.log" 2>&1 & pids+=($!)
-  timeout 330 "$PY" -m pytest -q -rs tests/test_backend_integration.py \
-      > "$OUT_DIR/pytest-4.log" 2>&1 & pids+=($!)
+  for i in "${!parts[@]}"; do
+    eval "timeout 330 \"\$PY\" -m pytest -q -rs ${parts[$i]}" > "$OUT_DIR/pytest-$((i + 1)).log" 2>&1 &
+    pids+=($!)
+  done
   for i in "${!pids[@]}"; do
     wait "${pids[$i]}"; rc=$?
-    echo "--- pytest part $((i + 1)): rc=$rc"; tail -n 3 "$OUT_DIR/pytest-$((i + 1)).log"
+    echo "--- pytest part $((i + 1)) (${parts[$i]}): rc=$rc"
+    tail -n 3 "$OUT_DIR/pytest-$((i + 1)).log"
     [ $rc -eq 0 ] || STATUS=1
   done
   echo "--- triton + integration tests: $((SECONDS - t0)) s"
