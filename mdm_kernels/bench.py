@@ -228,6 +228,75 @@ def _sort_key(r):
             BACKEND_ORDER.index(b) if b in BACKEND_ORDER else len(BACKEND_ORDER))
 
 
+#: Issue 7's GPU targets: which rows they read and the ratios they ask for.  ``match``
+#: selects rows (section, op, m, hidden, negatives, batch); ``eager`` / ``compile`` are the
+#: minimum speed-ups, ``mem_gb`` the largest peak memory, ``mem_ratio`` the minimum memory
+#: ratio against eager.
+TARGETS = [
+    dict(label="penalty step, paper scale (MINE, m = 3, H = 128, shuffle)",
+         match=dict(section="paper", op="mine", m=3, hidden=[128], negatives="shuffle",
+                    batch=256), eager=5.0, compile=4.0),
+    dict(label="same, K = 8 shuffles",
+         match=dict(section="paper", op="mine", m=3, hidden=[128], negatives=8, batch=256),
+         eager=5.0, compile=4.0),
+    dict(label="same, 2 hidden layers",
+         match=dict(section="paper", op="mine", m=3, hidden=[128, 128], negatives="shuffle",
+                    batch=256), eager=5.0, compile=4.0),
+    dict(label="gradient penalty alone, B = 256",
+         match=dict(section="sweep-gp", op="gp", batch=256), eager=4.0, mem_ratio=3.0),
+    dict(label="gradient penalty alone, B = 4,096",
+         match=dict(section="sweep-gp", op="gp", batch=4096), eager=4.0, mem_ratio=3.0),
+    dict(label="\"all\", m = 2, d = H = 128, B = 16,384",
+         match=dict(section="sweep-m2", op="mine", hidden=[128], batch=16384), compile=5.0,
+         mem_gb=1.0),
+    dict(label="\"all\", m = 2, d = H = 128, B = 65,536",
+         match=dict(section="sweep-m2", op="mine", hidden=[128], batch=65536), mem_gb=1.0),
+]
+
+
+def _matches(row: dict, match: dict) -> bool:
+    return all(row.get(k) == v for k, v in match.items())
+
+
+def target_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: every fused row of a target workload against the target (issue 7),
+    with a verdict; an empty list when the run has no fused rows for any target."""
+    lines = []
+    for t in TARGETS:
+        for r in sorted((r for r in rows if _matches(r, t["match"])
+                         and r.get("backend") in ("triton", "cuda")), key=_sort_key):
+            checks, cells = [], []
+            for base in ("eager", "compile"):
+                got = r.get(f"speedup_vs_{base}")
+                want = t.get(base)
+                cells.append(fmt_ratio(got) + (f" (≥ {want:g}×)" if want else ""))
+                if want:
+                    checks.append(got is not None and got >= want)
+            mem = r.get("peak_mem_bytes")
+            cell = fmt_bytes(mem)
+            if t.get("mem_gb"):
+                cell += f" (< {t['mem_gb']:g} GB)"
+                checks.append(mem is not None and mem < t["mem_gb"] * 1e9)
+            if t.get("mem_ratio"):
+                got = r.get("mem_ratio_vs_eager")
+                cell += f", {fmt_ratio(got)} less than eager (≥ {t['mem_ratio']:g}×)"
+                checks.append(got is not None and got >= t["mem_ratio"])
+            verdict = "met" if checks and all(checks) else "missed"
+            k = r.get("kernels_per_step")
+            backend = r["backend"] + (f" ({r['triton_path']})" if r.get("triton_path") else "")
+            lines.append(f"| {t['label']} | {backend} | {fmt_time(r.get('median_s'))} | "
+                         f"{cells[0]} | {cells[1]} | {cell} | {'—' if k is None else k} | "
+                         f"{verdict} |")
+    if not lines:
+        return []
+    head = ["## Issue 7 targets", "",
+            "Fused rows of the target workloads against the targets (in parentheses); "
+            "ratios from this run.", "",
+            "| target | backend | median | ×eager | ×compile | peak memory | kernels | verdict |",
+            "|---|---|---|---|---|---|---|---|"]
+    return head + lines + [""]
+
+
 def markdown(rows: list[dict], meta: dict, skipped: list[dict] | None = None,
              plots: list[str] | None = None) -> str:
     gpu = bool(meta.get("gpu"))
@@ -256,6 +325,7 @@ def markdown(rows: list[dict], meta: dict, skipped: list[dict] | None = None,
               "×eager / ×compile: speed-up against the eager reference / `torch.compile` "
               "of the same workload in this run (> 1 is faster); mem÷: their peak memory "
               "divided by this row's.", ""]
+    lines += target_table(rows)
     sections = [s for s in SECTIONS if any(r.get("section") == s for r in rows)]
     sections += sorted({r.get("section") for r in rows} - set(SECTIONS) - {None})
     for sec in sections:

@@ -90,3 +90,23 @@ def test_formatting():
     assert bench.fmt_time(3e-6) == "3 µs"
     assert bench.fmt_bytes(24e6) == "24 MB"
     assert bench.fmt_ratio(None) == "—"
+
+
+def test_target_table():
+    """Issue 7's targets read the fused rows of their workloads, derive the verdict from the
+    ratios, and stay silent when no fused row of a target ran (CPU runs)."""
+    base = dict(section="paper", op="mine", m=3, hidden=[128], negatives="shuffle", batch=256)
+    rows = [dict(base, backend="triton", key="k", median_s=2e-4, speedup_vs_eager=12.0,
+                 speedup_vs_compile=9.0, peak_mem_bytes=1e6, kernels_per_step=5,
+                 triton_path="single"),
+            dict(base, backend="cuda", key="k", median_s=1e-3, speedup_vs_eager=3.0,
+                 speedup_vs_compile=2.0, peak_mem_bytes=1e6),
+            dict(section="sweep-m2", op="mine", hidden=[128], batch=16384, backend="triton",
+                 key="s", median_s=0.02, speedup_vs_compile=6.0, peak_mem_bytes=2e9)]
+    lines = bench.target_table(rows)
+    body = [ln for ln in lines if ln.startswith("| ") and "verdict" not in ln]
+    assert len(body) == 3
+    assert "triton (single)" in body[0] and body[0].endswith("| met |")
+    assert body[1].startswith("| penalty step") and body[1].endswith("| missed |")
+    assert "16,384" in body[2] and body[2].endswith("| missed |")  # 2 GB > 1 GB
+    assert bench.target_table([dict(base, backend="eager", key="k", median_s=1.0)]) == []
