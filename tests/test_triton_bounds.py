@@ -143,6 +143,7 @@ def test_two_layers_wide(kind):
     ("dv", 37, (3, 5), "K"),
     ("infonce", 37, (5, 3), "shuffle"),
     ("js", 11, (2, 3), "all"),
+    ("nwj", 11, (3, 2, 5), "all"),  # m = 3 "all": B not a multiple of any tile
 ])
 def test_odd_shapes(kind, B, dims, negatives):
     check(kind, B=B, dims=dims, hidden=(13,), act="softplus", negatives=negatives, seed=3)

@@ -95,12 +95,13 @@ def _outer_scores(Ft_ptr, wout_ptr, bout, s_idx, s_scalar, o_idx, S, H, NF: tl.c
 @triton.jit
 def _swept_block(sb, offs, B, S, NF: tl.constexpr, BLOCK: tl.constexpr):
     """Swept block sb → (s_idx vector, s_scalar, validity): NF = 2 blocks of the B indices;
-    NF = 3 blocks of the (B × S) combinations, the vector index running within S."""
+    NF = 3 blocks of the B × cdiv(B, BLOCK)·BLOCK combinations (one index of the lower
+    factor, BLOCK consecutive indices of the higher one, within the padded S)."""
     if NF == 2:
         s_idx = sb * BLOCK + offs
         s_scalar = 0
     else:
-        per = S // BLOCK
+        per = tl.cdiv(B, BLOCK)
         s_scalar = sb // per
         s_idx = (sb % per) * BLOCK + offs
     return s_idx, s_scalar, s_idx < B
@@ -124,7 +125,7 @@ def _outer_fwd_kernel(Ft_ptr, wout_ptr, bout_ptr, stats_ptr, row_lse_ptr, B, S, 
     if NF == 2:
         n_rb = tl.cdiv(B, BLOCK_R)
     else:
-        n_rb = B * (S // BLOCK_R)
+        n_rb = B * tl.cdiv(B, BLOCK_R)
     for rb in range(pid, n_rb, G):
         rows, r_scalar, rmask = _swept_block(rb, offs_r, B, S, NF, BLOCK_R)
         row_m = tl.zeros([BLOCK_R], tl.float32) + _NEG_BIG
@@ -186,7 +187,7 @@ def _outer_bwd_kernel(Ft_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, row_lse_
     if NF == 2:
         n_sb = tl.cdiv(B, BLOCK_S)
     else:
-        n_sb = B * (S // BLOCK_S)
+        n_sb = B * tl.cdiv(B, BLOCK_S)
     for ob in range(pid, tl.cdiv(B, BLOCK_O), G):
         own = ob * BLOCK_O + offs_o
         omask = own < B
@@ -264,7 +265,7 @@ class OuterGridMarginal(torch.autograd.Function):
         Ft = torch.nn.functional.pad(torch.stack(factors).transpose(1, 2), (0, S - B))
         br, bc = _fwd_tiles()
         red = _RED[kind]
-        n_rb = triton.cdiv(B, br) if nf == 2 else B * (S // br)
+        n_rb = triton.cdiv(B, br) if nf == 2 else B * triton.cdiv(B, br)
         G = _programs(n_rb, Ft.device)
         stats = torch.empty(G, 2, device=Ft.device, dtype=torch.float32)
         row_lse = torch.empty(B, device=Ft.device, dtype=torch.float32)
