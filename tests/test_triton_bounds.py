@@ -306,6 +306,9 @@ def test_single_program_limits():
     zh = [torch.randn(3, 2, device=DEVICE, dtype=torch.float16) for _ in range(2)]
     with pytest.raises(ValueError, match="float32 critic"):
         fused_dependency_terms("dv", half, zh, None, strategy="single")
+    wide = MLPCritic((2, 2), (520,)).to(DEVICE)
+    with pytest.raises(ValueError, match="at most 512 units"):
+        fused_dependency_terms("dv", wide, zs[:2], None, strategy="single")
     with pytest.raises(ValueError, match="strategy must be one of"):
         fused_dependency_terms("dv", critic, zs, None, strategy="fast")
     with pytest.raises(ValueError, match="projections"):

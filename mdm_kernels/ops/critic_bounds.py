@@ -704,9 +704,12 @@ STRATEGIES = ("auto", "single", "grid")
 def single_program_reason(critic, zs) -> str | None:
     """Why the one-program step (:mod:`~mdm_kernels.ops.single_program_bounds`) cannot run
     these inputs, or ``None``."""
-    from .single_program_bounds import MAX_MODALITIES
+    from .single_program_bounds import MAX_HIDDEN, MAX_MODALITIES
     if len(zs) > MAX_MODALITIES:
         return f"it takes at most {MAX_MODALITIES} modalities, got {len(zs)}"
+    if max(critic.hidden) > MAX_HIDDEN:
+        return (f"it holds a whole hidden layer per tile: at most {MAX_HIDDEN} units, "
+                f"the critic has {max(critic.hidden)}")
     if any(p.dtype != torch.float32 for p in critic.parameters()):
         return "it takes a float32 critic"
     return None

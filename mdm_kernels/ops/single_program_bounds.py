@@ -45,7 +45,8 @@ first layer) — O(B·H), whatever the number of samples.
 
 When it is used: :func:`~mdm_kernels.ops.critic_bounds.fused_dependency_terms` picks this
 path when the step is small enough for one streaming multiprocessor
-(:func:`single_program_work` ≤ :data:`SINGLE_PROGRAM_MAX_WORK`, m ≤ 4 modalities) and falls
+(:func:`single_program_work` ≤ :data:`SINGLE_PROGRAM_MAX_WORK`, m ≤ 4 modalities, hidden
+layers ≤ 512 wide) and falls
 back to the multi-program kernels otherwise.
 """
 from __future__ import annotations
@@ -66,6 +67,9 @@ from .triton_backend import interpreter_enabled
 
 #: Most modalities the single-program kernels take (one pointer argument each).
 MAX_MODALITIES = 4
+#: Widest hidden layer: a (16 × H) tile per live tensor at 8 warps; wider critics take the
+#: multi-program path (whose autotuner prunes tiles that would not fit).
+MAX_HIDDEN = 512
 
 def _max_work_from_env(default: int = 10 ** 8) -> int:
     raw = os.environ.get("MDM_SINGLE_PROGRAM_MAX_WORK", "")
