@@ -190,6 +190,8 @@ def sweep_cases(sizes: str) -> list[OpCase]:
         for hidden in ((128,), (128, 128)):
             for b in m2:
                 cases.append(OpCase(op, b, _dims(2, 128), hidden, "all", "sweep-m2"))
+    if ON_GPU and sizes == "quick":  # issue 7's largest target row, one-layer MINE only
+        cases.append(OpCase("mine", 65536, _dims(2, 128), (128,), "all", "sweep-m2"))
     for b in m3:
         cases.append(OpCase("mine", b, _dims(3, 64), (128,), "all", "sweep-m3"))
     for b in gp:
