@@ -21,9 +21,10 @@ Notation (one interpolated row n, dropped below; x = [x_1; ...; x_m], D = Σ d_k
     s   = ‖g‖² = gᵀg = uᵀ G u,   G = W_1 W_1ᵀ                (H_1 × H_1, the Gram matrix)
     ν   = √s,  gap = ν − 1  (one-sided: max(0, ν − 1)),  GP = (1/N) Σ_n gap_n²
 
-The kernel never builds x̂ or the concatenation [x_1; ...; x_m]: P_J / P_M come from the
-per-modality projections P_k = z_k W_{1,k}ᵀ (torch GEMMs, :func:`project_modalities`),
-gathered by row index.  ‖g‖² is taken through the Gram matrix when D > H_1 (an H_1-wide
+The kernel never builds x̂: P_J / P_M are first pre-activations computed before it — for
+:func:`fused_gradient_penalty` one GEMM of the concatenated joint and marginal rows with
+W_1 = [W_{1,1} … W_{1,m}]; for :func:`fused_wasserstein_terms` the per-modality projections
+P_k = z_k W_{1,k}ᵀ the estimator uses too, gathered by row index.  ‖g‖² is taken through the Gram matrix when D > H_1 (an H_1-wide
 product per row instead of a D-wide one), else through g = W_1ᵀ u directly.
 
 Backward (derived by hand; L = GP, every line is per row and summed over rows where it
@@ -88,9 +89,8 @@ def _load_matrix(ptr, rows, cols, n_rows, n_cols):
 @triton.jit
 def _gp_kernel(
     sj_ptr, sm_ptr, mi_ptr, eps_ptr, b1_ptr, wmat_ptr, w2_ptr, b2_ptr, wout_ptr,
-    loss_part_ptr, dsj_ptr, dsm_ptr, db1_part_ptr, dwmat_part_ptr, dw2_part_ptr,
-    db2_part_ptr, dwout_part_ptr,
-    N, JB, H1, H2, K, inv_n, N_BUCKET,
+    part_ptr, dsj_ptr, dsm_ptr,
+    N, JB, H1, H2, K, inv_n, N_BUCKET, PSTRIDE,
     M_TERMS: tl.constexpr, GATHER: tl.constexpr, ATOMIC: tl.constexpr,
     TWO_LAYERS: tl.constexpr, GRAM: tl.constexpr, ONE_SIDED: tl.constexpr,
     ACT: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -234,21 +234,19 @@ def _gp_kernel(
                     else:
                         tl.store(dsm_ptr + moff, dm, mask=mask2)
 
-    # ---- one partial per program (padded blocks, summed by the host) ----
-    tl.store(loss_part_ptr + pid, tl.sum(loss_acc, axis=0) * inv_n)
+    # ---- one partial row per program (padded blocks; the host sums the rows once) ----
+    # row layout [loss | b1 (BH1) | w_out (BHO) | G or W_1 (BH1 × BK) | W_2 (BH2 × BH1) | b2]
+    row = part_ptr + pid * PSTRIDE
+    tl.store(row, tl.sum(loss_acc, axis=0) * inv_n)
     if COMPUTE_GRAD:
-        tl.store(db1_part_ptr + pid * BH1 + c1, db1_acc)
-        tl.store(dwout_part_ptr + pid * BHO + co, dwout_acc)
-        if GRAM:
-            tl.store(dwmat_part_ptr + pid * BH1 * BH1 + c1[:, None] * BH1 + c1[None, :],
-                     dwmat_acc)
-        else:
-            tl.store(dwmat_part_ptr + pid * BH1 * BK + c1[:, None] * BK + ck[None, :],
-                     dwmat_acc)
+        tl.store(row + 1 + c1, db1_acc)
+        tl.store(row + 1 + BH1 + co, dwout_acc)
+        o_mat = 1 + BH1 + BHO
+        tl.store(row + o_mat + c1[:, None] * BK + ck[None, :], dwmat_acc)
         if TWO_LAYERS:
-            tl.store(dw2_part_ptr + pid * BH2 * BH1 + c2[:, None] * BH1 + c1[None, :],
-                     dw2_acc)
-            tl.store(db2_part_ptr + pid * BH2 + c2, db2_acc)
+            o_w2 = o_mat + BH1 * BK
+            tl.store(row + o_w2 + c2[:, None] * BH1 + c1[None, :], dw2_acc)
+            tl.store(row + o_w2 + BH2 * BH1 + c2, db2_acc)
 
 
 _GPU_CONFIGS = [
@@ -288,37 +286,38 @@ def _launch(sj, sm, mi, eps, b1, wmat, w2, b2, wout, jb, gram, one_sided, act, c
     bho = bh2 if two_layers else bh1
     progs = _num_programs(n, device)
     f32 = dict(device=device, dtype=torch.float32)
-    # every program writes its whole partial slot: no zero-fill launches for those
-    loss_part = torch.empty(progs, **f32)
+    # one partial row per program, written whole by it (no zero-fill), summed by one launch
+    pstride = 1
     if compute_grad:
+        pstride += bh1 + bho + bh1 * bk + ((bh2 * bh1 + bh2) if two_layers else 0)
         dsj = torch.zeros_like(sj)   # rows are only written on curved activations / scattered
         dsm = torch.zeros_like(sm)
-        db1_part = torch.empty(progs, bh1, **f32)
-        dwmat_part = torch.empty(progs, bh1, bk, **f32)
-        dwout_part = torch.empty(progs, bho, **f32)
-        dw2_part = torch.empty(progs, bh2, bh1, **f32) if two_layers else loss_part
-        db2_part = torch.empty(progs, bh2, **f32) if two_layers else loss_part
-    else:
-        dsj = dsm = db1_part = dwmat_part = dwout_part = dw2_part = db2_part = loss_part
+    parts = torch.empty(progs, pstride, **f32)
+    if not compute_grad:
+        dsj = dsm = parts
     gather = mi is not None
     args = (sj, sm, mi if gather else eps, eps, b1, wmat,
             w2 if two_layers else wout, b2 if two_layers else wout, wout,
-            loss_part, dsj, dsm, db1_part, dwmat_part, dw2_part, db2_part, dwout_part,
-            n, jb, h1, h2, k, 1.0 / n, triton.next_power_of_2(n))
+            parts, dsj, dsm, n, jb, h1, h2, k, 1.0 / n, triton.next_power_of_2(n), pstride)
     meta = dict(M_TERMS=mi.shape[0] if gather else 1, GATHER=gather, ATOMIC=atomic,
                 TWO_LAYERS=two_layers, GRAM=gram, ONE_SIDED=bool(one_sided), ACT=act,
-                COMPUTE_GRAD=compute_grad, DOT_PREC=DOT_PRECISION, BH1=bh1, BH2=bh2, BK=bk, BHO=bho)
+                COMPUTE_GRAD=compute_grad, DOT_PREC=DOT_PRECISION, BH1=bh1, BH2=bh2, BK=bk,
+                BHO=bho)
     if interpreter_enabled():
         _gp_kernel[(progs,)](*args, **meta, BLOCK_N=_INTERP_BLOCK_N, num_warps=4)
     else:
         _gp_kernel_tuned[(progs,)](*args, **meta)
-    gp = loss_part.sum()
+    total = parts.sum(0)
+    gp = total[0]
     if not compute_grad:
         return gp, None
-    grads = [dsj, dsm, db1_part.sum(0)[:h1], dwmat_part.sum(0)[:h1, :k],
-             dw2_part.sum(0)[:h2, :h1] if two_layers else None,
-             db2_part.sum(0)[:h2] if two_layers else None,
-             dwout_part.sum(0)[:(h2 if two_layers else h1)]]
+    o_mat = 1 + bh1 + bho
+    o_w2 = o_mat + bh1 * bk
+    grads = [dsj, dsm, total[1:1 + h1],
+             total[o_mat:o_w2].view(bh1, bk)[:h1, :k],
+             total[o_w2:o_w2 + bh2 * bh1].view(bh2, bh1)[:h2, :h1] if two_layers else None,
+             total[o_w2 + bh2 * bh1:o_w2 + bh2 * bh1 + h2] if two_layers else None,
+             total[1 + bh1:1 + bh1 + (h2 if two_layers else h1)]]
     return gp, grads
 
 
@@ -354,12 +353,18 @@ class FusedGradientPenalty(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None)
 
 
-def _critic_weights(critic):
-    """(b1, wmat, gram, w2, b2, wout) in float32, differentiable w.r.t. the critic."""
+def _first_weight(critic) -> torch.Tensor:
+    """W_1 = [W_{1,1} … W_{1,m}] (H1 × D, float32), differentiable."""
+    return torch.cat([w.float() for w in critic.first_weights], dim=1)
+
+
+def _critic_weights(critic, w1=None):
+    """(b1, wmat, gram, w2, b2, wout) in float32, differentiable w.r.t. the critic
+    (``w1``: :func:`_first_weight`, when the caller already has it)."""
     if len(critic.hidden) > 2:
         raise ValueError("the fused gradient penalty supports 1 or 2 hidden layers")
     ws, bs, wout, _ = critic_tail(critic)
-    w1 = torch.cat([w.float() for w in critic.first_weights], dim=1)     # H1 × D
+    w1 = _first_weight(critic) if w1 is None else w1                    # H1 × D
     gram = sum(critic.dims) > critic.hidden[0]
     wmat = (w1 @ w1.t()).contiguous() if gram else w1.contiguous()
     w2 = ws[0] if ws else None
@@ -367,8 +372,8 @@ def _critic_weights(critic):
     return critic.first_bias.float().contiguous(), wmat, gram, w2, b2, wout
 
 
-def _penalty(critic, sj, sm, mi, eps, jb, one_sided, atomic):
-    b1, wmat, gram, w2, b2, wout = _critic_weights(critic)
+def _penalty(critic, sj, sm, mi, eps, jb, one_sided, atomic, w1=None):
+    b1, wmat, gram, w2, b2, wout = _critic_weights(critic, w1)
     eps = eps.detach().to(device=sj.device, dtype=torch.float32).contiguous()
     return FusedGradientPenalty.apply(sj.contiguous(), sm.contiguous(), b1, wmat, w2, b2, wout,
                                       eps, mi, jb, gram, bool(one_sided),
@@ -380,11 +385,13 @@ def fused_gradient_penalty(critic, joint, marginal, eps, one_sided) -> torch.Ten
     """WGAN-GP of an ``MLPCritic`` at x̂ = ε·joint + (1 − ε)·marginal (validated per-modality
     tensors N × d_k, ε of shape (N,)); 0-dim float32, differentiable w.r.t. the critic's
     parameters and every joint/marginal tensor (see the module docstring)."""
-    pj = project_modalities(critic, joint)
-    pm = project_modalities(critic, marginal)
-    sj = torch.stack(pj).sum(0)  # Σ_k P_k: the first pre-activation (bias excluded)
-    sm = torch.stack(pm).sum(0)
-    return _penalty(critic, sj, sm, None, eps, sj.shape[0], one_sided, atomic=False)
+    # Σ_k x_k W_{1,k}ᵀ = [x_1 … x_m] W_1ᵀ: the joint and the marginal rows' first
+    # pre-activations (bias excluded) from one GEMM on the concatenated inputs
+    n = joint[0].shape[0]
+    w1 = _first_weight(critic)
+    rows = torch.cat([torch.cat(list(joint), dim=1), torch.cat(list(marginal), dim=1)])
+    sj, sm = (rows.float() @ w1.t()).chunk(2)   # split: one concatenation in the backward
+    return _penalty(critic, sj, sm, None, eps, n, one_sided, atomic=False, w1=w1)
 
 
 @torch.compiler.disable
