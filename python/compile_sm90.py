@@ -1,4 +1,4 @@
-"""Compile the one-program and outer-sum estimator kernels for sm_90 with the real Triton compiler and
+"""Compile the one-program and outer-sum estimator kernels and the gradient penalty for sm_90 with the real Triton compiler and
 report ptxas' register and spill counts — a GPU-free check that the kernels build for an
 H100/H200 and fit in registers.  No GPU needed; use Triton 3.6 (what the GPU machine has:
 Triton 3.9 emits PTX 9.4, which the CUDA 13.0 ptxas here rejects — the report then says so)
@@ -33,7 +33,7 @@ from mdm_kernels.ops import single_program_bounds as spb  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def signature(fn, consts, ints=(), floats=(), int_ptrs=()):
+def signature(fn, consts, ints=(), floats=(), int_ptrs=(), i32_ptrs=()):
     """Triton signature of ``fn``: every constexpr must be given in ``consts`` (a missing one
     would otherwise be typed as a pointer and compile a different kernel)."""
     missing = [fn.arg_names[i] for i in fn.constexprs if fn.arg_names[i] not in consts]
@@ -49,6 +49,8 @@ def signature(fn, consts, ints=(), floats=(), int_ptrs=()):
             sig[name] = "fp32"
         elif name in int_ptrs:
             sig[name] = "*i64"
+        elif name in i32_ptrs:
+            sig[name] = "*i32"
         else:
             sig[name] = "*fp32"
     return sig
@@ -136,6 +138,19 @@ def main():
                 print(f"outer bwd {kind:11s} nf={nf} owned={owned} act={act}: "
                       f"{ptxas_report(kernel)}  ({secs:.1f}s)", flush=True)
                 n += 1
+    from mdm_kernels.ops import gradient_penalty as gpk
+    for gather, gram, two, act in itertools.product((False, True), (False, True),
+                                                    (False, True), acts):
+        consts = dict(M_TERMS=3 if gather else 1, GATHER=gather, ATOMIC=gather,
+                      TWO_LAYERS=two, GRAM=gram, ONE_SIDED=False, ACT=act, COMPUTE_GRAD=True,
+                      DOT_PREC=gpk.DOT_PRECISION, BLOCK_N=16, BH1=128, BH2=128,
+                      BK=128 if gram else 64, BHO=128)
+        kernel, secs = compile_one(gpk._gp_kernel, consts, 8,
+                                   ints=("N", "JB", "H1", "H2", "K", "N_BUCKET", "PSTRIDE"),
+                                   floats=("inv_n",), i32_ptrs=("mi_ptr",))
+        print(f"gp gather={gather} gram={gram} layers={1 + two} act={act}: "
+              f"{ptxas_report(kernel)}  ({secs:.1f}s)", flush=True)
+        n += 1
     print(f"compiled {n} variants for sm_90 with triton {triton.__version__}")
 
 
