@@ -1,4 +1,5 @@
-"""Compile the one-program and outer-sum estimator kernels and the gradient penalty for sm_90 with the real Triton compiler and
+"""Compile the fused kernels (one-program, outer-sum, gathered-tile estimators; gradient
+penalty) for sm_90 with the real Triton compiler and
 report ptxas' register and spill counts — a GPU-free check that the kernels build for an
 H100/H200 and fit in registers.  No GPU needed; use Triton 3.6 (what the GPU machine has:
 Triton 3.9 emits PTX 9.4, which the CUDA 13.0 ptxas here rejects — the report then says so)
@@ -138,6 +139,25 @@ def main():
                 print(f"outer bwd {kind:11s} nf={nf} owned={owned} act={act}: "
                       f"{ptxas_report(kernel)}  ({secs:.1f}s)", flush=True)
                 n += 1
+    from mdm_kernels.ops import critic_bounds as cb
+    for (idx, nf, grouped, m), two, act in itertools.product(
+            [(0, 1, False, 3), (1, 1, False, 3), (2, 3, False, 3), (2, 2, True, 3),
+             (3, 1, False, 3)], (False, True), acts):
+        red = {0: 0, 1: 3, 2: 4 if grouped else 3, 3: 4}[idx]
+        consts = dict(M=m, IDX=idx, RED=red, NF=nf, GROUPED=grouped, TWO_LAYERS=two, ACT=act,
+                      BLOCK_H1=128, BLOCK_H2=32, BLOCK_N=16)  # the MDM_TRITON_AUTOTUNE=0 tile
+        kernel, secs = compile_one(cb._bounds_fwd_kernel.fn, consts, 8,
+                                   ints=("B", "N", "NCOL", "H1", "H2"), int_ptrs=("perm_ptr",))
+        report = ptxas_report(kernel)
+        gmode = {0: 0, 1: 1, 2: 2 if grouped else 1, 3: 2}[idx]
+        consts = dict(M=m, IDX=idx, GMODE=gmode, NF=nf, OWNER=0, GROUPED=grouped,
+                      PARAM_GRADS=True, TWO_LAYERS=two, ACT=act, BLOCK_H1=128, BLOCK_H2=32,
+                      BLOCK_N=16)
+        kernel, secs = compile_one(cb._bounds_bwd_kernel.fn, consts, 8,
+                                   ints=("B", "N", "NCOL", "H1", "H2"), int_ptrs=("perm_ptr",))
+        print(f"gathered idx={idx} nf={nf} layers={1 + two} act={act}: fwd {report} | bwd "
+              f"{ptxas_report(kernel)}", flush=True)
+        n += 2
     from mdm_kernels.ops import gradient_penalty as gpk
     for gather, gram, two, act in itertools.product((False, True), (False, True),
                                                     (False, True), acts):

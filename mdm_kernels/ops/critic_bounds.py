@@ -90,27 +90,32 @@ _NEG_BIG_VALUE = -1.0e30  # "minus infinity" that keeps e^{m − m'} finite (no 
 _NEG_BIG = tl.constexpr(_NEG_BIG_VALUE)
 
 
+# ptxas for sm_90 at H_1 = 128 (python/compile_sm90.py's method): one hidden layer spills
+# nothing at (16, 4 warps), (16, 8) and (32, 8) but 0.5-3.4 kB per thread at (32, 4) and
+# (64, 4/8) — the gathered rows' 64-bit address tiles are what fills the registers; two
+# hidden layers spill least at (16, 8): 0 forward, ~0.5 kB backward.
 _GPU_CONFIGS = [
-    triton.Config({"BLOCK_N": 16}, num_warps=2),
-    triton.Config({"BLOCK_N": 32}, num_warps=4),
-    triton.Config({"BLOCK_N": 64}, num_warps=4),
-    triton.Config({"BLOCK_N": 64}, num_warps=8),
-    triton.Config({"BLOCK_N": 128}, num_warps=8),
+    triton.Config({"BLOCK_N": 16}, num_warps=4),
+    triton.Config({"BLOCK_N": 16}, num_warps=8),
+    triton.Config({"BLOCK_N": 32}, num_warps=8),
 ]
 #: the one config of the interpreter / ``MDM_TRITON_AUTOTUNE=0``
 _FIXED_CONFIG = (triton.Config({"BLOCK_N": 16}, num_warps=1) if interpreter_enabled()
-                 else triton.Config({"BLOCK_N": 32}, num_warps=4))
+                 else triton.Config({"BLOCK_N": 16}, num_warps=8))
 _MIN_BLOCK_N = 16  # smallest BLOCK_N of any config: sizes the per-program buffers
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep tiles whose (BLOCK_N × BLOCK_H1) register footprint stays reasonable: larger
-    tiles spill and take minutes to compile (2 hidden layers carry ~4 such tiles)."""
+    """Keep tiles whose (BLOCK_N × BLOCK_H1) register footprint stays reasonable (see the
+    ptxas figures above): ≤ 4096 elements with one hidden layer, ≤ 2048 at 8 warps with two
+    (wider hidden layers keep the smallest tile)."""
     h1 = kwargs.get("BLOCK_H1", named_args.get("BLOCK_H1", 128))
     two = kwargs.get("TWO_LAYERS", named_args.get("TWO_LAYERS", False))
-    limit = 4096 if two else 8192
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] * h1 <= limit]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"])]
+    if two:
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] * h1 <= 2048 and c.num_warps == 8]
+    else:
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] * h1 <= 4096]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], -c.num_warps))]
 
 
 _PRUNE = {"early_config_prune": _prune_configs}
