@@ -1,7 +1,6 @@
 """Compile the fused kernels (one-program, outer-sum, gathered-tile estimators; gradient
-penalty) for sm_90 with the real Triton compiler and
-report ptxas' register and spill counts — a GPU-free check that the kernels build for an
-H100/H200 and fit in registers.  No GPU needed; use Triton 3.6 (what the GPU machine has:
+penalty) for sm_90 with the real Triton compiler and report ptxas' register and spill
+counts — a GPU-free check that the kernels build for an H100/H200 and fit in registers.  No GPU needed; use Triton 3.6 (what the GPU machine has:
 Triton 3.9 emits PTX 9.4, which the CUDA 13.0 ptxas here rejects — the report then says so)
 with numpy < 2.3, e.g. a venv with ``triton==3.6.0 "numpy<2.3"`` and the CPU torch:
 
