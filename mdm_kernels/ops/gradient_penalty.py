@@ -251,9 +251,10 @@ def _gp_kernel(
 
 # The weight-gradient accumulators (H_1 × H_1 or H_1 × K, and H_2 × H_1 with two layers)
 # live in registers for the whole persistent loop, so the warps, not the tile, decide the
-# register budget.  ptxas for sm_90 (H = 128, python/compile_sm90.py): 8 warps and
-# BLOCK_N = 16 spill 0-244 bytes with one hidden layer and ~1.9 kB with two; 4 warps or
-# BLOCK_N = 64 spill 0.6-6 kB.  So: 8 warps, BLOCK_N 16 or 32.
+# register budget.  ptxas for sm_90 (H = 128, python/compile_sm90.py), 8 warps, BLOCK_N = 16:
+# relu spills 0-340 bytes with one hidden layer and 1-1.9 kB with two, gelu 0.5-1.8 kB and
+# 5-7 kB; 4 warps or BLOCK_N = 64 spill more.  So: 8 warps, BLOCK_N 16 or 32.  (The fix for
+# the curved / two-layer cases is to keep those accumulators in global memory.)
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=8, num_stages=1) for bn in (16, 32)
 ]
