@@ -147,6 +147,16 @@ def _grid_factor(q: tl.constexpr, r, cols, B, NF: tl.constexpr, OWNER: tl.conste
 
 
 @triton.jit
+def _prologue(b1_ptr, bout_ptr, H1, BLOCK_H1: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(program id, number of programs, tile lane offsets, hidden offsets and mask, b_1,
+    b_out) — what every persistent program of this module starts from."""
+    offs_h = tl.arange(0, BLOCK_H1)
+    hmask = offs_h < H1
+    return (tl.program_id(0), tl.num_programs(0), tl.arange(0, BLOCK_N), offs_h, hmask,
+            tl.load(b1_ptr + offs_h, mask=hmask, other=0.0), tl.load(bout_ptr))
+
+
+@triton.jit
 def _row_layout(N, NCOL, B, IDX: tl.constexpr, BLOCK_N: tl.constexpr):
     """(number of rows R, columns per row) of a launch: flat sample modes (IDX 0, 1) cut the
     N samples into rows of one BLOCK_N tile; grid and InfoNCE modes have B rows of NCOL."""
@@ -442,13 +452,7 @@ def _bounds_fwd_kernel(
 ):
     """Forward: per-program partial (sum) or (max, Σ e^{T − max}) in stats[pid, 0:2];
     RED_LSE_ROW writes LSE_r of every row it owns to row_lse[r]."""
-    pid = tl.program_id(0)
-    G = tl.num_programs(0)
-    offs_h = tl.arange(0, BLOCK_H1)
-    hmask = offs_h < H1
-    b1 = tl.load(b1_ptr + offs_h, mask=hmask, other=0.0)
-    bout = tl.load(bout_ptr)
-    offs = tl.arange(0, BLOCK_N)
+    pid, G, offs, offs_h, hmask, b1, bout = _prologue(b1_ptr, bout_ptr, H1, BLOCK_H1, BLOCK_N)
     R, ncol = _row_layout(N, NCOL, B, IDX, BLOCK_N)
     acc, run_m, run_s = _reduce_samples(P_ptr, b1, perm_ptr, W2_ptr, b2_ptr, wout_ptr, bout,
                                         row_lse_ptr, pid, G, R, N, ncol, offs, offs_h, hmask,
@@ -481,15 +485,9 @@ def _bounds_bwd_kernel(
     dP rows: owner rows (GRID: factor OWNER, NCE: the anchor) accumulate in registers and
     are stored once; the others are scattered with atomics.  Parameter gradients go to this
     program's private slice of the g*_ptr buffers (only when PARAM_GRADS)."""
-    pid = tl.program_id(0)
-    G = tl.num_programs(0)
-    offs_h = tl.arange(0, BLOCK_H1)
-    hmask = offs_h < H1
-    b1 = tl.load(b1_ptr + offs_h, mask=hmask, other=0.0)
-    bout = tl.load(bout_ptr)
+    pid, G, offs, offs_h, hmask, b1, bout = _prologue(b1_ptr, bout_ptr, H1, BLOCK_H1, BLOCK_N)
     scale = tl.load(scale_ptr)
     shift = tl.load(shift_ptr)
-    offs = tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, BLOCK_H2)
     R, ncol = _row_layout(N, NCOL, B, IDX, BLOCK_N)
     if IDX == 2:
