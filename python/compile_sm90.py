@@ -28,6 +28,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from mdm_kernels.ops import critic_bounds as cb  # noqa: E402
 from mdm_kernels.ops import single_program_bounds as spb  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -104,9 +105,9 @@ def main():
         layouts = [(2, 2, True, 3), (3, 1, False, 3)] if kind == "infonce" else \
             [(1, 1, False, 3), (2, 2, False, 2), (2, 3, False, 3)]
         for idx, nf, grouped, m in layouts:
-            consts = dict(M=m, KIND=spb.KIND_CODES[kind], RED_M=spb._MARGINAL_RED[kind],
+            consts = dict(M=m, KIND=spb.KIND_CODES[kind], RED_M=cb.MARGINAL_RED[kind],
                           GMODE_J=spb.G_SIGMOID_NEG if kind == "js" else spb.G_ONE,
-                          GMODE_M=spb._MARGINAL_GMODE[kind], IDX=idx, NF=nf, GROUPED=grouped,
+                          GMODE_M=cb.MARGINAL_GMODE[kind], IDX=idx, NF=nf, GROUPED=grouped,
                           TWO_LAYERS=two, ACT=act, BLOCK_H1=128, BLOCK_H2=16,
                           BLOCK_N=16, BLOCK_K=32 if two else 16)
             kernel, secs = compile_one(fwd, consts, 8, ints=("B", "N", "NCOL", "H1", "H2", "SP"),
@@ -123,9 +124,9 @@ def main():
         n += 1
     from mdm_kernels.ops import outer_grid_bounds as ogb
     for kind, act in itertools.product(kinds, acts):
-        gmode = {"dv": 1, "nwj": 1, "js": 3, "infonce": 2, "wasserstein": 0}[kind]
+        gmode = cb.MARGINAL_GMODE[kind]
         for nf in ((2,) if kind == "infonce" else (2, 3)):
-            consts = dict(NF=nf, RED=ogb._RED[kind], ACT=act, BLOCK_R=16, BLOCK_C=256)
+            consts = dict(NF=nf, RED=cb.MARGINAL_RED[kind], ACT=act, BLOCK_R=16, BLOCK_C=256)
             kernel, secs = compile_one(ogb._outer_fwd_kernel, consts, 8, ints=("B", "S", "H"))
             print(f"outer fwd {kind:11s} nf={nf} act={act}: {ptxas_report(kernel)}  "
                   f"({secs:.1f}s)", flush=True)
@@ -138,7 +139,6 @@ def main():
                 print(f"outer bwd {kind:11s} nf={nf} owned={owned} act={act}: "
                       f"{ptxas_report(kernel)}  ({secs:.1f}s)", flush=True)
                 n += 1
-    from mdm_kernels.ops import critic_bounds as cb
     for (idx, nf, grouped, m), two, act in itertools.product(
             [(0, 1, False, 3), (1, 1, False, 3), (2, 3, False, 3), (2, 2, True, 3),
              (3, 1, False, 3)], (False, True), acts):

@@ -584,6 +584,43 @@ def _combine_lse(stats):
     return mx + torch.log((stats[:, 1] * torch.exp(stats[:, 0] - mx)).sum())
 
 
+#: Reduction of the marginal scores (RED_*) and φ of their gradient (G_*), per estimator —
+#: shared by every kernel family.
+MARGINAL_RED = {"dv": RED_LSE, "nwj": RED_LSE, "js": RED_SOFTPLUS, "infonce": RED_LSE_ROW,
+                "wasserstein": RED_SUM}
+MARGINAL_GMODE = {"dv": G_EXP_SHIFT, "nwj": G_EXP_SHIFT, "js": G_SIGMOID,
+                  "infonce": G_EXP_ROW, "wasserstein": G_ONE}
+
+
+def marginal_value(kind, stats, row_lse, num_samples, num_candidates):
+    """(marginal term, statistic its backward needs) from a forward launch's partials: the
+    per-program (max, Σ e^{T − max}) pairs (DV, NWJ: the statistic is the LSE), the row
+    LSEs (InfoNCE: the statistic), or per-program sums (JS, Wasserstein: none)."""
+    red = MARGINAL_RED[kind]
+    if red == RED_LSE:
+        lse = _combine_lse(stats)
+        lme = lse - math.log(num_samples)
+        return (lme if kind == "dv" else torch.exp(lme - 1.0)), lse
+    if red == RED_LSE_ROW:
+        return row_lse.mean() - math.log(num_candidates), row_lse
+    return stats[:, 0].sum() / num_samples, None
+
+
+def marginal_grad_args(kind, g_marg, stat, num_samples, batch_size):
+    """(GMODE, scale, shift, row_lse) of g = ∂(g_marg · marginal term)/∂T_s, as 1-element
+    float32 device tensors (no host sync): e^{T − LSE}, e^{T − 1 − log N}, e^{T − LSE_i}/B,
+    sigmoid(T)/N or 1/N, times g_marg (module docstring)."""
+    g = g_marg.float().reshape(1)
+    zero = torch.zeros(1, device=g.device, dtype=torch.float32)
+    if kind == "dv":
+        return G_EXP_SHIFT, g, stat.reshape(1), zero
+    if kind == "nwj":
+        return G_EXP_SHIFT, g, zero + (1.0 + math.log(num_samples)), zero
+    if kind == "infonce":
+        return G_EXP_ROW, g / batch_size, zero, stat
+    return MARGINAL_GMODE[kind], g / num_samples, zero, zero
+
+
 def _launch_bwd(plan, gmode, scale, shift, row_lse, P, perms, b1, W2, b2, wout, bout, act,
                 owner=0, param_grads=True):
     device = P.device
@@ -639,22 +676,10 @@ class FusedDependencyTerms(torch.autograd.Function):
                                 *args, act)
         joint = jstats[:, 0].sum() / B
         plan = _marginal_plan(kind, B, m, perms)
-        lse = row_lse = None
-        if kind in ("dv", "nwj"):
-            stats, _ = _launch_fwd(plan, RED_LSE, *args, act)
-            lse = _combine_lse(stats)
-            lme = lse - math.log(plan.N)
-            marginal = lme if kind == "dv" else torch.exp(lme - 1.0)
-        elif kind == "infonce":
-            _, row_lse = _launch_fwd(plan, RED_LSE_ROW, *args, act)
-            marginal = row_lse.mean() - math.log(plan.NCOL)
-        else:
-            stats, _ = _launch_fwd(plan, RED_SOFTPLUS if kind == "js" else RED_SUM, *args,
-                                   act)
-            marginal = stats[:, 0].sum() / plan.N
+        stats, row_lse = _launch_fwd(plan, MARGINAL_RED[kind], *args, act)
+        marginal, stat = marginal_value(kind, stats, row_lse, plan.N, plan.NCOL)
         ctx.kind, ctx.act, ctx.plan, ctx.jplan = kind, act, plan, jplan
-        ctx.save_for_backward(P, perms, b1, wout, bout, W2, b2,
-                              lse if lse is not None else row_lse)
+        ctx.save_for_backward(P, perms, b1, wout, bout, W2, b2, stat)
         return joint, marginal
 
     @staticmethod
@@ -665,21 +690,10 @@ class FusedDependencyTerms(torch.autograd.Function):
         B = P.shape[1]
         zero = torch.zeros(1, device=P.device, dtype=torch.float32)
         g_joint = g_joint.float().reshape(1)
-        g_marg = g_marg.float().reshape(1)
         dP, grads = _run_bwd(jplan, G_SIGMOID_NEG if kind == "js" else G_ONE, g_joint / B,
                              zero, zero, args, act)
-        row_lse = zero
-        if kind == "dv":
-            gmode, scale, shift = G_EXP_SHIFT, g_marg, stat.reshape(1)
-        elif kind == "nwj":
-            gmode, scale = G_EXP_SHIFT, g_marg
-            shift = zero + (1.0 + math.log(plan.N))
-        elif kind == "infonce":
-            gmode, scale, shift, row_lse = G_EXP_ROW, g_marg / B, zero, stat
-        else:
-            gmode, scale, shift = (G_SIGMOID if kind == "js" else G_ONE), g_marg / plan.N, zero
-        dPm, gradsm = _run_bwd(plan, gmode, scale.contiguous(), shift.contiguous(), row_lse,
-                               args, act)
+        gmode, scale, shift, row_lse = marginal_grad_args(kind, g_marg, stat, plan.N, B)
+        dPm, gradsm = _run_bwd(plan, gmode, scale, shift, row_lse, args, act)
         dP = dP + dPm
         out = [a + b if a is not None else None for a, b in zip(grads, gradsm)]
         gb1, gwout, gbout, gW2, gb2 = out
@@ -718,45 +732,39 @@ def single_program_reason(critic, zs) -> str | None:
     return None
 
 
-def choose_strategy(kind, critic, zs, samples, strategy="auto", projections=None) -> str:
-    """``"single"`` or ``"grid"``: what :func:`fused_dependency_terms` runs for these inputs
-    (raises ``ValueError`` when ``strategy="single"`` cannot run them)."""
+def _route(kind, critic, zs, perms, strategy, projections):
+    """(kernel family, marginal plan) for resolved ``perms``: see :func:`execution_path`."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if strategy == "grid":
-        return "grid"
-    if projections is not None:
-        if strategy == "single":
-            raise ValueError("strategy='single' computes its own projections: "
-                             "do not pass projections=")
-        return "grid"
-    perms = _resolve_perms(samples, zs[0].shape[0], zs[0].device)
-    reason = single_program_reason(critic, zs)
-    if strategy == "single":
-        if reason is not None:
-            raise ValueError(f"strategy='single' cannot run this step: {reason}")
-        return "single"
-    if reason is not None:
-        return "grid"
-    from .single_program_bounds import SINGLE_PROGRAM_MAX_WORK, single_program_work
     B, m = zs[0].shape[0], len(zs)
     plan = _marginal_plan(kind, B, m, perms)
-    work = single_program_work(B, [z.shape[1] for z in zs], critic.hidden, plan.N,
-                               plan.NF if plan.idx == IDX_GRID else 1)
-    return "single" if work <= SINGLE_PROGRAM_MAX_WORK else "grid"
+    if strategy == "single" and projections is not None:
+        raise ValueError("strategy='single' computes its own projections: "
+                         "do not pass projections=")
+    if strategy != "grid" and projections is None:
+        reason = single_program_reason(critic, zs)
+        if strategy == "single":
+            if reason is not None:
+                raise ValueError(f"strategy='single' cannot run this step: {reason}")
+            return "single", plan
+        if reason is None:
+            from .single_program_bounds import SINGLE_PROGRAM_MAX_WORK, single_program_work
+            work = single_program_work(B, [z.shape[1] for z in zs], critic.hidden, plan.N,
+                                       plan.NF if plan.idx == IDX_GRID else 1)
+            if work <= SINGLE_PROGRAM_MAX_WORK:
+                return "single", plan
+    # the outer-sum kernels: "all" over two or three factors, one hidden layer
+    outer = plan.idx == IDX_GRID and plan.NF in (2, 3) and len(critic.hidden) == 1
+    return ("outer" if outer else "grid"), plan
 
 
 def execution_path(kind, critic, zs, samples, strategy="auto", projections=None) -> str:
     """The kernel family :func:`fused_dependency_terms` runs for these inputs: ``"single"``
     (:mod:`~mdm_kernels.ops.single_program_bounds`), ``"outer"``
     (:mod:`~mdm_kernels.ops.outer_grid_bounds`, ``"all"`` with m ≤ 3) or ``"grid"`` (this
-    module's kernels)."""
-    if choose_strategy(kind, critic, zs, samples, strategy, projections) == "single":
-        return "single"
-    from .outer_grid_bounds import outer_grid_applies
+    module's kernels).  Raises ``ValueError`` when ``strategy="single"`` cannot run them."""
     perms = _resolve_perms(samples, zs[0].shape[0], zs[0].device)
-    plan = _marginal_plan(kind, zs[0].shape[0], len(zs), perms)
-    return "outer" if outer_grid_applies(kind, critic, plan.idx, plan.NF, IDX_GRID) else "grid"
+    return _route(kind, critic, zs, perms, strategy, projections)[0]
 
 
 @torch.compiler.disable
@@ -789,7 +797,7 @@ def fused_dependency_terms(kind, critic, zs, samples, projections=None, strategy
     if len(critic.hidden) > 2:
         raise ValueError("fused kernels support 1 or 2 hidden layers")
     perms = _resolve_perms(samples, zs[0].shape[0], zs[0].device)
-    path = execution_path(kind, critic, zs, perms, strategy, projections)
+    path, plan = _route(kind, critic, zs, perms, strategy, projections)
     if path == "single":
         from .single_program_bounds import single_program_dependency_terms
         return single_program_dependency_terms(kind, critic, zs, perms)
@@ -803,6 +811,6 @@ def fused_dependency_terms(kind, critic, zs, samples, projections=None, strategy
     if path == "outer":
         from .outer_grid_bounds import outer_grid_terms
         return outer_grid_terms(kind, critic, P, b1, wout, bout, activation_code(critic),
-                                _marginal_plan(kind, P.shape[1], P.shape[0], perms).NF)
+                                plan.NF)
     return FusedDependencyTerms.apply(kind, perms, activation_code(critic), P, b1, wout, bout,
                                       W2, b2)

@@ -70,7 +70,7 @@ import triton.language as tl
 from .common import (DOT_PRECISION, activation, activation_code, activation_grad, activation_grad2,
                      block_size, critic_tail, interpreter_enabled, project_modalities,
                      tile_configs)
-from .critic_bounds import _resolve_perms, choose_strategy, fused_dependency_terms
+from .critic_bounds import _resolve_perms, execution_path, fused_dependency_terms
 
 
 #: Interpreter (CPU) launch: one small fixed config, few programs (so the persistent loop
@@ -409,13 +409,13 @@ def fused_wasserstein_terms(critic, zs, samples, gp_perms, eps, one_sided):
     sample (k, i) (Σ_j P_j[gp_perms[k, j, i]]), ε = eps[n].  Dynamo graph-breaks around
     this call (``torch.compiler.disable``), as around every fused op; autograd flows.
     """
-    if choose_strategy("wasserstein", critic, zs, samples) == "single":
+    perms = _resolve_perms(samples, zs[0].shape[0], zs[0].device)
+    if execution_path("wasserstein", critic, zs, perms) == "single":
         # small step: the one-program estimator, whose in-kernel projections (returned,
         # differentiable) feed the penalty too — no projection GEMMs at all
         from .single_program_bounds import single_program_dependency_terms
         joint, marginal, stacked = single_program_dependency_terms(
-            "wasserstein", critic, zs, _resolve_perms(samples, zs[0].shape[0], zs[0].device),
-            return_projections=True)
+            "wasserstein", critic, zs, perms, return_projections=True)
     else:
         projections = project_modalities(critic, zs)
         joint, marginal = fused_dependency_terms("wasserstein", critic, zs, samples,

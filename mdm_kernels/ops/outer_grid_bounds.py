@@ -40,16 +40,14 @@ B row LSEs, one partial per program — O(B·H).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from .common import activation, activation_grad
-from .critic_bounds import (G_EXP_ROW, G_EXP_SHIFT, G_ONE, G_SIGMOID, RED_LSE, RED_LSE_ROW,
-                            RED_SOFTPLUS, RED_SUM, _NEG_BIG, _combine_lse,
-                            _score_grad)
+from .critic_bounds import (MARGINAL_RED, _NEG_BIG, _score_grad, marginal_grad_args,
+                            marginal_value)
 from .triton_backend import interpreter_enabled
 
 @triton.jit
@@ -241,10 +239,6 @@ def _programs(blocks: int, device) -> int:
     return max(1, min(blocks, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
 
 
-_RED = {"dv": RED_LSE, "nwj": RED_LSE, "js": RED_SOFTPLUS, "infonce": RED_LSE_ROW,
-        "wasserstein": RED_SUM}
-
-
 def _stride(B: int) -> int:
     """Padded batch S of Fᵀ: a multiple of every block size (all powers of two)."""
     step = max(*_fwd_tiles(), *_bwd_tiles())
@@ -264,7 +258,7 @@ class OuterGridMarginal(torch.autograd.Function):
         # Fᵀ (NF, H, S), zero columns beyond B
         Ft = torch.nn.functional.pad(torch.stack(factors).transpose(1, 2), (0, S - B))
         br, bc = _fwd_tiles()
-        red = _RED[kind]
+        red = MARGINAL_RED[kind]
         n_rb = triton.cdiv(B, br) if nf == 2 else B * triton.cdiv(B, br)
         G = _programs(n_rb, Ft.device)
         stats = torch.empty(G, 2, device=Ft.device, dtype=torch.float32)
@@ -272,19 +266,9 @@ class OuterGridMarginal(torch.autograd.Function):
         _outer_fwd_kernel[(G,)](Ft, wout, bout, stats, row_lse, B, S, H, NF=nf, RED=red,
                                 ACT=act, BLOCK_R=br, BLOCK_C=bc,
                                 num_warps=1 if interpreter_enabled() else 8)
-        n = B ** nf
-        stat = None
-        if red == RED_LSE:
-            stat = _combine_lse(stats)
-            lme = stat - math.log(n)
-            value = lme if kind == "dv" else torch.exp(lme - 1.0)
-        elif red == RED_LSE_ROW:
-            stat = row_lse
-            value = row_lse.mean() - math.log(B)
-        else:
-            value = stats[:, 0].sum() / n
+        value, stat = marginal_value(kind, stats, row_lse, B ** nf, B)
         ctx.kind, ctx.act, ctx.B = kind, act, B
-        ctx.save_for_backward(Ft, wout, bout, stat if stat is not None else row_lse)
+        ctx.save_for_backward(Ft, wout, bout, stat)
         return value
 
     @staticmethod
@@ -292,18 +276,7 @@ class OuterGridMarginal(torch.autograd.Function):
         Ft, wout, bout, stat = ctx.saved_tensors
         kind, act, B = ctx.kind, ctx.act, ctx.B
         nf, H, S = Ft.shape
-        n = B ** nf
-        grad = grad.float().reshape(1)
-        zero = torch.zeros(1, device=Ft.device, dtype=torch.float32)
-        row_lse = zero
-        if kind == "dv":
-            gmode, scale, shift = G_EXP_SHIFT, grad, stat.reshape(1)
-        elif kind == "nwj":
-            gmode, scale, shift = G_EXP_SHIFT, grad, zero + (1.0 + math.log(n))
-        elif kind == "infonce":
-            gmode, scale, shift, row_lse = G_EXP_ROW, grad / B, zero, stat
-        else:
-            gmode, scale, shift = (G_SIGMOID if kind == "js" else G_ONE), grad / n, zero
+        gmode, scale, shift, row_lse = marginal_grad_args(kind, grad, stat, B ** nf, B)
         bs, bo = _bwd_tiles()
         G = _programs(triton.cdiv(B, bo), Ft.device)
         grads = []
@@ -311,8 +284,7 @@ class OuterGridMarginal(torch.autograd.Function):
             dOt = torch.zeros(H, S, device=Ft.device, dtype=torch.float32)
             gwt = torch.zeros_like(dOt) if f == 0 else dOt
             gb = torch.empty(G, device=Ft.device, dtype=torch.float32)
-            _outer_bwd_kernel[(G,)](Ft, wout, bout, scale.contiguous(), shift.contiguous(),
-                                    row_lse, dOt, gwt, gb, B, S, H, NF=nf, OWNED=f,
+            _outer_bwd_kernel[(G,)](Ft, wout, bout, scale, shift, row_lse, dOt, gwt, gb, B, S, H, NF=nf, OWNED=f,
                                     GMODE=gmode, PARAM_GRADS=f == 0, ACT=act, BLOCK_S=bs,
                                     BLOCK_O=bo, num_warps=1 if interpreter_enabled() else 8)
             grads.append((dOt[:, :B] * wout[:, None]).t())
@@ -320,12 +292,6 @@ class OuterGridMarginal(torch.autograd.Function):
                 g_wout = gwt.sum(1)
                 g_bout = gb.sum().reshape(1)
         return (None, None, g_wout, g_bout, *grads)
-
-
-def outer_grid_applies(kind, critic, plan_idx, plan_nf, idx_grid) -> bool:
-    """Whether :func:`outer_grid_terms` takes this step: an ``"all"`` grid of two or three
-    factors and a one-hidden-layer critic."""
-    return plan_idx == idx_grid and plan_nf in (2, 3) and len(critic.hidden) == 1
 
 
 def outer_grid_terms(kind, critic, P, b1, wout, bout, act, num_factors):

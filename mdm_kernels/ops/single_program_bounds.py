@@ -59,8 +59,7 @@ import triton
 import triton.language as tl
 
 from .common import DOT_PREC, block_size
-from .critic_bounds import (G_EXP_ROW, G_EXP_SHIFT, G_ONE, G_SIGMOID, G_SIGMOID_NEG,
-                            RED_LSE, RED_LSE_ROW, RED_SOFTPLUS, RED_SUM, _marginal_plan,
+from .critic_bounds import (G_ONE, G_SIGMOID_NEG, MARGINAL_GMODE, MARGINAL_RED, _marginal_plan,
                             _reduce_samples, _row_layout, _scatter_shared_rows, _store_owned_row,
                             _term_grad, _tile_backprop, _tile_columns, _tile_scores)
 from .triton_backend import interpreter_enabled
@@ -92,12 +91,6 @@ def _max_work_from_env(default: int = 10 ** 8) -> int:
 SINGLE_PROGRAM_MAX_WORK = _max_work_from_env()
 
 KIND_CODES = {"dv": 0, "nwj": 1, "js": 2, "infonce": 3, "wasserstein": 4}
-#: Reduction of the marginal scores, per estimator (critic_bounds' RED_* codes).
-_MARGINAL_RED = {"dv": RED_LSE, "nwj": RED_LSE, "js": RED_SOFTPLUS, "infonce": RED_LSE_ROW,
-                 "wasserstein": RED_SUM}
-#: φ of the marginal term's score gradient, per estimator (critic_bounds' G_* codes).
-_MARGINAL_GMODE = {"dv": G_EXP_SHIFT, "nwj": G_EXP_SHIFT, "js": G_SIGMOID,
-                   "infonce": G_EXP_ROW, "wasserstein": G_ONE}
 
 
 def single_program_work(batch_size, dims, hidden, num_marginal, grid_factors=1):
@@ -422,12 +415,12 @@ class SingleProgramDependencyTerms(torch.autograd.Function):
             b2 if two else b1, wout, bout,
             P, dPJ, dPM, row_lse, pg, joint, marginal,
             B, n, ncol, H1, H2, sp, math.log(n), math.log(max(ncol, 1)),
-            M=m, KIND=KIND_CODES[kind], RED_M=_MARGINAL_RED[kind],
+            M=m, KIND=KIND_CODES[kind], RED_M=MARGINAL_RED[kind],
             GMODE_J=G_SIGMOID_NEG if kind == "js" else G_ONE,
-            GMODE_M=_MARGINAL_GMODE[kind], IDX=idx, NF=nf, GROUPED=grouped, TWO_LAYERS=two,
+            GMODE_M=MARGINAL_GMODE[kind], IDX=idx, NF=nf, GROUPED=grouped, TWO_LAYERS=two,
             ACT=act, BLOCK_H1=block_size(H1), BLOCK_H2=16, BLOCK_N=16,
             BLOCK_K=32 if (two and not interp) else 16, num_warps=1 if interp else 8)
-        ctx.m, ctx.two, ctx.sp, ctx.H2 = m, two, sp, H2
+        ctx.m, ctx.two, ctx.sp = m, two, sp
         ctx.param_shapes = [(p.shape, p.dtype) for p in (b1, wout, bout, W2, b2)
                             if p is not None]
         ctx.save_for_backward(*zs, *w1s, dPJ, dPM, pg)
