@@ -184,21 +184,27 @@ def test_mmsa_aligned_roundtrip(tmp_path, label_key):
     assert len(load_format("mmsa", p, "dev")) == 3  # 'dev' / 'valid' are aliases
 
 
+def _assert_rejected(path, content, reader, match):
+    """Write ``content`` (bytes or text) to ``path``: ``reader(path)`` must raise a
+    FormatError matching ``match``."""
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(FormatError, match=match):
+        reader(path)
+
+
 def test_mmsa_errors(tmp_path):
-    p = tmp_path / "mis.pkl"
-    p.write_bytes(pickle.dumps(_mmsa(audio_L=4)))
-    with pytest.raises(FormatError, match=r"mis\.pkl: split 'test': 'audio' is \(3, 4, 3\).*share N and L"):
-        load_mmsa_pickle(p)
-    p = tmp_path / "lab.pkl"
-    p.write_bytes(pickle.dumps(_mmsa(labels=[0, 1, 2, 3, 4, 5])))
-    with pytest.raises(FormatError, match=r"lab\.pkl: split 'train': label 4.0 of segment 4 is outside"):
-        load_mmsa_pickle(p, "train")
+    _assert_rejected(tmp_path / "mis.pkl", pickle.dumps(_mmsa(audio_L=4)), load_mmsa_pickle,
+                     r"mis\.pkl: split 'test': 'audio' is \(3, 4, 3\).*share N and L")
+    _assert_rejected(tmp_path / "lab.pkl", pickle.dumps(_mmsa(labels=[0, 1, 2, 3, 4, 5])),
+                     lambda p: load_mmsa_pickle(p, "train"),
+                     r"lab\.pkl: split 'train': label 4.0 of segment 4 is outside")
     obj = _mmsa()
     del obj["test"]["vision"]
-    p = tmp_path / "novis.pkl"
-    p.write_bytes(pickle.dumps(obj))
-    with pytest.raises(FormatError, match=r"novis\.pkl: split 'test' has no 'vision'"):
-        load_mmsa_pickle(p)
+    _assert_rejected(tmp_path / "novis.pkl", pickle.dumps(obj), load_mmsa_pickle,
+                     r"novis\.pkl: split 'test' has no 'vision'")
 
 
 # --------------------------------------------------------------------------- .csd (HDF5)
@@ -214,35 +220,28 @@ def test_csd_opinion_labels_match_canonical_csv():
     assert max(abs(lab[k] - ref[k]["label"]) for k in lab) < 1e-4
 
 
-def test_csd_errors(tmp_path):
-    h5py = pytest.importorskip("h5py")
-    p = tmp_path / "bad.csd"
-    with h5py.File(p, "w") as f:
+def _write_csd(path, intervals, features):
+    """A one-video CMU-MultimodalSDK .csd (HDF5) file at ``path``."""
+    import h5py
+    with h5py.File(path, "w") as f:
         g = f.create_group("Root/data/vid")
-        g["intervals"] = np.zeros((3, 2))
-        g["features"] = np.zeros((2, 1))
+        g["intervals"] = intervals
+        g["features"] = features
+    return path
+
+
+def test_csd_errors(tmp_path):
+    pytest.importorskip("h5py")
+    p = _write_csd(tmp_path / "bad.csd", np.zeros((3, 2)), np.zeros((2, 1)))
     with pytest.raises(FormatError, match=r"bad\.csd: video 'vid': features \(2, 1\) do not match intervals \(3, 2\)"):
         read_csd(p)
-    p2 = tmp_path / "lab.csd"
-    with h5py.File(p2, "w") as f:
-        g = f.create_group("Root/data/vid")
-        g["intervals"] = np.zeros((1, 2))
-        g["features"] = np.full((1, 1), 9.0)
+    p2 = _write_csd(tmp_path / "lab.csd", np.zeros((1, 2)), np.full((1, 1), 9.0))
     with pytest.raises(FormatError, match=r"lab\.csd: video 'vid': label 9.0 outside"):
         csd_to_segment_labels(read_csd(p2))
-    good = tmp_path / "good.csd"
-    with h5py.File(good, "w") as f:
-        g = f.create_group("Root/data/vid")
-        g["intervals"] = np.zeros((40, 2))
-        g["features"] = np.zeros((40, 1000))
-    cut = tmp_path / "cut.csd"
-    cut.write_bytes(good.read_bytes()[:3000])
-    with pytest.raises(FormatError, match=r"cut\.csd"):
-        read_csd(cut)
-    notcsd = tmp_path / "text.csd"
-    notcsd.write_text("hello")
-    with pytest.raises(FormatError, match=r"text\.csd: not a readable HDF5"):
-        read_csd(notcsd)
+    good = _write_csd(tmp_path / "good.csd", np.zeros((40, 2)), np.zeros((40, 1000)))
+    _assert_rejected(tmp_path / "cut.csd", good.read_bytes()[:3000], read_csd, r"cut\.csd")
+    _assert_rejected(tmp_path / "text.csd", "hello", read_csd,
+                     r"text\.csd: not a readable HDF5")
 
 
 def test_csd_without_h5py_gives_clear_error(tmp_path, monkeypatch):
@@ -285,15 +284,9 @@ def test_mosei_labels_with_synthetic_features():
 
 def test_label_csv_errors(tmp_path):
     hdr = "video_id,clip_id,text,label,annotation,mode,label_by\n"
-    p = tmp_path / "bad_label.csv"
-    p.write_text(hdr + "v,1,hi,0.5,Positive,train,0\nv,2,yo,4.5,Positive,train,0\n")
-    with pytest.raises(FormatError, match=r"bad_label\.csv: line 3: label 4.5 outside"):
-        load_label_csv(p)
-    p = tmp_path / "trunc.csv"
-    p.write_text(hdr + "v,1,hi,0.5,Positive,train,0\nv,2,yo")
-    with pytest.raises(FormatError, match=r"trunc\.csv: line 3"):
-        load_label_csv(p)
-    p = tmp_path / "cols.csv"
-    p.write_text("video_id,clip_id,label\nv,1,0.5\n")
-    with pytest.raises(FormatError, match=r"cols\.csv: missing column"):
-        load_label_csv(p)
+    for name, text, match in [
+            ("bad_label.csv", hdr + "v,1,hi,0.5,Positive,train,0\nv,2,yo,4.5,Positive,train,0\n",
+             r"bad_label\.csv: line 3: label 4.5 outside"),
+            ("trunc.csv", hdr + "v,1,hi,0.5,Positive,train,0\nv,2,yo", r"trunc\.csv: line 3"),
+            ("cols.csv", "video_id,clip_id,label\nv,1,0.5\n", r"cols\.csv: missing column")]:
+        _assert_rejected(tmp_path / name, text, load_label_csv, match)
