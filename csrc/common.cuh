@@ -165,34 +165,29 @@ __device__ __forceinline__ Stats warp_stats(Stats v) {
   return v;
 }
 
-// Block-wide merge of one Stats per warp (lane 0's value); result valid in thread 0.
-// `shared` must hold blockDim.x / 32 entries.
-__device__ __forceinline__ Stats block_stats(Stats v, Stats* shared) {
+// Block-wide merge of one T per warp (lane 0's value) with the warp reduction Reduce and
+// its identity Empty; result valid in thread 0.  `shared` must hold blockDim.x / 32 entries.
+template <typename T, T (*Empty)(), T (*Reduce)(T)>
+__device__ __forceinline__ T block_reduce(T v, T* shared) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int nwarps = blockDim.x / kWarp;
   if (lane == 0) shared[warp] = v;
   __syncthreads();
-  Stats r = stats_empty();
+  T r = Empty();
   if (warp == 0) {
     if (lane < nwarps) r = shared[lane];
-    r = warp_stats(r);
+    r = Reduce(r);
   }
   __syncthreads();
   return r;
 }
 
+__device__ __forceinline__ Stats block_stats(Stats v, Stats* shared) {
+  return block_reduce<Stats, stats_empty, warp_stats>(v, shared);
+}
+
 __device__ __forceinline__ Lse block_lse(Lse v, Lse* shared) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int nwarps = blockDim.x / kWarp;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  Lse r = lse_empty();
-  if (warp == 0) {
-    if (lane < nwarps) r = shared[lane];
-    r = warp_lse(r);
-  }
-  __syncthreads();
-  return r;
+  return block_reduce<Lse, lse_empty, warp_lse>(v, shared);
 }
 
 // ---------------------------------------------------------------- sample index decoding
