@@ -35,6 +35,16 @@ PENALTY_BOUNDS = {
 }
 
 
+def rms_normalize(z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """z / sqrt(mean(z², last dim) + eps): each row rescaled to unit root-mean-square
+    (RMSNorm, Zhang & Sennrich 2019, without the learnt gain).  Shape kept, (B, d) -> (B, d)."""
+    return z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps)
+
+
+#: ``DependencyPenalty(normalize=...)``: what the critic reads.
+NORMALIZATIONS = {None: lambda z: z, "rms": rms_normalize}
+
+
 class DependencyPenalty(nn.Module):
     """Owns an :class:`~mdm_kernels.MLPCritic` and the estimator of one penalty ``kind``.
 
@@ -51,12 +61,18 @@ class DependencyPenalty(nn.Module):
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
         group: ``torch.distributed`` process group (or ``"world"``) to draw negatives from
             the global batch under DDP; ``None`` for a single process.
+        normalize: what the critic reads.  ``None`` (default): the raw z's.  ``"rms"``: each
+            row of each modality rescaled to unit root-mean-square,
+            z̃ = z / sqrt(mean_k z_k² + eps) (RMSNorm without gain; ‖z̃‖ = sqrt(d)), so every
+            estimate is invariant to a rescaling of z and the critic's inputs stay on a sphere.
+            Without it a deterministic encoder can raise any of these bounds without limit by
+            inflating the scale of its z's (docs/training.md, "Bounded dependency").
     """
 
     def __init__(self, kind: str, dims: Sequence[int], hidden=(128,), activation="relu",
                  weight: float = 0.1, negatives=None, gp_weight: float = 10.0,
                  one_sided: bool = False, ema_decay: float | None = None,
-                 backend: str = "auto", group=None):
+                 backend: str = "auto", group=None, normalize: str | None = None):
         super().__init__()
         if kind not in PENALTY_BOUNDS:
             raise ValueError(f"kind must be one of {sorted(PENALTY_BOUNDS)}, got {kind!r}")
@@ -66,6 +82,9 @@ class DependencyPenalty(nn.Module):
             raise ValueError("ema_decay applies to kind='mine' only")
         if negatives is not None:
             parse_negatives(negatives)
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {list(NORMALIZATIONS)}, got {normalize!r}")
+        self.normalize = normalize
         self.kind = kind
         self.weight = float(weight)
         self.negatives = negatives
@@ -83,9 +102,13 @@ class DependencyPenalty(nn.Module):
             opts["negatives"] = self.negatives
         return opts
 
+    def critic_inputs(self, zs) -> tuple[torch.Tensor, ...]:
+        """The z's as the critic reads them (see ``normalize``)."""
+        return tuple(NORMALIZATIONS[self.normalize](z) for z in zs)
+
     def bound(self, *zs, generator=None, perms=None) -> torch.Tensor:
         """The dependency estimate (nats), differentiable w.r.t. the z's and the critic."""
-        return PENALTY_BOUNDS[self.kind](self.critic, *zs, **self._options(generator, perms))
+        return PENALTY_BOUNDS[self.kind](self.critic, *self.critic_inputs(zs), **self._options(generator, perms))
 
     def forward(self, *zs, generator=None, perms=None) -> torch.Tensor:
         """Model term −λ·bound (add it to the task loss)."""
@@ -94,14 +117,14 @@ class DependencyPenalty(nn.Module):
     def critic_loss(self, *zs, generator=None, perms=None) -> torch.Tensor:
         """Loss of the critic's step on detached z's: −bound (+ gp_weight·GP for
         Wasserstein; with MINE's moving-average correction when ``ema_decay`` was set)."""
-        zs = tuple(z.detach() for z in zs)
+        zs = self.critic_inputs(tuple(z.detach() for z in zs))
         opts = self._options(generator, perms)
         if self.kind == "wasserstein":
             return wasserstein_loss(self.critic, *zs, gp_weight=self.gp_weight,
                                     one_sided=self.one_sided, **opts)
         if self.kind == "mine":
             return mine_loss(self.critic, *zs, ema=self.ema, **opts)
-        return -self.bound(*zs, generator=generator, perms=perms)
+        return -PENALTY_BOUNDS[self.kind](self.critic, *zs, **opts)
 
     @torch.no_grad()
     def estimate(self, *zs, generator=None, perms=None) -> torch.Tensor:
@@ -117,4 +140,4 @@ class DependencyPenalty(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, weight={self.weight}, negatives={self.negatives!r}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}, normalize={self.normalize!r}")

@@ -10,6 +10,8 @@ from .models import MODELS
 
 PENALTIES = ("none", "mine", "nwj", "js", "infonce", "wasserstein")
 BACKENDS = ("auto", "triton", "cuda", "reference")
+#: --critic-input -> DependencyPenalty(normalize=...)
+CRITIC_INPUTS = {"rms": "rms", "raw": None}
 
 
 @dataclass
@@ -23,6 +25,7 @@ class TrainConfig:
     critic_hidden: int = 128
     critic_lr: float = 1e-3
     gp_weight: float = 10.0
+    critic_input: str = "rms"
     dataset: str = "mosi"
     data_dir: str | None = None
     text_features: str = "both"
@@ -40,6 +43,7 @@ class TrainConfig:
     out: str = "runs/mosi"
     resume: bool = False
     quiet: bool = False
+    skip_test: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +65,9 @@ HELP = {
     "critic_hidden": "hidden width of the critic MLP (default: 128)",
     "critic_lr": "learning rate of the critic's Adam optimizer (default: 1e-3)",
     "gp_weight": "gradient-penalty weight of the Wasserstein critic (default: 10)",
+    "critic_input": "what the critic reads: rms (each z rescaled to unit root-mean-square, so the "
+                    "dependency cannot grow by inflating the scale of z; default) or raw (the z's "
+                    "as they are: the objective before issue 16, unbounded in long runs)",
     "dataset": "mosi (embedded real CMU-MOSI, bc-LSTM split) or synthetic (known dependency "
                "structure, for tests) (default: mosi)",
     "data_dir": "read MOSI from this directory instead of the embedded file: a directory with "
@@ -81,6 +88,7 @@ HELP = {
                "cuda, reference (default: auto)",
     "out": "output directory: metrics.json, best.pt, last.pt (default: runs/mosi)",
     "resume": "continue from OUT/last.pt (starts fresh, with a note, when there is none)",
+    "skip_test": "do not evaluate the test split at the end (model selection on validation)",
     "quiet": "no progress bars or per-epoch lines (the final table is still printed)",
 }
 
@@ -111,6 +119,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     choice("penalty", PENALTIES)
     choice("backend", BACKENDS)
     choice("dataset", ("mosi", "synthetic"))
+    choice("critic_input", CRITIC_INPUTS)
     choice("text_features", ("glove", "utterance", "both"))
     cfg.negatives = _negatives(cfg.negatives)
     for name in ("epochs", "batch_size", "critic_steps", "critic_hidden"):
@@ -175,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--critic-hidden", type=int, default=S, metavar="N", help=HELP["critic_hidden"])
     p.add_argument("--critic-lr", type=float, default=S, help=HELP["critic_lr"])
     p.add_argument("--gp-weight", type=float, default=S, help=HELP["gp_weight"])
+    p.add_argument("--critic-input", choices=tuple(CRITIC_INPUTS), default=S, help=HELP["critic_input"])
     p.add_argument("--dataset", choices=("mosi", "synthetic"), default=S, help=HELP["dataset"])
     p.add_argument("--data-dir", default=S, metavar="DIR", help=HELP["data_dir"])
     p.add_argument("--text-features", choices=("glove", "utterance", "both"), default=S, help=HELP["text_features"])
@@ -194,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=S, metavar="DIR", help=HELP["out"])
     p.add_argument("--resume", action="store_true", default=S, help=HELP["resume"])
     p.add_argument("--quiet", action="store_true", default=S, help=HELP["quiet"])
+    p.add_argument("--skip-test", action="store_true", default=S, help=HELP["skip_test"])
     return p
 
 

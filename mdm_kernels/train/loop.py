@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import TrainConfig, validate
+from .config import CRITIC_INPUTS, TrainConfig, validate
 from .data import batch_from, iterate_batches, load_dataset
 from .metrics import format_table, sentiment_metrics
 from .models import build_model
@@ -50,7 +50,8 @@ def build_penalty(cfg: TrainConfig, dims, device, group=None):
         raise ImportError(f"--penalty {cfg.penalty}: mdm_kernels.DependencyPenalty is unavailable ({e})") from e
     pen = DependencyPenalty(cfg.penalty, tuple(dims), hidden=(cfg.critic_hidden,), weight=cfg.weight,
                             negatives=cfg.negatives, gp_weight=cfg.gp_weight, ema_decay=cfg.ema_decay,
-                            backend=cfg.backend, **({"group": group} if group is not None else {}))
+                            backend=cfg.backend, normalize=CRITIC_INPUTS[cfg.critic_input],
+                            **({"group": group} if group is not None else {}))
     if isinstance(pen, nn.Module):
         pen = pen.to(device)
     else:
@@ -271,7 +272,9 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
     ddp.barrier(info)
     if best_path.is_file():
         model.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["model"])
-    metrics = sentiment_metrics(_predict(model, data["test"], cfg.batch_size, device, info), data["test"].y)
+    # --skip-test (hyperparameter selection): the test split is never read
+    metrics = {} if cfg.skip_test else sentiment_metrics(
+        _predict(model, data["test"], cfg.batch_size, device, info), data["test"].y)
     result = dict(metrics)
     result.update(best_epoch=state["best_epoch"], best_val_mae=state["best_mae"], epochs_run=state["epoch"],
                   train_seconds=time.time() - t0, n_test=len(data["test"]), device=str(device),
@@ -281,7 +284,8 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
     if info.is_main:  # metrics.json and the table: once, by rank 0
         clean = json.loads(json.dumps(result, default=str).replace("NaN", "null"))
         atomic_write_text(json.dumps(clean, indent=2) + "\n", out / "metrics.json")
-        print(format_table(metrics, f"test, {len(data['test'])} segments, best epoch {state['best_epoch']}"))
+        if metrics:
+            print(format_table(metrics, f"test, {len(data['test'])} segments, best epoch {state['best_epoch']}"))
         print(f"wrote {out / 'metrics.json'}")
     ddp.barrier(info)
     return result
