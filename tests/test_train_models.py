@@ -92,7 +92,7 @@ def test_unknown_model():
 
 def test_sequence_padding_is_ignored(batch):
     """Predictions don't depend on what lies beyond each text's length."""
-    for name in ("ef_lstm", "lf_lstm", "tfn", "lmf", "mult"):
+    for name in ("ef_lstm", "lf_lstm", "tfn", "lmf", "mult", "mfn"):
         model = build_model(name, (16, 8, 8), **SIZES).eval()
         b2 = dict(batch)
         t = batch["text"].clone()
@@ -101,3 +101,21 @@ def test_sequence_padding_is_ignored(batch):
         b2["text"] = t
         with torch.no_grad():
             torch.testing.assert_close(model(batch)[0], model(b2)[0], msg=name)
+
+
+def test_mfn_memory_attends_and_gates(batch):
+    """MFN (Zadeh et al. 2018): the head reads the gated memory u_T besides the z's, and u_T
+    depends on every modality (through the delta-memory attention over all LSTM memories)."""
+    model = build_model("mfn", (16, 8, 8), **SIZES).eval()
+    with torch.no_grad():
+        pred, zs = model(batch)
+        u = model._memory.clone()
+        assert u.shape == (8, SIZES["hidden"]) and torch.all(u.abs() < 1 + 1e-6) and u.abs().sum() > 0
+        b2 = dict(batch, audio=batch["audio"] + 1.0)
+        model(b2)
+        assert not torch.allclose(model._memory, u)  # audio reaches the shared memory
+        # pred depends on the memory, not only on the z's
+        zl, za, zv = model.encode(batch)
+        p1 = model.fuse(zl, za, zv, batch)
+        model._memory = torch.zeros_like(model._memory)
+        assert not torch.allclose(model.fuse(zl, za, zv, batch), p1)

@@ -51,7 +51,7 @@ class TrainConfig:
 
 HELP = {
     "model": "fusion model: ef_lstm (early fusion LSTM), lf_lstm (late fusion, default), tfn "
-             "(tensor fusion), lmf (low-rank fusion), mult (crossmodal transformer), mag "
+             "(tensor fusion), lmf (low-rank fusion), mfn (memory fusion network), mult (crossmodal transformer), mag "
              "(MiniLM + multimodal adaptation gate; needs the optional extra 'mag')",
     "penalty": "dependency penalty between z_l, z_a, z_v: none (baseline), mine, nwj, js, "
                "infonce, wasserstein (default: none)",
@@ -87,7 +87,10 @@ HELP = {
     "backend": "penalty kernels: auto (fused kernels on GPU, reference otherwise), triton, "
                "cuda, reference (default: auto)",
     "out": "output directory: metrics.json, best.pt, last.pt (default: runs/mosi)",
-    "resume": "continue from OUT/last.pt (starts fresh, with a note, when there is none)",
+    "resume": "continue the run in OUT from OUT/last.pt with the run's own configuration "
+              "(an explicit flag that contradicts it is an error; --epochs, --patience, "
+              "--device, --backend, --data-dir and --quiet may change); starts fresh, with a "
+              "note, when there is no checkpoint",
     "skip_test": "do not evaluate the test split at the end (model selection on validation)",
     "quiet": "no progress bars or per-epoch lines (the final table is still printed)",
 }
@@ -167,7 +170,8 @@ def load_config_file(path: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .._cli import OneLineParser
+    p = OneLineParser(
         prog="python -m mdm_kernels.train",
         description="Train a multimodal fusion model for sentiment (CMU-MOSI) with an optional "
                     "mutual-dependency penalty, and report Acc-7, Acc-2, F1, MAE and Corr.",
@@ -205,17 +209,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", default=S, help=HELP["resume"])
     p.add_argument("--quiet", action="store_true", default=S, help=HELP["quiet"])
     p.add_argument("--skip-test", action="store_true", default=S, help=HELP["skip_test"])
+    p.add_argument("--debug", action="store_true", default=S,
+                   help="show the traceback of an error instead of the one-line message")
     return p
 
 
 def parse_args(argv=None) -> TrainConfig:
     parser = build_parser()
     ns = vars(parser.parse_args(argv))
+    ns.pop("debug", None)  # read by __main__ (tracebacks), not a training option
     values: dict = {}
     try:
         if "config" in ns:
             values.update(load_config_file(ns.pop("config")))
         values.update(ns)
+        if values.get("resume"):  # the run's own configuration from OUT/last.pt, flags on top
+            from .checkpoint import resume_values
+            values = resume_values(values, {f.name: f.default for f in fields(TrainConfig)})
         return validate(TrainConfig(**values))
     except (ValueError, FileNotFoundError, ImportError, TypeError) as e:
         parser.error(str(e))

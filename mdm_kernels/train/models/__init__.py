@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from .fusion import EFLSTM, LFLSTM, LMF, TFN, FusionModel, MulT
+from .mfn import MFN
 
 #: model name -> class; "mag" is imported on demand (its encoder is an optional extra)
-_CLASSES = {"ef_lstm": EFLSTM, "lf_lstm": LFLSTM, "tfn": TFN, "lmf": LMF, "mult": MulT}
+_CLASSES = {"ef_lstm": EFLSTM, "lf_lstm": LFLSTM, "tfn": TFN, "lmf": LMF, "mult": MulT, "mfn": MFN}
 MODELS = (*_CLASSES, "mag")
 
 
@@ -19,4 +20,4 @@ def build_model(name: str, in_dims, **sizes) -> FusionModel:
     return _CLASSES[name](in_dims, **sizes)
 
 
-__all__ = ["MODELS", "build_model", "FusionModel", "EFLSTM", "LFLSTM", "TFN", "LMF", "MulT"]
+__all__ = ["MODELS", "build_model", "FusionModel", "EFLSTM", "LFLSTM", "TFN", "LMF", "MulT", "MFN"]
