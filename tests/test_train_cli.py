@@ -1,5 +1,6 @@
 """The CLI: a short run on the embedded data, exact resume, clear errors."""
 import json
+import shlex
 
 import pytest
 import torch
@@ -49,8 +50,8 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     for k in KEYS + ("best_epoch", "best_val_mae"):
         assert resumed[k] == full[k], k
     assert resumed["history"] == full["history"]
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
@@ -82,7 +83,11 @@ def test_bad_flags(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(argv)
     assert e.value.code == 2
-    assert needle in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert needle in err
+    # one line naming the option plus "see --help", not the whole usage block
+    assert len(err.strip().splitlines()) == 1 and err.rstrip().endswith("(see --help)"), err
+    assert "usage:" not in err
 
 
 def test_unknown_config_key(tmp_path, capsys):
@@ -93,16 +98,92 @@ def test_unknown_config_key(tmp_path, capsys):
     assert "modle" in capsys.readouterr().err
 
 
-def test_missing_data_dir(tmp_path, capsys):
+def _user_error(argv, capsys) -> str:
+    """Run the CLI's entry function; it must stop with status 2 and ONE stderr line."""
     with pytest.raises(SystemExit) as e:
-        main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--quiet"])
+        main(argv)
     assert e.value.code == 2
-    assert "--data-dir" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("python -m mdm_kernels.train: error: ")
+    return err
+
+
+def test_missing_data_dir(tmp_path, capsys):
+    err = _user_error(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--quiet"], capsys)
+    assert "--data-dir" in err
 
 
 def test_cuda_requested_without_gpu(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    with pytest.raises(SystemExit):
-        main(["--device", "cuda", "--dataset", "synthetic", "--out", str(tmp_path), "--quiet"])
-    assert "CUDA is not available" in capsys.readouterr().err
+    err = _user_error(["--device", "cuda", "--dataset", "synthetic", "--out", str(tmp_path), "--quiet"], capsys)
+    assert "--device cuda: CUDA is not available" in err
+
+
+SMALL = ["--dataset", "synthetic", "--d", "4", "--hidden", "8", "--batch-size", "128", "--quiet"]
+
+
+@pytest.mark.parametrize("where, needle", [
+    ("file", "exists and is not a directory"),          # FileExistsError
+    ("file/run", "a parent of it is a file"),           # NotADirectoryError
+])
+def test_bad_out_paths(where, needle, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    err = _user_error(SMALL + ["--out", str(tmp_path / where)], capsys)
+    assert f"--out {tmp_path / where}: {needle}" in err
+
+
+def test_out_not_creatable(tmp_path, capsys, monkeypatch):
+    """PermissionError / other OSErrors of --out (as /sys/x, /proc/x do as root) name --out."""
+    from pathlib import Path
+    for exc, needle in ((PermissionError(1, "Operation not permitted"), "cannot create it (Operation not permitted)"),
+                        (OSError(2, "No such file or directory"), "cannot create the directory (No such file")):
+        def refuse(self, *a, exc=exc, **k):
+            raise exc
+        monkeypatch.setattr(Path, "mkdir", refuse)
+        err = _user_error(SMALL + ["--out", str(tmp_path / "x")], capsys)
+        assert f"--out {tmp_path / 'x'}: {needle}" in err
+
+
+def test_backend_unavailable_is_one_line(tmp_path, capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the Triton backend can run")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # no interpreter: Triton cannot run on CPU
+    err = _user_error(SMALL + ["--penalty", "mine", "--backend", "triton", "--epochs", "1",
+                               "--out", str(tmp_path / "o")], capsys)
+    assert "--backend triton: " in err and "CUDA tensors" in err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from mdm_kernels._cli import UsageError
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="--out"):
+        main(SMALL + ["--out", str(tmp_path / "file"), "--debug"])
+
+
+def test_ctrl_c_hint_resumes_exactly_as_written(tmp_path, capsys, monkeypatch):
+    """Interrupt a non-default run; the printed command alone continues it with the run's own
+    configuration (model, lr, ...) and ends where an uninterrupted run ends."""
+    import mdm_kernels.train.loop as loop
+    run = ["--model", "tfn", "--lr", "0.002", "--epochs", "3", "--patience", "10"] + SMALL
+    assert main(run + ["--out", str(tmp_path / "full")]) == 0
+    real_train = loop.train
+    monkeypatch.setattr(loop, "train", lambda cfg: real_train(cfg, _interrupt_after_epoch=1))
+    out = tmp_path / "cut run"  # a space: the hint must quote it
+    assert main(run + ["--out", str(out)]) == 130
+    hint = capsys.readouterr().err.strip().splitlines()[-1]
+    assert hint.startswith("interrupted; continue with --resume --out ")
+    monkeypatch.setattr(loop, "train", real_train)
+    assert main(shlex.split(hint.split("continue with ", 1)[1])) == 0
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["config"]["model"] == "tfn" and resumed["config"]["lr"] == 0.002
+    assert resumed["history"] == full["history"]
+    for k in KEYS:
+        assert resumed[k] == full[k], k
+    # a flag that contradicts the run is an error naming the flag; the run's length may change
+    err = _user_error(["--resume", "--out", str(out), "--model", "lf_lstm"], capsys)
+    assert "--model 'lf_lstm' contradicts the run in" in err and "'tfn'" in err
+    cfg = parse_args(["--resume", "--out", str(out), "--epochs", "5", "--model", "tfn"])
+    assert cfg.model == "tfn" and cfg.epochs == 5 and cfg.lr == 0.002 and cfg.dataset == "synthetic"

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._cli import interactive
+from .checkpoint import load_checkpoint
 from .config import TrainConfig, validate
 from .data import iterate_batches, load_dataset
 from .metrics import KEYS, sentiment_metrics
@@ -56,7 +58,7 @@ def load_run(run_dir, which: str = "best", device: str = "cpu", data=None) -> di
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint (train first with python -m mdm_kernels.train --out {run})")
     dev = torch.device(device)
-    ck = torch.load(path, map_location=dev, weights_only=False)
+    ck = load_checkpoint(path, map_location=dev)
     cfg = validate(TrainConfig(**{**ck["config"], "device": device}))
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_dir, cfg.text_features, seed=cfg.seed)
@@ -154,7 +156,7 @@ def run_drop(run_dirs, out_dir, *, modes=("zero", "noise"), split: str = "test",
     out.mkdir(parents=True, exist_ok=True)
     results, meta, data, data_key = {}, {}, None, None
     for i, rd in enumerate(run_dirs):
-        ck_cfg = torch.load(Path(rd) / "best.pt", map_location="cpu", weights_only=False)["config"] \
+        ck_cfg = load_checkpoint(Path(rd) / "best.pt")["config"] \
             if (Path(rd) / "best.pt").is_file() else {}
         key = (ck_cfg.get("dataset"), ck_cfg.get("data_dir"), ck_cfg.get("text_features"),
                ck_cfg.get("seed") if ck_cfg.get("dataset") == "synthetic" else None)
@@ -358,6 +360,21 @@ def delta_table(summary: list[dict], keys=("acc2", "f1", "mae", "corr")) -> str:
     return "\n".join(lines)
 
 
+def train_cached(cfg: TrainConfig, skip_existing: bool = True) -> tuple[dict, bool]:
+    """Train ``cfg`` quietly into ``cfg.out`` unless ``cfg.out/metrics.json`` already holds a
+    run of the same configuration (``out`` aside) and ``skip_existing``; returns
+    ``(metrics dict, reused)``.  The cache of ``sweep`` and ``reproduce``."""
+    from .loop import train
+    mpath = Path(cfg.out) / "metrics.json"
+    if skip_existing and mpath.is_file():
+        old = json.loads(mpath.read_text())
+        if {k: v for k, v in old.get("config", {}).items() if k != "out"} == \
+                {k: v for k, v in json.loads(json.dumps(cfg.to_dict(), default=str)).items() if k != "out"}:
+            return old, True
+    with contextlib.redirect_stdout(io.StringIO()):
+        return train(cfg), False
+
+
 def run_sweep(seeds, penalties, models, out_dir, *, base: dict | None = None, progress: bool = True,
               skip_existing: bool = True, command: str | None = None) -> dict:
     """Train every (model, penalty, seed) with :func:`mdm_kernels.train.loop.train` into
@@ -367,7 +384,6 @@ def run_sweep(seeds, penalties, models, out_dir, *, base: dict | None = None, pr
     metrics.json exists with the same config is reused (a killed sweep continues)."""
     from tqdm.auto import tqdm
 
-    from .loop import train
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     base = dict(base or {})
@@ -376,24 +392,20 @@ def run_sweep(seeds, penalties, models, out_dir, *, base: dict | None = None, pr
         validate(TrainConfig(**{**base, "model": m, "penalty": p, "seed": s}))
     runs = []
     t0 = time.time()
-    bar = tqdm(combos, desc="sweep", disable=not progress, dynamic_ncols=True)
+    lines = progress and not interactive()  # piped output: one plain line per run, no bar frames
+    bar = tqdm(combos, desc="sweep", disable=not progress or lines, dynamic_ncols=True)
     for m, p, s in bar:
         bar.set_postfix(run=f"{m}/{p}/s{s}")
         rd = out / "runs" / f"{m}_{p}_s{s}"
         cfg = TrainConfig(**{**base, "model": m, "penalty": p, "seed": s, "out": str(rd), "quiet": True})
-        mpath = rd / "metrics.json"
-        res = None
-        if skip_existing and mpath.is_file():
-            old = json.loads(mpath.read_text())
-            if {k: v for k, v in old.get("config", {}).items() if k != "out"} == \
-                    {k: v for k, v in json.loads(json.dumps(cfg.to_dict(), default=str)).items() if k != "out"}:
-                res = old
-        if res is None:
-            with contextlib.redirect_stdout(io.StringIO()):
-                res = train(cfg)
+        res, _ = train_cached(cfg, skip_existing)
         runs.append({"model": m, "penalty": p, "seed": s, "run_dir": str(rd),
                      "metrics": {k: res.get(k) for k in KEYS}, "best_epoch": res.get("best_epoch"),
                      "epochs_run": res.get("epochs_run"), "train_seconds": res.get("train_seconds")})
+        if lines:
+            mae = res.get("mae")
+            print(f"sweep {len(runs)}/{len(combos)}: {m}/{p}/s{s} done"
+                  + (f", test MAE {mae:.4f}" if isinstance(mae, float) else ""), flush=True)
     bar.close()
     summary = summarise(runs)
     cfg0 = {k: v for k, v in TrainConfig(**base).to_dict().items() if k not in ("model", "penalty", "seed", "out", "quiet")}

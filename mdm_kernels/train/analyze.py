@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 
+from .._cli import OneLineParser, ensure_out_dir, one_line_user_errors
 from .config import PENALTIES
 from .models import MODELS
 
@@ -28,9 +29,13 @@ def _list(kind, allowed=None):
     return parse
 
 
+PROG = "python -m mdm_kernels.train.analyze"
+DEBUG_HELP = "show the traceback of an error instead of the one-line message"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mdm_kernels.train.analyze",
-                                description="Analyses for mdm_kernels.train runs (docs/analysis.md).")
+    p = OneLineParser(prog=PROG, description="Analyses for mdm_kernels.train runs (docs/analysis.md).")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("drop", help="modality drop: metrics with each modality / pair zeroed or noised")
@@ -64,14 +69,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default=None)
     s.add_argument("--no-skip-existing", action="store_true", help="retrain runs that already have metrics.json")
     s.add_argument("--no-progress", action="store_true")
+    for sp in sub.choices.values():  # --debug also after the subcommand
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return p
 
 
+def critic_summary_table(summary: dict) -> str:
+    """The summary of :func:`analysis.run_critic` as a short two-column table."""
+    rows = [("run", summary.get("run_dir")), ("split, segments", f"{summary.get('split')}, {summary.get('n')}"),
+            ("mean joint score", summary.get("joint_mean")),
+            ("mean shuffled score", summary.get("shuffled_mean")),
+            ("fraction joint > shuffled", summary.get("frac_joint_above_shuffled")),
+            ("Pearson(dependency, label)", summary.get("pearson_dependency_label")),
+            ("Pearson(dependency, |label|)", summary.get("pearson_dependency_abs_label")),
+            ("Pearson(dependency, |error|)", summary.get("pearson_dependency_abs_error"))]
+    cells = [(k, "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in rows]
+    width = max(len(k) for k, _ in cells)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in cells)
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     from . import analysis
-    try:
+    with one_line_user_errors(PROG, argv):  # one line naming the option, exit status 2
+        if getattr(args, "out", None) is not None:
+            ensure_out_dir(args.out)
         if args.cmd == "drop":
             res = analysis.run_drop(args.runs, args.out, modes=args.modes, split=args.split, device=args.device,
                                     seed=args.seed)
@@ -80,22 +103,19 @@ def main(argv=None) -> int:
         elif args.cmd == "critic":
             summ = analysis.run_critic(args.run, args.out, split=args.split, device=args.device,
                                        n_shuffles=args.shuffles, seed=args.seed)
-            print({k: v for k, v in summ.items() if k != "config"})
+            print(critic_summary_table(summ))
             print(f"wrote {args.out}/critic_scores.csv, critic_scores.png, critic_summary.json")
         else:
             base = {k: v for k, v in (("epochs", args.epochs), ("patience", args.patience), ("weight", args.weight),
                                       ("text_features", args.text_features), ("dataset", args.dataset),
                                       ("batch_size", args.batch_size), ("device", args.device),
                                       ("backend", args.backend)) if v is not None}
-            cmd = "python -m mdm_kernels.train.analyze " + " ".join(shlex.quote(a) for a in
-                                                                     (sys.argv[1:] if argv is None else argv))
+            cmd = f"{PROG} " + " ".join(shlex.quote(a) for a in argv if a != "--debug")
             res = analysis.run_sweep(args.seeds, args.penalties, args.models, args.out, base=base,
                                      progress=not args.no_progress, skip_existing=not args.no_skip_existing,
                                      command=cmd)
             print(analysis.sweep_table(res["summary"]))
             print(f"wrote {args.out}/sweep.md and sweep.json")
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        parser.error(str(e))
     return 0
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._cli import interactive
+from .checkpoint import load_checkpoint, numpy_state_from_plain, numpy_state_to_plain
 from .config import CRITIC_INPUTS, TrainConfig, validate
 from .data import batch_from, iterate_batches, load_dataset
 from .metrics import format_table, sentiment_metrics
@@ -81,7 +83,9 @@ def predict(model, split, batch_size, device) -> np.ndarray:
 
 
 def _rng_state(gens: dict) -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    # tensors and plain values only: last.pt is read with torch.load(weights_only=True)
+    st = {"torch": torch.get_rng_state(), "numpy": numpy_state_to_plain(np.random.get_state()),
+          "python": random.getstate(),
           "gens": {k: g.get_state() for k, g in gens.items()}}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
@@ -90,7 +94,7 @@ def _rng_state(gens: dict) -> dict:
 
 def _set_rng_state(st: dict, gens: dict) -> None:
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
+    np.random.set_state(numpy_state_from_plain(st["numpy"]))
     random.setstate(st["python"])
     for k, g in gens.items():
         g.set_state(st["gens"][k])
@@ -118,7 +122,9 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
         out.mkdir(parents=True, exist_ok=True)
     ddp.barrier(info)
     quiet = cfg.quiet or not info.is_main  # progress bars and lines on rank 0 only
-    log = (lambda s: None) if quiet else (lambda s: tqdm.write(s))
+    # progress bars only on a terminal; piped or redirected output gets the per-epoch lines
+    bars = not quiet and interactive()
+    log = (lambda s: None) if quiet else tqdm.write if bars else (lambda s: print(s, flush=True))
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -149,7 +155,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
     last_path, best_path = out / "last.pt", out / "best.pt"
     if cfg.resume:
         if last_path.is_file():
-            ck = torch.load(last_path, map_location=device, weights_only=False)
+            ck = load_checkpoint(last_path, map_location=device)
             for k in _ARCH_KEYS:
                 if ck["config"].get(k) != getattr(cfg, k):
                     raise ValueError(f"--resume: --{k.replace('_', '-')} is {getattr(cfg, k)!r} but the "
@@ -199,7 +205,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
             batches = iterate_batches(tr, cfg.batch_size, device, shuffle=True, generator=gens["data"])
             total = (len(tr) + cfg.batch_size - 1) // cfg.batch_size
         bar = tqdm(batches, total=total, desc=f"epoch {epoch}/{cfg.epochs}",
-                   disable=quiet, leave=False, dynamic_ncols=True)
+                   disable=not bars, leave=False, dynamic_ncols=True)
         for batch in bar:
             pred, zs = net(batch)
             task = loss_fn(pred, batch["y"])
@@ -271,7 +277,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
 
     ddp.barrier(info)
     if best_path.is_file():
-        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["model"])
+        model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
     # --skip-test (hyperparameter selection): the test split is never read
     metrics = {} if cfg.skip_test else sentiment_metrics(
         _predict(model, data["test"], cfg.batch_size, device, info), data["test"].y)

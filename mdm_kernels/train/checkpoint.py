@@ -1,0 +1,94 @@
+"""Checkpoints of ``python -m mdm_kernels.train`` (``OUT/best.pt``, ``OUT/last.pt``): read
+only with ``torch.load(..., weights_only=True)``, so a file holding anything but tensors and
+plain values (dicts, lists, tuples, str, int, float, bool, None) -- e.g. a pickled
+``os.system`` call -- is refused before any of it runs.  Everything the training loop
+stores is of those types: model/optimizer state dicts, the configuration as a dict of plain
+values, and the RNG states (torch/generator states are uint8 tensors, Python's is a tuple of
+ints, NumPy's is converted by :func:`numpy_state_to_plain`).
+
+:func:`resume_values` restores a run's own configuration for ``--resume``.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot or must not be loaded; the message names the file."""
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """``torch.load(path, weights_only=True)`` of a training checkpoint (a dict with
+    ``"model"`` and ``"config"``); anything else raises :class:`CheckpointError`."""
+    p = Path(path)
+    try:
+        ck = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"it references {found.group(1)}" if found else "it holds more than tensors and plain values"
+        raise CheckpointError(
+            f"{p}: refusing to load this checkpoint: {what}; checkpoints are read with "
+            "torch.load(weights_only=True) (tensors and plain values only), and files written "
+            "by mdm_kernels never need more (retrain if it came from an older version)") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{p}: not a readable checkpoint ({type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'empty'})") from None
+    if not isinstance(ck, dict) or "model" not in ck or not isinstance(ck.get("config"), dict):
+        raise CheckpointError(f"{p}: not a checkpoint of python -m mdm_kernels.train "
+                              "(expected a dict with 'model' and 'config')")
+    return ck
+
+
+def numpy_state_to_plain(state: tuple) -> dict:
+    """``np.random.get_state()`` (legacy MT19937 tuple) as tensors and plain values."""
+    name, keys, pos, has_gauss, cached = state
+    return {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def numpy_state_from_plain(st: dict) -> tuple:
+    """Inverse of :func:`numpy_state_to_plain`, for ``np.random.set_state``."""
+    keys = st["keys"].cpu().numpy().astype(np.uint32)
+    return st["name"], keys, st["pos"], st["has_gauss"], st["cached_gaussian"]
+
+
+#: Options that may differ when a run is resumed: how long and where it runs, not what it is.
+RESUME_MAY_CHANGE = ("out", "resume", "quiet", "epochs", "patience", "device", "backend", "data_dir",
+                     "skip_test")
+
+
+def resume_values(explicit: dict, defaults: dict) -> dict:
+    """The configuration of ``--resume``: the run's own configuration from ``OUT/last.pt``,
+    with the explicitly given values (flags, ``--config`` file) on top.  An explicit value of
+    an option outside :data:`RESUME_MAY_CHANGE` that differs from the checkpoint's raises
+    ValueError naming the flag.  Without a checkpoint ``explicit`` is returned unchanged
+    (training starts fresh, with a note).
+
+    ``explicit``: option name -> value as given; ``defaults``: option name -> default (the
+    options known to this version; checkpoint keys outside it are ignored)."""
+    from .config import TrainConfig, validate
+    out = Path(explicit.get("out", defaults["out"]))
+    path = out / "last.pt"
+    if not path.is_file():
+        return explicit
+    try:
+        saved = {k: v for k, v in load_checkpoint(path)["config"].items() if k in defaults}
+    except CheckpointError as exc:
+        raise CheckpointError(f"--resume: {exc}") from None
+    saved_cfg = validate(TrainConfig(**{**saved, "out": str(out)}))
+    merged = {**saved, **explicit}
+    merged_cfg = validate(TrainConfig(**merged))
+    for name in explicit:
+        if name in RESUME_MAY_CHANGE:
+            continue
+        new, old = getattr(merged_cfg, name), getattr(saved_cfg, name)
+        if new != old:
+            raise ValueError(f"--resume: --{name.replace('_', '-')} {new!r} contradicts the run in {out} "
+                             f"(trained with {old!r}); drop the flag to continue that run, or "
+                             f"train a new one with another --out")
+    return merged
