@@ -42,6 +42,11 @@ class Backend:
 
     name = "abstract"
 
+    #: Whether the backend implements ``negatives="distinct"`` (combinations of pairwise
+    #: distinct indices, ``MarginalSamples.distinct``).  Those that do not are refused by
+    #: :func:`resolve_backend` with the reason, never silently run as ``"all"``.
+    supports_distinct_negatives = False
+
     def unavailable_reason(self, device: torch.device) -> str | None:
         """Why this backend cannot run on ``device`` at all, or ``None``."""
         return None
@@ -113,7 +118,16 @@ def _reason(name: str, op: str, critic, zs, samples) -> str | None:
     except BackendUnavailable as exc:
         return str(exc)
     return (backend.unavailable_reason(zs[0].device)
-            or backend.unsupported_reason(op, critic, zs, samples))
+            or backend.unsupported_reason(op, critic, zs, samples)
+            or _negatives_reason(backend, samples))
+
+
+def _negatives_reason(backend: Backend, samples) -> str | None:
+    """Why ``backend`` cannot draw ``samples``' negatives, or ``None``."""
+    if getattr(samples, "distinct", False) and not backend.supports_distinct_negatives:
+        return (f"negatives='distinct' is not implemented by the {backend.name} kernels yet "
+                f"(backend='reference' computes it)")
+    return None
 
 
 def resolve_backend(backend: str, op: str, critic, zs: Sequence[torch.Tensor],

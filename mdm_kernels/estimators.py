@@ -37,7 +37,7 @@ def prepare_batch(kind: str, critic, zs, negatives, perms, generator, group):
     if group is not None:
         zs = gather_batch(zs, group)
     samples = resolve_samples(kind, zs, negatives, perms, generator)
-    if group is not None and perms is None and not samples.is_all:
+    if group is not None and samples.perms is not None and perms is None:
         samples = MarginalSamples(broadcast_from_first(samples.perms, group),
                                   samples.batch_size, samples.num_modalities)
     return zs, samples, group
@@ -63,7 +63,12 @@ def _bound(name: str, kind: str, formula: str, default_negatives="shuffle"):
     Args:
         critic: ``MLPCritic`` (fused backends) or any callable T(z_1, ..., z_m) -> (N,).
         *zs: z_1, ..., z_m, each (B, d_k), same B, dtype and device.
-        negatives: ``"shuffle"``, an int K (K shuffles) or ``"all"`` (every combination).
+        negatives: ``"shuffle"``, an int K (K shuffles), ``"all"`` (every combination
+            (i_1, ..., i_m), B^m samples, coinciding indices included) or ``"distinct"``
+            (every combination of pairwise distinct indices, B(B−1)···(B−m+1) samples: the
+            unbiased U-statistic form; needs B ≥ m).  Fused backends that do not implement
+            ``"distinct"`` raise :class:`~mdm_kernels.dispatch.BackendUnavailable`
+            (``"auto"`` then runs the reference).
         perms: optional LongTensor (K, m, B) of explicit row indices.
         generator: ``torch.Generator`` for the shuffles.
         backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
@@ -89,8 +94,12 @@ infonce_bound = _bound(
     "infonce_bound", "infonce", "InfoNCE: mean_i [T(i, i) − log mean_{c∈C_i} exp T(i, c)], anchor z_1, the\n"
     "    other modalities kept together as the candidate.  ``negatives='all'`` (default):\n"
     "    C_i = all B rows, bound ≤ log B; K shuffles: C_i = {i} ∪ K shuffled rows,\n"
-    "    bound ≤ log(K + 1).\n\n    van den Oord et al., 'Representation Learning with "
-    "Contrastive Predictive Coding', 2018.", default_negatives=None)
+    "    bound ≤ log(K + 1); ``negatives='distinct'``: C_i = the B − 1 rows j ≠ i, the positive\n"
+    "    dropped from the partition function — not capped at log B and not a lower bound for\n"
+    "    every critic (with the optimal critic it is the leave-one-out upper bound I_L1Out).\n\n"
+    "    van den Oord et al., 'Representation Learning with Contrastive Predictive Coding',\n"
+    "    2018; Poole et al., 'On Variational Bounds of Mutual Information', ICML 2019\n"
+    "    (Eq. 12: InfoNCE, Eq. 13: leave-one-out).", default_negatives=None)
 wasserstein_dependency = _bound(
     "wasserstein_dependency", "wasserstein", "Wasserstein dependency measure: mean_joint T − mean_marginal T (keep the\n"
     "    critic 1-Lipschitz with :func:`gradient_penalty`, see :func:`wasserstein_loss`).\n\n"
@@ -187,9 +196,10 @@ def gradient_penalty(critic, joint, marginal, epsilon=None, generator=None, one_
 
 def gradient_penalty_pairs(samples: MarginalSamples, generator, device) -> torch.Tensor:
     """Marginal rows (K', m, B) at which :func:`wasserstein_loss` takes its GP: the drawn
-    shuffles/perms themselves, or one fresh shuffle for ``"all"`` (interpolating towards
-    each of the B^m grid samples would cost B^m critic gradients for a regulariser)."""
-    if not samples.is_all:
+    shuffles/perms themselves, or one fresh shuffle for the ``"all"``/``"distinct"`` grids
+    (interpolating towards each of the B^m grid samples would cost B^m critic gradients for
+    a regulariser)."""
+    if samples.perms is not None:
         return samples.perms
     return product_of_marginals(samples.batch_size, samples.num_modalities, "shuffle",
                                 generator=generator, device=device).perms
@@ -211,7 +221,7 @@ def wasserstein_loss(critic, *zs, negatives="shuffle", perms=None, generator=Non
     eps = interpolation_weights(epsilon, gp_perms.shape[0] * gp_perms.shape[2], generator,
                                 zs[0].device, compute_dtype(critic, zs))
     if group is not None:
-        if samples.is_all:
+        if samples.perms is None:  # the GP's fresh shuffle of a grid mode
             gp_perms = broadcast_from_first(gp_perms, group)
         if epsilon is None:
             eps = broadcast_from_first(eps, group)

@@ -9,13 +9,20 @@ chooses them:
   (z_1[i], z_2[π_2(i)], ..., z_m[π_m(i)]),  B samples.
 * int ``K`` ≥ 1  K independent shuffles, K·B samples.
 * ``"all"``      every combination (i_1, ..., i_m) ∈ [B]^m: the exact product of the empirical
-  marginals, B^m samples.  Never materialised by the fused kernels.
+  marginals, B^m samples.  Never materialised by the fused kernels.  It includes the
+  combinations whose indices coincide — the joint diagonal (i, ..., i) and, for m ≥ 3, the
+  partial coincidences — which are not samples of the product of marginals, so it is a
+  V-statistic biased towards the joint (the DV bound is biased low).
+* ``"distinct"`` every combination of pairwise *distinct* indices: the U-statistic form,
+  B(B−1)···(B−m+1) samples (B(B−1) for m = 2, B(B−1)(B−2) for m = 3; needs B ≥ m).
 * ``perms``      an explicit LongTensor (K, m, B): sample (k, i) takes row ``perms[k, j, i]``
   of modality j.  Overrides the random draw (for reproducibility and testing).
 
 For InfoNCE the first modality is the anchor and the others stay together as the candidate:
 sample (k, i) pairs anchor i with candidate row ``perms[k, 1, i]`` of every other modality,
 so an explicit ``perms`` must have ``perms[:, 0]`` = 0..B-1 and ``perms[:, j]`` equal for j ≥ 1.
+``"all"`` gives anchor i the B candidates j (the positive included), ``"distinct"`` the B − 1
+candidates j ≠ i (needs B ≥ 2).
 
 Randomness comes only from the ``generator`` passed in (or the default generator of the data's
 device when it is ``None``); given ``perms`` everything is deterministic.  On CPU the shuffles
@@ -25,6 +32,7 @@ itself does.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,20 +41,31 @@ import torch
 class MarginalSamples:
     """Resolved choice of marginal samples.
 
-    ``perms`` is a LongTensor (K, m, B) on the data's device, or ``None`` for the implicit
-    ``"all"`` grid.  ``num_samples`` is K·B or B^m.
+    ``perms`` is a LongTensor (K, m, B) on the data's device, or ``None`` for an implicit
+    grid: every combination (``"all"``, ``distinct=False``) or every combination of pairwise
+    distinct indices (``"distinct"``, ``distinct=True``).  ``num_samples`` is K·B, B^m or the
+    falling factorial B(B−1)···(B−m+1) (the estimators' marginal samples; InfoNCE's candidate
+    pairs are B·B for ``"all"`` and B(B−1) for ``"distinct"``).  ``is_all`` is True for
+    ``"all"`` only.
     """
 
     perms: torch.Tensor | None
     batch_size: int
     num_modalities: int
+    distinct: bool = False
+
+    def __post_init__(self):
+        if self.distinct and self.perms is not None:
+            raise ValueError("MarginalSamples: distinct=True is an implicit grid, perms must be None")
 
     @property
     def is_all(self) -> bool:
-        return self.perms is None
+        return self.perms is None and not self.distinct
 
     @property
     def num_samples(self) -> int:
+        if self.distinct:
+            return math.perm(self.batch_size, self.num_modalities)
         if self.perms is None:
             return self.batch_size ** self.num_modalities
         return self.perms.shape[0] * self.perms.shape[2]
@@ -93,10 +112,16 @@ def batched_permutations(num_shuffles: int, rows: int, batch_size: int, generato
     return keys.argsort(dim=-1)
 
 
+#: The implicit-grid modes of ``negatives`` (no index tensor).
+GRID_MODES = ("all", "distinct")
+
+_NEGATIVES_HELP = "negatives must be 'shuffle', 'all', 'distinct' or an int K >= 1"
+
+
 def parse_negatives(negatives) -> int | str:
-    """Validate ``negatives``: returns ``"all"`` or the number of shuffles K."""
+    """Validate ``negatives``: returns ``"all"``, ``"distinct"`` or the number of shuffles K."""
     if isinstance(negatives, bool):
-        raise TypeError(f"negatives must be 'shuffle', 'all' or an int K >= 1, got {negatives!r}")
+        raise TypeError(f"{_NEGATIVES_HELP}, got {negatives!r}")
     if isinstance(negatives, int):
         if negatives < 1:
             raise ValueError(f"negatives must be >= 1 when an int, got {negatives}")
@@ -104,11 +129,10 @@ def parse_negatives(negatives) -> int | str:
     if isinstance(negatives, str):
         if negatives == "shuffle":
             return 1
-        if negatives == "all":
-            return "all"
-        raise ValueError(
-            f"negatives must be 'shuffle', 'all' or an int K >= 1, got {negatives!r}")
-    raise TypeError(f"negatives must be 'shuffle', 'all' or an int K >= 1, got {negatives!r}")
+        if negatives in GRID_MODES:
+            return negatives
+        raise ValueError(f"{_NEGATIVES_HELP}, got {negatives!r}")
+    raise TypeError(f"{_NEGATIVES_HELP}, got {negatives!r}")
 
 
 def check_perms(perms, batch_size: int, num_modalities: int, device) -> torch.Tensor:
@@ -139,7 +163,7 @@ def product_of_marginals(batch_size: int, num_modalities: int, negatives="shuffl
     Args:
         batch_size: B.
         num_modalities: m.
-        negatives: ``"shuffle"``, ``"all"`` or an int K.
+        negatives: ``"shuffle"``, ``"all"``, ``"distinct"`` or an int K.
         perms: optional explicit (K, m, B) indices; overrides random shuffles.
         generator: ``torch.Generator`` for the permutations (any device).
         device: device of the returned indices.
@@ -151,8 +175,8 @@ def product_of_marginals(batch_size: int, num_modalities: int, negatives="shuffl
     """
     mode = parse_negatives(negatives)
     if perms is not None:
-        if mode == "all" and negatives == "all":
-            raise ValueError("perms cannot be combined with negatives='all'; pass one of them")
+        if mode in GRID_MODES:
+            raise ValueError(f"perms cannot be combined with negatives={mode!r}; pass one of them")
         perms = check_perms(perms, batch_size, num_modalities, device)
         if candidates_together:
             anchor = torch.arange(batch_size, device=perms.device)
@@ -167,6 +191,14 @@ def product_of_marginals(batch_size: int, num_modalities: int, negatives="shuffl
         raise ValueError(f"negatives need a batch of at least 2 rows, got B={batch_size}")
     if mode == "all":
         return MarginalSamples(None, batch_size, num_modalities)
+    if mode == "distinct":
+        # InfoNCE pairs an anchor with one candidate row (the candidate modalities together)
+        needed = 2 if candidates_together else num_modalities
+        if batch_size < needed:
+            raise ValueError(
+                f"negatives='distinct' needs a batch of at least {needed} rows (one distinct "
+                f"row index per factor of a sample), got B={batch_size}")
+        return MarginalSamples(None, batch_size, num_modalities, distinct=True)
     perms = draw_shuffles(batch_size, num_modalities, mode, generator, device,
                           candidates_together)
     return MarginalSamples(perms, batch_size, num_modalities)
@@ -185,3 +217,13 @@ def all_grid_indices(batch_size: int, num_modalities: int, start: int, stop: int
         idx.append(flat % batch_size)
         flat = flat // batch_size
     return torch.stack(idx[::-1])
+
+
+def distinct_mask(rows: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: True where the m row indices of column n of ``rows`` (m, N) are pairwise
+    distinct — the ``"distinct"`` samples among grid columns (m(m−1)/2 comparisons)."""
+    keep = torch.ones(rows.shape[1], dtype=torch.bool, device=rows.device)
+    for a in range(rows.shape[0]):
+        for b in range(a + 1, rows.shape[0]):
+            keep &= rows[a] != rows[b]
+    return keep

@@ -53,8 +53,9 @@ class DependencyPenalty(nn.Module):
         dims: feature size of each modality.
         hidden, activation: the critic's MLP (see :class:`MLPCritic`).
         weight: λ, the model term is −λ·bound.
-        negatives: marginal samples (``"shuffle"``, int K, ``"all"``); ``None`` takes the
-            estimator's default (``"all"`` for InfoNCE, ``"shuffle"`` otherwise).
+        negatives: marginal samples (``"shuffle"``, int K, ``"all"``, ``"distinct"``);
+            ``None`` takes the estimator's default (``"all"`` for InfoNCE, ``"shuffle"``
+            otherwise).
         gp_weight, one_sided: gradient penalty of the Wasserstein critic loss.
         ema_decay: for ``"mine"``, use MINE's moving-average bias correction in the critic
             loss with this decay (e.g. 0.99); ``None`` disables it.

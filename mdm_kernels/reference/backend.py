@@ -10,6 +10,7 @@ class ReferenceBackend(Backend):
     """Plain PyTorch; accepts any callable critic on any device."""
 
     name = "reference"
+    supports_distinct_negatives = True
 
     def dependency_terms(self, kind, critic, zs, samples):
         return dependency_terms(kind, critic, zs, samples)

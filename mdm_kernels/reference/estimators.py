@@ -20,6 +20,18 @@ References: Donsker & Varadhan (1983); Belghazi et al., "MINE", ICML 2018; Nguye
 InfoMax", ICLR 2019; van den Oord et al., "CPC/InfoNCE", 2018; Ozair et al., "Wasserstein
 Dependency Measure", NeurIPS 2019; Colombo et al., EMNLP 2021, Sec. 3.
 
+``negatives="distinct"`` takes M over the combinations of pairwise distinct row indices (the
+U-statistic form of the product-of-marginals expectation, B(B−1)···(B−m+1) samples) instead of
+the whole B^m grid of ``"all"``, whose coinciding indices (the joint diagonal, for m ≥ 3 the
+partial coincidences) bias the marginal term towards the joint.  For InfoNCE it gives anchor
+i the B − 1 candidates j ≠ i: the positive leaves the partition function, so the value is no
+longer capped at log B — and no longer a lower bound on the mutual information for every
+critic (a critic that scores only the positives high makes it arbitrarily large).  With the
+optimal critic (the pointwise mutual information) it is the leave-one-out *upper* bound
+I_L1Out of Poole et al., "On Variational Bounds of Mutual Information", ICML 2019, Eq. 13;
+with the positive included (``"all"``) it is van den Oord et al.'s InfoNCE lower bound
+(Poole et al. 2019, Eq. 12).
+
 Log-sum-exp is always taken with the maximum subtracted, so scores of ±1e4 do not overflow.
 """
 from __future__ import annotations
@@ -31,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from .._validation import check_zs, compute_dtype
-from ..negatives import MarginalSamples, all_grid_indices, product_of_marginals
+from ..negatives import (MarginalSamples, all_grid_indices, distinct_mask,
+                         product_of_marginals)
 
 #: Estimator kinds, in the order of the table above.
 KINDS = ("dv", "nwj", "js", "infonce", "wasserstein")
@@ -47,15 +60,27 @@ def score_rows(critic, zs: Sequence[torch.Tensor], rows: torch.Tensor) -> torch.
     return critic(*gathered).to(dtype)
 
 
+def marginal_rows(samples: MarginalSamples, device) -> torch.Tensor:
+    """Row indices (m, N) of every marginal sample: the shuffles in (k, i) order, or the grid
+    in the row-major order of :func:`~mdm_kernels.negatives.all_grid_indices` — for
+    ``"distinct"`` the B^m grid with the columns whose indices coincide masked out, leaving
+    the B(B−1)···(B−m+1) combinations of pairwise distinct indices."""
+    if samples.perms is not None:
+        return samples.perms.permute(1, 0, 2).reshape(samples.num_modalities, -1)
+    b, m = samples.batch_size, samples.num_modalities
+    rows = all_grid_indices(b, m, 0, b ** m, device=device)
+    if samples.distinct:
+        rows = rows[:, distinct_mask(rows)]
+    if rows.shape[1] != samples.num_samples:  # the grid and the count must agree
+        raise AssertionError(f"{rows.shape[1]} grid samples, expected {samples.num_samples}")
+    return rows
+
+
 def marginal_scores(critic, zs: Sequence[torch.Tensor], samples: MarginalSamples) -> torch.Tensor:
-    """Scores of every marginal sample: shape (K·B,) in (k, i) order, or (B^m,) for ``"all"``
-    in the row-major order of :func:`~mdm_kernels.negatives.all_grid_indices`."""
-    if samples.is_all:
-        rows = all_grid_indices(samples.batch_size, samples.num_modalities, 0,
-                                samples.num_samples, device=zs[0].device)
-    else:
-        rows = samples.perms.permute(1, 0, 2).reshape(samples.num_modalities, -1)
-    return score_rows(critic, zs, rows)
+    """Scores of every marginal sample, (``samples.num_samples``,), in the order of
+    :func:`marginal_rows`: (K·B,) for shuffles, (B^m,) for ``"all"``,
+    (B(B−1)···(B−m+1),) for ``"distinct"``."""
+    return score_rows(critic, zs, marginal_rows(samples, zs[0].device))
 
 
 def log_mean_exp(scores: torch.Tensor, dim=None) -> torch.Tensor:
@@ -68,16 +93,20 @@ def log_mean_exp(scores: torch.Tensor, dim=None) -> torch.Tensor:
 def infonce_scores(critic, zs: Sequence[torch.Tensor], samples: MarginalSamples) -> torch.Tensor:
     """Candidate scores for InfoNCE: a (B, C) matrix whose row i holds T(i, c) for c ∈ C_i.
 
-    ``"all"``: C_i = every row j (C = B).  Shuffles/perms: C_i = {i} ∪ {perms[k, 1, i]}_k
-    (C = K + 1), the candidate modalities 2..m staying together.
+    ``"all"``: C_i = every row j (C = B).  ``"distinct"``: C_i = every row j ≠ i (C = B − 1,
+    the positive masked out of the anchor's row of the B × B grid).  Shuffles/perms:
+    C_i = {i} ∪ {perms[k, 1, i]}_k (C = K + 1).  The candidate modalities 2..m stay together.
     """
     b, m = samples.batch_size, samples.num_modalities
     device = zs[0].device
     anchor = torch.arange(b, device=device)
-    if samples.is_all:
+    if samples.perms is None:
         cand = anchor.repeat(b)              # candidate j varies fastest
         anc = anchor.repeat_interleave(b)
         ncols = b
+        if samples.distinct:
+            off_diagonal = anc != cand
+            cand, anc, ncols = cand[off_diagonal], anc[off_diagonal], b - 1
     else:
         cand = torch.cat([anchor.unsqueeze(0), samples.perms[:, 1]], dim=0).t().reshape(-1)
         ncols = samples.perms.shape[0] + 1
