@@ -135,3 +135,37 @@ def test_aggregate_drop_over_seeds():
     assert agg[0]["delta_mae"][0] == pytest.approx(0.4) and agg[0]["delta_mae"][1] == pytest.approx(np.std([0.5, 0.3], ddof=1))
     assert "| tfn | none | zero | -text | 2 | +0.4000" in aggregate_drop_table(agg)
     assert aggregate_drop({"a": results["a"]}, {"a": meta["a"]}) == []
+
+
+def test_critic_cli_prints_a_table(runs, tmp_path, capsys):
+    assert analyze_main(["critic", str(runs["mine"]), "--out", str(tmp_path), "--shuffles", "2"]) == 0
+    out = capsys.readouterr().out
+    summ = json.loads((tmp_path / "critic_summary.json").read_text())
+    assert "{" not in out  # no raw dict
+    frac = next(line for line in out.splitlines() if line.startswith("fraction joint > shuffled"))
+    assert frac.split()[-1] == f"{summ['frac_joint_above_shuffled']:.4f}"
+    err = next(line for line in out.splitlines() if line.startswith("Pearson(dependency, |error|)"))
+    assert err.split()[-1] == f"{summ['pearson_dependency_abs_error']:.4f}"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["critic", "{tmp}/nothing", "--out", "{tmp}/o"], "no checkpoint"),
+    (["critic", "{none}", "--out", "{tmp}/o"], "need a run trained with a penalty"),
+    (["drop", "{none}", "--out", "{tmp}/file"], "--out {tmp}/file: exists and is not a directory"),
+    (["sweep", "--penalties", "bogus", "--out", "{tmp}"], "argument --penalties: unknown ['bogus']"),
+    (["critic", "{none}"], "the following arguments are required: --out"),
+])
+def test_analyze_user_errors_are_one_line(argv, needle, runs, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    fill = dict(tmp=tmp_path, none=runs["none"])
+    with pytest.raises(SystemExit) as e:
+        analyze_main([a.format(**fill) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "usage:" not in err, err
+    assert err.startswith("python -m mdm_kernels.train.analyze") and needle.format(**fill) in err
+
+
+def test_analyze_debug_shows_the_traceback(runs, tmp_path):
+    with pytest.raises(ValueError, match="need a run trained with a penalty"):
+        analyze_main(["critic", str(runs["none"]), "--out", str(tmp_path), "--debug"])

@@ -30,11 +30,15 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         ck = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f"it references {found.group(1)}" if found else "it holds more than tensors and plain values"
+        if found is None:  # not a pickle torch can parse at all (garbage, a foreign format)
+            detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
+            raise CheckpointError(f"{p}: not a readable checkpoint (UnpicklingError: "
+                                  f"{detail.group(1) if detail else 'unreadable pickle'})") from None
         raise CheckpointError(
-            f"{p}: refusing to load this checkpoint: {what}; checkpoints are read with "
-            "torch.load(weights_only=True) (tensors and plain values only), and files written "
-            "by mdm_kernels never need more (retrain if it came from an older version)") from None
+            f"{p}: refusing to load this checkpoint: it references {found.group(1)}; checkpoints "
+            "are read with torch.load(weights_only=True) (tensors and plain values only), and "
+            "files written by mdm_kernels never need more (retrain if it came from an older "
+            "version)") from None
     except (RuntimeError, EOFError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{p}: not a readable checkpoint ({type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'empty'})") from None
