@@ -81,7 +81,7 @@ class OpCase:
     batch: int
     dims: tuple
     hidden: tuple
-    negatives: object            # "shuffle", int K, "all"
+    negatives: object            # "shuffle", int K, "all", "distinct"
     section: str                 # paper, paper-m2, sweep-m2, sweep-m3, sweep-gp
 
     @property
@@ -107,6 +107,8 @@ class OpCase:
             return 0
         if self.negatives == "all":
             return b * b if self.op == "infonce" else b ** self.m
+        if self.negatives == "distinct":  # pairwise distinct indices; InfoNCE: j != i
+            return b * (b - 1) if self.op == "infonce" else math.perm(b, self.m)
         k = 1 if self.negatives == "shuffle" else int(self.negatives)
         return b * (k + 1) if self.op == "infonce" else b * k
 
@@ -115,7 +117,7 @@ class OpCase:
             return self.batch
         if self.op != "wasserstein":
             return 0
-        k = 1 if self.negatives in ("shuffle", "all") else int(self.negatives)
+        k = 1 if self.negatives in ("shuffle", "all", "distinct") else int(self.negatives)
         return k * self.batch
 
 
@@ -174,7 +176,9 @@ def paper_cases(sizes: str) -> list[OpCase]:
 
 
 def sweep_cases(sizes: str) -> list[OpCase]:
-    """Scale sweeps: "all" negatives, m = 2 to B = 65,536; m = 3 to B^3 = 10^9; GP to 4,096."""
+    """Scale sweeps: "all" negatives, m = 2 to B = 65,536; m = 3 to B^3 = 10^9; GP to 4,096;
+    ``"distinct"`` negatives (no coinciding indices) next to the one-layer ``"all"`` rows of
+    ``mine`` (m = 2 and 3) and ``infonce`` (m = 2), at the same sizes."""
     if ON_GPU:
         m2 = (256, 1024, 4096, 16384, 65536) if sizes == "full" else (256, 4096, 16384)
         m3 = (64, 256, 1000) if sizes == "full" else (64, 256)
@@ -190,10 +194,14 @@ def sweep_cases(sizes: str) -> list[OpCase]:
         for hidden in ((128,), (128, 128)):
             for b in m2:
                 cases.append(OpCase(op, b, _dims(2, 128), hidden, "all", "sweep-m2"))
+    for op in ("mine", "infonce"):
+        for b in m2:
+            cases.append(OpCase(op, b, _dims(2, 128), (128,), "distinct", "sweep-m2"))
     if ON_GPU and sizes == "quick":  # issue 7's largest target row, one-layer MINE only
         cases.append(OpCase("mine", 65536, _dims(2, 128), (128,), "all", "sweep-m2"))
     for b in m3:
-        cases.append(OpCase("mine", b, _dims(3, 64), (128,), "all", "sweep-m3"))
+        for neg in ("all", "distinct"):
+            cases.append(OpCase("mine", b, _dims(3, 64), (128,), neg, "sweep-m3"))
     for b in gp:
         cases.append(OpCase("gp", b, _dims(3, 64), (128,), "shuffle", "sweep-gp"))
     return cases
@@ -216,7 +224,8 @@ def compile_row_allowed(case: OpCase, sizes: str) -> str | None:
         if case.section == "paper" and case.batch == 256 and (
                 case.op == "mine" or (case.hidden == (128,) and case.negatives == "shuffle")):
             return None
-        if case.section == "sweep-m2" and case.op == "mine" and case.hidden == (128,):
+        if case.section == "sweep-m2" and case.op == "mine" and case.hidden == (128,) \
+                and case.negatives == "all":
             return None
         return "quick run: torch.compile rows for the reference workloads only (compile time)"
     if sizes == "smoke":
@@ -225,7 +234,7 @@ def compile_row_allowed(case: OpCase, sizes: str) -> str | None:
     if case.op == "mine" and case.hidden == (128,) and (
             (case.section in ("paper", "paper-m2") and case.batch == 32
              and case.negatives == "shuffle")
-            or (case.section == "sweep-m2" and case.batch == 256)):
+            or (case.section == "sweep-m2" and case.batch == 256 and case.negatives == "all")):
         return None
     return "CPU run: three torch.compile rows only (mine: paper m = 3 and m = 2 at B = 32, " \
            "'all' m = 2 at B = 256) — compilation takes 15-40 s a shape on a small CPU"
@@ -255,7 +264,7 @@ def triton_path(case: OpCase, critic, zs) -> str | None:
     ``"grid"``, see docs/triton_backend.md); None for the gradient penalty alone."""
     if case.op == "gp":
         return None
-    from mdm_kernels.ops.critic_bounds import execution_path
+    from mdm_kernels.ops.router import execution_path
     from mdm_kernels.reference.estimators import resolve_samples
     kind = {"mine": "dv"}.get(case.op, case.op)
     neg = None if (kind == "infonce" and case.negatives == "all") else case.negatives
@@ -296,13 +305,53 @@ def make_op_step(case: OpCase, backend: str, critic, zs) -> Callable[[], torch.T
     return step
 
 
+#: The documented way to install the optional peer library beside the environment
+#: (docs/benchmarks.md): its metadata pins numpy<2, so no dependency resolution.
+PEER_INSTALL = ("pip install --no-deps --target DIR torch-mist pyro-ppl pyro-api opt_einsum "
+                "pandas python-dateutil tzdata scikit-learn joblib threadpoolctl cloudpickle "
+                "narwhals; PYTHONPATH=DIR")
+
+#: The peer library's ``neg_samples`` for our grid modes (m = 2): 0 = all B candidates of
+#: each row, the diagonal included; -1 = the B − 1 others.  An int K (and "shuffle" = 1) is
+#: K cyclic shifts of the batch, (n + 1 + k) mod B, k < K — never the positive itself.
+PEER_NEG_SAMPLES = {"all": 0, "distinct": -1, "shuffle": 1}
+
+
+class PeerImportError(RuntimeError):
+    """The peer library is installed but does not import: an error of the run, not a skip."""
+
+
+def peer_estimator_note(case: OpCase) -> str | None:
+    """How the peer row's estimator differs from ours, or None when both sides compute the
+    same estimator (tests/test_peer_torch_mist.py checks those value for value).
+
+    InfoNCE with K shuffles: our candidates are the positive and K shuffled rows (bound
+    ≤ log(K + 1)); torch-mist's ``neg_samples=K`` candidates are K other rows without the
+    positive (the partition function of the ``"distinct"`` form, over K rows) — a different
+    estimator, no configuration of either side makes them equal.  The other rows match:
+    DV/NWJ/JS over K·B marginal samples (ours random shuffles, the peer's cyclic shifts:
+    other draws of the same estimator), InfoNCE ``"all"``/``"distinct"`` exactly.
+    """
+    if case.op == "infonce" and case.negatives not in ("all", "distinct"):
+        return "≠ estimator: peer candidates exclude the positive"
+    return None
+
+
 def make_peer_step(case: OpCase, zs) -> Callable[[], torch.Tensor]:
-    """The same estimator in torch-mist (two variables, joint MLP critic)."""
+    """The same estimator in torch-mist (two variables, joint MLP critic).
+
+    ``mine``: torch-mist's ``MINE.loss`` trains with a moving-average partition term (its
+    ``_train_baseline``, γ = 0.9, the batch mean of e^T clamped to [1e-4, 1e4] before
+    averaging); our ``mine_loss`` row has no moving average, so the peer trains with its
+    batch log-mean-exp baseline instead — the DV loss and gradient, like ours.
+    """
     import torch_mist.estimators as tme
     factory = {"mine": tme.mine, "nwj": tme.nwj, "js": tme.js, "infonce": tme.infonce}[case.op]
-    neg = {"shuffle": 1, "all": 0}.get(case.negatives, case.negatives)
+    neg = PEER_NEG_SAMPLES.get(case.negatives, case.negatives)
     est = factory(x_dim=case.dims[0], y_dim=case.dims[1], hidden_dims=list(case.hidden),
                   critic_type="joint", neg_samples=neg).to(DEVICE)
+    if case.op == "mine":
+        est._train_baseline = est.baseline  # BatchLogMeanExp("all"): the DV bound
     params = list(est.parameters()) + list(zs)
     cached = [mod for mod in est.modules()]
 
@@ -322,16 +371,35 @@ def make_peer_step(case: OpCase, zs) -> Callable[[], torch.Tensor]:
     return step
 
 
+def import_peer():
+    """Import torch-mist: None when it is not installed; raises :class:`PeerImportError`
+    when it is installed (found on the path) but fails to import — a broken recipe must not
+    silently turn every peer row into a skip."""
+    import importlib
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("torch_mist")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        return None
+    try:
+        return importlib.import_module("torch_mist")
+    except Exception as exc:  # a missing dependency (sklearn, narwhals...) or a broken one
+        raise PeerImportError(
+            f"torch-mist is installed ({spec.origin}) but does not import: "
+            f"{type(exc).__name__}: {exc}; install it as documented: {PEER_INSTALL}") from exc
+
+
 def peer_unavailable(case: OpCase) -> str | None:
+    """Why the torch-mist row of ``case`` is skipped (no equivalent, not installed), or None;
+    raises :class:`PeerImportError` for an installation that does not import."""
     if case.op not in ("mine", "nwj", "js", "infonce"):
         return f"torch-mist has no {case.op} estimator with this critic/penalty"
     if case.m != 2:
         return "torch-mist estimates I(X;Y) between two variables; no m = 3 equivalent"
-    try:
-        import torch_mist  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken optional dependency
-        return (f"optional peer library torch-mist not importable ({type(exc).__name__}: {exc}); "
-                "pip install --no-deps torch-mist pyro-ppl pyro-api opt_einsum pandas")
+    if import_peer() is None:
+        return f"optional peer library torch-mist not installed ({PEER_INSTALL})"
     return None
 
 

@@ -28,8 +28,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from mdm_kernels.ops import critic_bounds as cb  # noqa: E402
-from mdm_kernels.ops import single_program_bounds as spb  # noqa: E402
+from mdm_kernels.ops import gathered_tiles as gt  # noqa: E402
+from mdm_kernels.ops import marginal_terms as mt  # noqa: E402
+from mdm_kernels.ops import single_program as spb  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -105,9 +106,9 @@ def main():
         layouts = [(2, 2, True, 3), (3, 1, False, 3)] if kind == "infonce" else \
             [(1, 1, False, 3), (2, 2, False, 2), (2, 3, False, 3)]
         for idx, nf, grouped, m in layouts:
-            consts = dict(M=m, KIND=spb.KIND_CODES[kind], RED_M=cb.MARGINAL_RED[kind],
-                          GMODE_J=spb.G_SIGMOID_NEG if kind == "js" else spb.G_ONE,
-                          GMODE_M=cb.MARGINAL_GMODE[kind], IDX=idx, NF=nf, GROUPED=grouped,
+            consts = dict(M=m, KIND=spb.KIND_CODES[kind], RED_M=mt.MARGINAL_RED[kind],
+                          GMODE_J=mt.G_SIGMOID_NEG if kind == "js" else mt.G_ONE,
+                          GMODE_M=mt.MARGINAL_GMODE[kind], IDX=idx, NF=nf, GROUPED=grouped,
                           TWO_LAYERS=two, ACT=act, BLOCK_H1=128, BLOCK_H2=16,
                           BLOCK_N=16, BLOCK_K=32 if two else 16)
             kernel, secs = compile_one(fwd, consts, 8, ints=("B", "N", "NCOL", "H1", "H2", "SP"),
@@ -122,11 +123,11 @@ def main():
         print(f"bwd m={m} projections-grad={has_gp}: {ptxas_report(kernel)}  ({secs:.1f}s)",
               flush=True)
         n += 1
-    from mdm_kernels.ops import outer_grid_bounds as ogb
+    from mdm_kernels.ops import outer_sums as ogb
     for kind, act in itertools.product(kinds, acts):
-        gmode = cb.MARGINAL_GMODE[kind]
+        gmode = mt.MARGINAL_GMODE[kind]
         for nf in ((2,) if kind == "infonce" else (2, 3)):
-            consts = dict(NF=nf, RED=cb.MARGINAL_RED[kind], ACT=act, BLOCK_R=16, BLOCK_C=256)
+            consts = dict(NF=nf, RED=mt.MARGINAL_RED[kind], ACT=act, BLOCK_R=16, BLOCK_C=256)
             kernel, secs = compile_one(ogb._outer_fwd_kernel, consts, 8, ints=("B", "S", "H"))
             print(f"outer fwd {kind:11s} nf={nf} act={act}: {ptxas_report(kernel)}  "
                   f"({secs:.1f}s)", flush=True)
@@ -145,14 +146,14 @@ def main():
         red = {0: 0, 1: 3, 2: 4 if grouped else 3, 3: 4}[idx]
         consts = dict(M=m, IDX=idx, RED=red, NF=nf, GROUPED=grouped, TWO_LAYERS=two, ACT=act,
                       BLOCK_H1=128, BLOCK_H2=32, BLOCK_N=16)  # the MDM_TRITON_AUTOTUNE=0 tile
-        kernel, secs = compile_one(cb._bounds_fwd_kernel.fn, consts, 8,
+        kernel, secs = compile_one(gt._bounds_fwd_kernel.fn, consts, 8,
                                    ints=("B", "N", "NCOL", "H1", "H2"), int_ptrs=("perm_ptr",))
         report = ptxas_report(kernel)
         gmode = {0: 0, 1: 1, 2: 2 if grouped else 1, 3: 2}[idx]
         consts = dict(M=m, IDX=idx, GMODE=gmode, NF=nf, OWNER=0, GROUPED=grouped,
                       PARAM_GRADS=True, TWO_LAYERS=two, ACT=act, BLOCK_H1=128, BLOCK_H2=32,
                       BLOCK_N=16)
-        kernel, secs = compile_one(cb._bounds_bwd_kernel.fn, consts, 8,
+        kernel, secs = compile_one(gt._bounds_bwd_kernel.fn, consts, 8,
                                    ints=("B", "N", "NCOL", "H1", "H2"), int_ptrs=("perm_ptr",))
         print(f"gathered idx={idx} nf={nf} layers={1 + two} act={act}: fwd {report} | bwd "
               f"{ptxas_report(kernel)}", flush=True)

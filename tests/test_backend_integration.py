@@ -74,16 +74,16 @@ def test_auto_uses_reference_on_cpu_and_triton_needs_mlp_critic(device):
 
 
 def test_tile_configs_switch(monkeypatch):
-    from mdm_kernels.ops import common
+    from mdm_kernels.ops import triton_helpers
     configs, fixed = ["a", "b", "c"], "fixed"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("MDM_TRITON_AUTOTUNE", "1")
-    assert common.tile_configs(configs, fixed) == configs
+    assert triton_helpers.tile_configs(configs, fixed) == configs
     monkeypatch.setenv("MDM_TRITON_AUTOTUNE", "0")
-    assert common.tile_configs(configs, fixed) == [fixed]
+    assert triton_helpers.tile_configs(configs, fixed) == [fixed]
     monkeypatch.setenv("MDM_TRITON_AUTOTUNE", "1")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert common.tile_configs(configs, fixed) == [fixed]
+    assert triton_helpers.tile_configs(configs, fixed) == [fixed]
 
 
 def _saved_elements(fn):

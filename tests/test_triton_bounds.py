@@ -1,7 +1,7 @@
-"""Fused Triton estimators (``mdm_kernels.ops.critic_bounds``) against the float64 reference.
+"""Fused Triton estimators (``mdm_kernels.ops.router`` and its kernel families) against the float64 reference.
 
 Every kernel test runs twice, once per execution strategy: ``"single"`` (the whole step in one
-program, :mod:`mdm_kernels.ops.single_program_bounds`) and ``"grid"`` (the persistent
+program, :mod:`mdm_kernels.ops.single_program`) and ``"grid"`` (the persistent
 multi-program kernels).
 
 Without a GPU the kernels run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1),
@@ -20,8 +20,8 @@ from torch.testing import assert_close
 
 import mdm_kernels
 from mdm_kernels import MLPCritic
-from mdm_kernels.ops.common import project_modalities
-from mdm_kernels.ops.critic_bounds import fused_dependency_terms
+from mdm_kernels.ops.triton_helpers import project_modalities
+from mdm_kernels.ops.router import fused_dependency_terms
 from mdm_kernels.reference.estimators import KINDS, dependency_terms, resolve_samples
 
 # Upstream weights of (joint, marginal) so both gradient paths are exercised.
@@ -264,10 +264,10 @@ def _count_launches(monkeypatch, module, names):
 def test_single_program_step_is_two_launches(monkeypatch):
     """A paper-style MINE step on the one-program path: one forward and one backward
     launch, and the multi-program kernels are never used."""
-    from mdm_kernels.ops import critic_bounds, single_program_bounds
-    single = _count_launches(monkeypatch, single_program_bounds,
+    from mdm_kernels.ops import gathered_tiles, single_program
+    single = _count_launches(monkeypatch, single_program,
                              ["_single_program_fwd_kernel", "_single_program_bwd_kernel"])
-    grid = _count_launches(monkeypatch, critic_bounds, ["_bounds_fwd_kernel",
+    grid = _count_launches(monkeypatch, gathered_tiles, ["_bounds_fwd_kernel",
                                                         "_bounds_bwd_kernel"])
     critic, zs = _make(6, (3, 4, 5), (7,), "relu", torch.float32, 13)
     loss = mdm_kernels.mine_loss(critic, *zs, negatives=2, backend="triton",
@@ -280,14 +280,14 @@ def test_single_program_step_is_two_launches(monkeypatch):
 
 def test_auto_strategy_switches_on_work(monkeypatch):
     """"auto" runs one program for small steps and the grid kernels above the work limit."""
-    from mdm_kernels.ops import critic_bounds, single_program_bounds
+    from mdm_kernels.ops import gathered_tiles, single_program
     critic, zs = _make(5, (3, 4), (7,), "tanh", torch.float32, 14)
     perms = _explicit_perms("dv", 5, 2, 2, torch.Generator().manual_seed(4))
     for limit, expected in ((10 ** 9, (1, 0)), (0, (0, 2))):
-        monkeypatch.setattr(single_program_bounds, "SINGLE_PROGRAM_MAX_WORK", limit)
-        single = _count_launches(monkeypatch, single_program_bounds,
+        monkeypatch.setattr(single_program, "SINGLE_PROGRAM_MAX_WORK", limit)
+        single = _count_launches(monkeypatch, single_program,
                                  ["_single_program_fwd_kernel"])
-        grid = _count_launches(monkeypatch, critic_bounds, ["_bounds_fwd_kernel"])
+        grid = _count_launches(monkeypatch, gathered_tiles, ["_bounds_fwd_kernel"])
         fused_dependency_terms("dv", critic, zs, perms, strategy="auto")
         assert (single["_single_program_fwd_kernel"], grid["_bounds_fwd_kernel"]) == expected
         monkeypatch.undo()
@@ -346,10 +346,10 @@ def test_all_grid_takes_outer_sum_kernels(monkeypatch, dims, hidden, expected):
     """"all" over two or three modalities with one hidden layer runs the outer-sum kernels
     (one forward launch, one backward launch per factor); two hidden layers stay on the
     gathered-tile kernels (their backward: the joint term, then one launch per factor)."""
-    from mdm_kernels.ops import critic_bounds, outer_grid_bounds
-    outer = _count_launches(monkeypatch, outer_grid_bounds,
+    from mdm_kernels.ops import gathered_tiles, outer_sums
+    outer = _count_launches(monkeypatch, outer_sums,
                             ["_outer_fwd_kernel", "_outer_bwd_kernel"])
-    grid = _count_launches(monkeypatch, critic_bounds, ["_bounds_bwd_kernel"])
+    grid = _count_launches(monkeypatch, gathered_tiles, ["_bounds_bwd_kernel"])
     critic, zs = _make(5, dims, hidden, "relu", torch.float32, 18)
     joint, marg = fused_dependency_terms("dv", critic, zs, None, strategy="grid")
     (joint - marg).backward()
@@ -370,7 +370,7 @@ def test_all_grid_takes_outer_sum_kernels(monkeypatch, dims, hidden, expected):
 ])
 def test_execution_path_of_typical_steps(kind, B, dims, hidden, negatives, expected):
     """Which kernel family runs typical steps (shapes only: nothing is launched)."""
-    from mdm_kernels.ops.critic_bounds import execution_path
+    from mdm_kernels.ops.router import execution_path
     critic = MLPCritic(dims, hidden).to("meta")
     zs = [torch.empty(B, d, device="meta") for d in dims]
     perms = None if negatives == "all" else torch.zeros(

@@ -317,8 +317,8 @@ def test_wasserstein_terms_all_three(device, one_sided, path, monkeypatch):
     """The backend's combined call (shared projections — the one-program kernel's or torch
     GEMMs —, repeated joint rows → atomics) against the float64 reference composition, term
     by term, values and gradients."""
-    from mdm_kernels.ops import single_program_bounds
-    monkeypatch.setattr(single_program_bounds, "SINGLE_PROGRAM_MAX_WORK",
+    from mdm_kernels.ops import single_program
+    monkeypatch.setattr(single_program, "SINGLE_PROGRAM_MAX_WORK",
                         10 ** 9 if path == "single" else 0)
     dims, b, kp = (3, 4, 2), 7, 3
     critic = make_critic(dims, (5, 4), "tanh", seed=2).to(device)

@@ -36,7 +36,7 @@ except ImportError as exc:  # not built (no nvcc at install time, or MDM_BUILD_C
 
 #: Estimator codes of the kernels (order of mdm_kernels.reference.estimators.KINDS).
 KIND_CODES = {"dv": 0, "nwj": 1, "js": 2, "infonce": 3, "wasserstein": 4}
-#: Activation codes of the kernels (same as mdm_kernels.ops.common.ACTIVATION_CODES).
+#: Activation codes of the kernels (same as mdm_kernels.ops.triton_helpers.ACTIVATION_CODES).
 ACTIVATION_CODES = {"relu": 0, "leaky_relu": 1, "tanh": 2, "softplus": 3, "gelu": 4}
 #: Storage dtypes of the projections the kernels are instantiated for.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

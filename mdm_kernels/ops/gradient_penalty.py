@@ -67,10 +67,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (DOT_PRECISION, activation, activation_code, activation_grad, activation_grad2,
-                     block_size, critic_tail, interpreter_enabled, project_modalities,
-                     tile_configs)
-from .critic_bounds import _resolve_perms, execution_path, fused_dependency_terms
+from .triton_helpers import (DOT_PRECISION, activation, activation_code, activation_grad,
+                             activation_grad2, block_size, critic_tail, interpreter_enabled,
+                             tile_configs)
 
 
 #: Interpreter (CPU) launch: one small fixed config, few programs (so the persistent loop
@@ -399,36 +398,18 @@ def fused_gradient_penalty(critic, joint, marginal, eps, one_sided) -> torch.Ten
     return _penalty(critic, sj, sm, None, eps, n, one_sided, atomic=False, w1=w1)
 
 
-@torch.compiler.disable
-def fused_wasserstein_terms(critic, zs, samples, gp_perms, eps, one_sided):
-    """(joint_term, marginal_term, gp) of ``wasserstein_loss``, one projection per modality
-    shared by the dependency estimator and the penalty: torch GEMMs on the multi-program
-    path, the in-kernel projections of the one-program path for small steps.
-
-    GP row n = k·B + i interpolates joint row i (pre-activation Σ_j P_j[i]) with marginal
-    sample (k, i) (Σ_j P_j[gp_perms[k, j, i]]), ε = eps[n].  Dynamo graph-breaks around
-    this call (``torch.compiler.disable``), as around every fused op; autograd flows.
-    """
-    perms = _resolve_perms(samples, zs[0].shape[0], zs[0].device)
-    if execution_path("wasserstein", critic, zs, perms) == "single":
-        # small step: the one-program estimator, whose in-kernel projections (returned,
-        # differentiable) feed the penalty too — no projection GEMMs at all
-        from .single_program_bounds import single_program_dependency_terms
-        joint, marginal, stacked = single_program_dependency_terms(
-            "wasserstein", critic, zs, perms, return_projections=True)
-    else:
-        projections = project_modalities(critic, zs)
-        joint, marginal = fused_dependency_terms("wasserstein", critic, zs, samples,
-                                                 projections=projections)
-        stacked = torch.stack(projections)                     # (m, B, H1)
-    m, b = len(zs), zs[0].shape[0]
+def fused_penalty_from_projections(critic, stacked, gp_perms, eps, one_sided):
+    """The GP of ``wasserstein_loss`` from the estimator's projections ``stacked``
+    (m × B × H_1, differentiable): GP row n = k·B + i interpolates joint row i
+    (pre-activation Σ_j P_j[i]) with marginal sample (k, i) (Σ_j P_j[gp_perms[k, j, i]]),
+    ε = eps[n]; so the penalty needs no projection GEMM of its own."""
+    m, b = stacked.shape[0], stacked.shape[1]
     kp = gp_perms.shape[0]
     sj = stacked.sum(0)                                        # joint rows Σ_j P_j[i]
     sm = stacked.reshape(m * b, -1)                            # row j·B + r = P_j[r]
     offsets = torch.arange(m, device=gp_perms.device).unsqueeze(1) * b
     mi = (gp_perms.permute(1, 0, 2).reshape(m, kp * b) + offsets).to(torch.int32).contiguous()
-    gp = _penalty(critic, sj, sm, mi, eps, b, one_sided, atomic=True)
-    return joint, marginal, gp
+    return _penalty(critic, sj, sm, mi, eps, b, one_sided, atomic=True)
 
 
-__all__ = ["fused_gradient_penalty", "fused_wasserstein_terms", "FusedGradientPenalty"]
+__all__ = ["fused_gradient_penalty", "fused_penalty_from_projections", "FusedGradientPenalty"]

@@ -1,18 +1,26 @@
 """The Triton backend object behind ``backend="triton"``.
 
-Fused ops live one per module (kernels, then ``autograd.Function``, then functional API):
-:mod:`mdm_kernels.ops.critic_bounds` (critic scoring + estimator reductions) and
-:mod:`mdm_kernels.ops.gradient_penalty` (closed-form gradient penalty).  This module only
-says when they apply.  On CPU tensors the kernels run under Triton's interpreter
+Top of the ``ops`` layering (nothing in ``ops`` imports it)::
+
+    runtime_flags               environment switches (no Triton import)
+    triton_helpers              activations, projections, tile/autotune helpers
+    marginal_terms              estimator terms as score reductions, their gradients
+    sample_tiles                sample rows, tile scores and backprop (jit building blocks)
+    gathered_tiles | outer_sums | single_program | gradient_penalty   kernel families
+    router                      picks a family per call (plan once, then launch)
+    triton_backend              this object: says when the fused ops apply
+
+Each kernel family is one op in the Liger-Kernel layout (kernels with their math, then the
+``autograd.Function``, then the functional entry).  This module only says when they apply
+and imports the router lazily (importing :mod:`mdm_kernels` never imports Triton).  On CPU tensors the kernels run under Triton's interpreter
 (``TRITON_INTERPRET=1``, set before ``mdm_kernels`` is imported) — that is how CI tests them.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..dispatch import Backend
+from .runtime_flags import interpreter_enabled
 
 try:  # triton is a Linux-only dependency
     import triton  # noqa: F401
@@ -22,11 +30,6 @@ except ImportError as exc:  # pragma: no cover - depends on the platform
 
 #: Hidden-layer counts the fused kernels implement.
 MAX_HIDDEN_LAYERS = 2
-
-
-def interpreter_enabled() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 class TritonBackend(Backend):
@@ -46,15 +49,15 @@ class TritonBackend(Backend):
         return self.fused_critic_reason(critic, zs, MAX_HIDDEN_LAYERS)
 
     def dependency_terms(self, kind, critic, zs, samples):
-        from .critic_bounds import fused_dependency_terms
+        from .router import fused_dependency_terms
         return fused_dependency_terms(kind, critic, zs, samples)
 
     def gradient_penalty(self, critic, joint, marginal, eps, one_sided):
-        from .gradient_penalty import fused_gradient_penalty
+        from .router import fused_gradient_penalty
         return fused_gradient_penalty(critic, joint, marginal, eps, one_sided)
 
     def wasserstein_terms(self, critic, zs, samples, gp_perms, eps, one_sided):
-        from .gradient_penalty import fused_wasserstein_terms
+        from .router import fused_wasserstein_terms
         return fused_wasserstein_terms(critic, zs, samples, gp_perms, eps, one_sided)
 
 

@@ -1,5 +1,6 @@
-"""Pieces shared by the fused Triton ops: activation codes, σ and its derivatives as
-``@triton.jit`` helpers, and the per-modality projection that feeds every kernel.
+"""Pieces shared by the fused Triton ops (the shared layer: imports no kernel family):
+activation codes, σ and its derivatives as ``@triton.jit`` helpers, the per-modality
+projection that feeds every kernel, tile-size and autotune-config helpers.
 
 Activation derivatives (used by the backward passes and the closed-form gradient penalty):
 
@@ -18,7 +19,6 @@ libdevice call (the CPU interpreter has none); every form above is overflow-safe
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..critic import LEAKY_RELU_SLOPE
-from .triton_backend import interpreter_enabled
+from .runtime_flags import autotune_enabled, interpreter_enabled
 
 #: fp32 ``tl.dot`` precision on GPU: 3×TF32 keeps about fp32 accuracy (error ~1e-6 relative)
 #: on tensor cores.  Plain ``"ieee"`` would run the dots on FMA units with whole K-slices of
@@ -125,13 +125,6 @@ def block_size(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
 
 
-def autotune_enabled() -> bool:
-    """False when ``MDM_TRITON_AUTOTUNE=0``: every fused op then compiles one fixed tile
-    configuration instead of benchmarking all of them (the GPU test suite sets it, since
-    compiling every config of every kernel variant would dominate its run time)."""
-    return os.environ.get("MDM_TRITON_AUTOTUNE", "1") != "0"
-
-
 def tile_configs(gpu_configs: list, fixed_config):
     """The autotuner's candidate configs: all of ``gpu_configs`` normally; just
     ``fixed_config`` in the CPU interpreter (benchmarking there is slow and meaningless) or
@@ -139,3 +132,8 @@ def tile_configs(gpu_configs: list, fixed_config):
     if interpreter_enabled() or not autotune_enabled():
         return [fixed_config]
     return list(gpu_configs)
+
+
+__all__ = ["ACTIVATION_CODES", "DOT_PREC", "DOT_PRECISION", "activation", "activation_code",
+           "activation_grad", "activation_grad2", "autotune_enabled", "block_size",
+           "critic_tail", "interpreter_enabled", "project_modalities", "tile_configs"]

@@ -2,14 +2,14 @@
 
 At paper scale (B = 32 … 256, a few shuffles, H = 64 … 256) the arithmetic of a dependency
 penalty is microseconds; what costs is the number of launches and the host work around
-each (the multi-program path of :mod:`mdm_kernels.ops.critic_bounds` needs a projection GEMM
+each (the multi-program path of :mod:`mdm_kernels.ops.gathered_tiles` needs a projection GEMM
 per modality, two launches per term and about forty small torch ops for its buffers and
 reductions).  This op runs the *whole* forward **and** the gradients of both terms in a
 single Triton program (grid = 1): a loss that is the last node can compute its gradient
 inside the forward pass (as Liger-Kernel's losses do), so the backward is one small launch
 that scales the stored gradients by the incoming ones.  One step = 2 launches.
 
-Math (the notation of :mod:`mdm_kernels.ops.critic_bounds`)
+Math (the notation of :mod:`mdm_kernels.ops.sample_tiles`)
 ==========================================================
 
 Phase A, projections:  P_j = z_j W_{1,j}^T (B × H_1, ``tl.dot`` in 3×TF32 ≈ fp32, kept in an
@@ -20,7 +20,7 @@ sigmoid(−T) for JS).  The joint samples are the diagonal, so δ1_i is stored t
 the same δ1 row is ∂J/∂P_j[i] for every modality j.
 
 Phase C, marginal term:  the sums, the online log-sum-exp (DV, NWJ) or the per-row
-log-sum-exp (InfoNCE) of :mod:`~mdm_kernels.ops.critic_bounds` over the marginal samples.
+log-sum-exp (InfoNCE) of :mod:`~mdm_kernels.ops.marginal_terms` over the marginal samples.
 
 Phase D, marginal gradients:  the marginal tiles are recomputed with g_s = ∂M/∂T_s now that
 the statistics are known (e^{T − LSE}, e^{T − 1 − log N}, e^{T − LSE_i}/B, sigmoid(T)/N or
@@ -43,7 +43,7 @@ The projections P are also an output of the op, differentiable: the gradient pen
 Memory: P, ∂P^J, ∂P^M (2m + 1)·B·H_1 floats, B LSE values, 2 × (parameter count after the
 first layer) — O(B·H), whatever the number of samples.
 
-When it is used: :func:`~mdm_kernels.ops.critic_bounds.fused_dependency_terms` picks this
+When it is used: :func:`~mdm_kernels.ops.router.fused_dependency_terms` picks this
 path when the step is small enough for one streaming multiprocessor
 (:func:`single_program_work` ≤ :data:`SINGLE_PROGRAM_MAX_WORK`, m ≤ 4 modalities, hidden
 layers ≤ 512 wide) and falls
@@ -58,11 +58,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import DOT_PREC, block_size
-from .critic_bounds import (G_ONE, G_SIGMOID_NEG, MARGINAL_GMODE, MARGINAL_RED, _marginal_plan,
-                            _reduce_samples, _row_layout, _scatter_shared_rows, _store_owned_row,
-                            _term_grad, _tile_backprop, _tile_columns, _tile_scores)
-from .triton_backend import interpreter_enabled
+from .marginal_terms import G_ONE, G_SIGMOID_NEG, MARGINAL_GMODE, MARGINAL_RED
+from .sample_tiles import (marginal_plan, reduce_samples, row_layout, scatter_shared_rows,
+                           store_owned_row, term_grad, tile_backprop, tile_columns, tile_scores)
+from .triton_helpers import DOT_PREC, activation_code, block_size, interpreter_enabled
 
 #: Most modalities the single-program kernels take (one pointer argument each).
 MAX_MODALITIES = 4
@@ -196,18 +195,18 @@ def _single_program_fwd_kernel(
     gbout = tl.zeros([BLOCK_N], tl.float32)
     inv_b = 1.0 / B
     for r in range(0, tl.cdiv(B, BLOCK_N)):
-        cols, valid = _tile_columns(r, 0, offs, B, BLOCK_N, BLOCK_N, 0)
-        z1t, a1, t = _tile_scores(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, W2_ptr,
+        cols, valid = tile_columns(r, 0, offs, B, BLOCK_N, BLOCK_N, 0)
+        z1t, a1, t = tile_scores(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, W2_ptr,
                                   b2_ptr, wout_ptr, bout, B, H1, H2, M, 0, 1, 0, False,
                                   TWO_LAYERS, BLOCK_H2, ACT)
         if KIND == 2:  # JS: −softplus(−T)
             acc += tl.where(valid, tl.minimum(t, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(t))), 0.0)
         else:
             acc += tl.where(valid, t, 0.0)
-        g = _term_grad(t, valid, r, cols, inv_b, 0.0, row_lse_ptr, perm_ptr, B, M, 0, 1, 0,
+        g = term_grad(t, valid, r, cols, inv_b, 0.0, row_lse_ptr, perm_ptr, B, M, 0, 1, 0,
                        False, GMODE_J)
         gbout += g
-        d1, gw_inc = _tile_backprop(g, z1t, a1, valid, W2_ptr, b2_ptr, wout_ptr, offs_h, hmask,
+        d1, gw_inc = tile_backprop(g, z1t, a1, valid, W2_ptr, b2_ptr, wout_ptr, offs_h, hmask,
                                     offs_c, H1, H2, pg_ptr + o_w2, pg_ptr + o_b2,
                                     pg_ptr + o_wout, TWO_LAYERS, True, BLOCK_H2, ACT)
         gwout += gw_inc
@@ -220,8 +219,8 @@ def _single_program_fwd_kernel(
     if not TWO_LAYERS:
         tl.store(pg_ptr + o_wout + offs_h, gwout, mask=hmask)
     # ---- phase C: marginal term ----
-    R, ncol = _row_layout(N, NCOL, B, IDX, BLOCK_N)
-    acc, run_m, run_s = _reduce_samples(P_ptr, b1, perm_ptr, W2_ptr, b2_ptr, wout_ptr, bout,
+    R, ncol = row_layout(N, NCOL, B, IDX, BLOCK_N)
+    acc, run_m, run_s = reduce_samples(P_ptr, b1, perm_ptr, W2_ptr, b2_ptr, wout_ptr, bout,
                                         row_lse_ptr, 0, 1, R, N, ncol, offs, offs_h, hmask, B,
                                         H1, H2, M, IDX, RED_M, NF, GROUPED, TWO_LAYERS, BLOCK_H2,
                                         BLOCK_N, ACT)
@@ -255,13 +254,13 @@ def _single_program_fwd_kernel(
         for r in range(0, R):
             own = tl.zeros([BLOCK_H1], tl.float32)
             for c0 in range(0, ncol, BLOCK_N):
-                cols, valid = _tile_columns(r, c0, offs, N, ncol, BLOCK_N, IDX)
-                z1t, a1, t = _tile_scores(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr,
+                cols, valid = tile_columns(r, c0, offs, N, ncol, BLOCK_N, IDX)
+                z1t, a1, t = tile_scores(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr,
                                           W2_ptr, b2_ptr, wout_ptr, bout, B, H1, H2, M, IDX, NF,
                                           f, GROUPED, TWO_LAYERS, BLOCK_H2, ACT)
-                g = _term_grad(t, valid, r, cols, scale, shift, row_lse_ptr, perm_ptr, B, M,
+                g = term_grad(t, valid, r, cols, scale, shift, row_lse_ptr, perm_ptr, B, M,
                                IDX, NF, f, GROUPED, GMODE_M)
-                d1, gw_inc = _tile_backprop(g, z1t, a1, valid, W2_ptr, b2_ptr, wout_ptr, offs_h,
+                d1, gw_inc = tile_backprop(g, z1t, a1, valid, W2_ptr, b2_ptr, wout_ptr, offs_h,
                                             hmask, offs_c, H1, H2, pg_ptr + SP + o_w2,
                                             pg_ptr + SP + o_b2, pg_ptr + SP + o_wout,
                                             TWO_LAYERS, f == 0, BLOCK_H2, ACT)
@@ -269,10 +268,10 @@ def _single_program_fwd_kernel(
                     gbout += g
                     gwout += gw_inc
                     gb1 += tl.sum(d1, axis=0)
-                _scatter_shared_rows(dPM_ptr, d1, r, cols, valid, offs_h, hmask, perm_ptr, B,
+                scatter_shared_rows(dPM_ptr, d1, r, cols, valid, offs_h, hmask, perm_ptr, B,
                                      H1, M, IDX, NF, f, GROUPED)
                 own += tl.sum(d1, axis=0)
-            _store_owned_row(dPM_ptr, own, r, offs_h, hmask, B, H1, M, IDX, f, GROUPED)
+            store_owned_row(dPM_ptr, own, r, offs_h, hmask, B, H1, M, IDX, f, GROUPED)
     tl.store(pg_ptr + SP + offs_h, gb1, mask=hmask)
     tl.store(pg_ptr + SP + o_bout, tl.sum(gbout, axis=0))
     if not TWO_LAYERS:
@@ -397,7 +396,7 @@ class SingleProgramDependencyTerms(torch.autograd.Function):
         H2 = W2.shape[0] if two else 1
         h_last = H2 if two else H1
         sp = H1 + h_last + 1 + ((H2 * H1 + H2) if two else 0)
-        plan = _marginal_plan(kind, B, m, perms)
+        plan = marginal_plan(kind, B, m, perms)
         idx, n, ncol, nf, grouped = plan.idx, plan.N, plan.NCOL, plan.NF, plan.grouped
         f32 = dict(device=device, dtype=torch.float32)
         P = torch.empty(m, B, H1, **f32)
@@ -471,9 +470,8 @@ def single_program_dependency_terms(kind, critic, zs, perms, return_projections=
     backward launch (see the module docstring); ``perms`` is the (K, m, B) int64 index
     tensor or ``None`` for the "all" grid.  ``return_projections=True`` also returns the
     differentiable projections P (m × B × H_1, float32).  Call through
-    :func:`~mdm_kernels.ops.critic_bounds.fused_dependency_terms`, which checks the inputs
+    :func:`~mdm_kernels.ops.router.fused_dependency_terms`, which checks the inputs
     and decides when this path applies."""
-    from .common import activation_code
     tail_w = [layer.weight for layer in critic.hidden_layers]
     tail_b = [layer.bias for layer in critic.hidden_layers]
     tensors = [z.contiguous() for z in zs] + [w.contiguous() for w in critic.first_weights]

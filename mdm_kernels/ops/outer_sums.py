@@ -12,7 +12,7 @@ an outer *sum*.  Forward: rows are the combinations of the first NF − 1 factor
 last factor.  A program takes BLOCK_R rows × BLOCK_C columns and loops over the hidden units
 h, adding w_out[h]·σ(z) into the (BLOCK_R × BLOCK_C) score tile: 1-2 adds, σ and 1 fma per
 (sample, hidden unit), no reduction, and each value loaded from Fᵀ serves BLOCK_C (BLOCK_R)
-samples — where the 2-D kernels of :mod:`~mdm_kernels.ops.critic_bounds` re-gather one
+samples — where the 2-D kernels of :mod:`~mdm_kernels.ops.gathered_tiles` re-gather one
 (BLOCK_N × H) row tile per BLOCK_N samples and so read 4 bytes of L2 per (sample, hidden
 unit), a bandwidth bound at about a tenth of the FP32 instruction bound (~3 instructions per
 sample and hidden unit).  With three factors a row block is one index of F_0 and 16
@@ -21,7 +21,7 @@ consecutive (padded) indices of F_1, so its loads stay vectorised.
 Forward: the estimator's reduction of T over the B² pairs, in registers (sum, online
 log-sum-exp per tile element, or per-row log-sum-exp for InfoNCE), one partial per program.
 
-Backward, from g = ∂term/∂T (the φ of :mod:`~mdm_kernels.ops.critic_bounds`):
+Backward, from g = ∂term/∂T (the φ of :mod:`~mdm_kernels.ops.marginal_terms`):
 
     ∂F_f[i]  = w_out ⊙ Σ_{samples with i_f = i} g · σ'(z)
     ∂w_out   = Σ g · σ(z),      ∂b_out = Σ g
@@ -45,10 +45,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import activation, activation_grad
-from .critic_bounds import (MARGINAL_RED, _NEG_BIG, _score_grad, marginal_grad_args,
+from .marginal_terms import (MARGINAL_RED, NEG_BIG, score_grad, marginal_grad_args,
                             marginal_value)
-from .triton_backend import interpreter_enabled
+from .triton_helpers import activation, activation_grad, interpreter_enabled
 
 @triton.jit
 def _pair_preact(Ft_ptr, h, S, HS, s_idx, s_scalar, o_idx, NF: tl.constexpr,
@@ -118,7 +117,7 @@ def _outer_fwd_kernel(Ft_ptr, wout_ptr, bout_ptr, stats_ptr, row_lse_ptr, B, S, 
     offs_c = tl.arange(0, BLOCK_C)
     bout = tl.load(bout_ptr)
     acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-    run_m = tl.zeros([BLOCK_R, BLOCK_C], tl.float32) + _NEG_BIG
+    run_m = tl.zeros([BLOCK_R, BLOCK_C], tl.float32) + NEG_BIG
     run_s = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     if NF == 2:
         n_rb = tl.cdiv(B, BLOCK_R)
@@ -126,7 +125,7 @@ def _outer_fwd_kernel(Ft_ptr, wout_ptr, bout_ptr, stats_ptr, row_lse_ptr, B, S, 
         n_rb = B * tl.cdiv(B, BLOCK_R)
     for rb in range(pid, n_rb, G):
         rows, r_scalar, rmask = _swept_block(rb, offs_r, B, S, NF, BLOCK_R)
-        row_m = tl.zeros([BLOCK_R], tl.float32) + _NEG_BIG
+        row_m = tl.zeros([BLOCK_R], tl.float32) + NEG_BIG
         row_s = tl.zeros([BLOCK_R], tl.float32)
         for cb in range(0, tl.cdiv(B, BLOCK_C)):
             cols = cb * BLOCK_C + offs_c
@@ -199,9 +198,9 @@ def _outer_bwd_kernel(Ft_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, row_lse_
                     anchor_shift = tl.load(row_lse_ptr + own, mask=omask, other=0.0)[None, :]
                 else:
                     anchor_shift = tl.load(row_lse_ptr + swept, mask=smask, other=0.0)[:, None]
-                g = _score_grad(t, valid, scale, anchor_shift, GMODE)
+                g = score_grad(t, valid, scale, anchor_shift, GMODE)
             else:
-                g = _score_grad(t, valid, scale, shift, GMODE)
+                g = score_grad(t, valid, scale, shift, GMODE)
             if PARAM_GRADS:
                 gb += g
             for h in range(0, H):

@@ -1,0 +1,300 @@
+"""Gathered-tile kernels: the general multi-program path of the fused estimators.
+
+One op, in the Liger-Kernel layout: Triton kernels (with the math), then the
+``torch.autograd.Function`` :class:`FusedDependencyTerms`.  The scores and their gradients
+are those of :mod:`~mdm_kernels.ops.sample_tiles` and :mod:`~mdm_kernels.ops.marginal_terms`;
+this module tiles them over many programs.  It runs every estimator, negatives mode, m and
+1-2 hidden layers; the router (:mod:`~mdm_kernels.ops.router`) sends small steps to the
+one-program kernel and ``"all"`` over two or three factors to the outer sums instead.
+
+Tiling
+======
+Samples are addressed as (row r, column c).  A *persistent* program p loops over rows
+r = p, p + G, ... and, inside a row, over column tiles of ``BLOCK_N`` samples; a tile is the
+(BLOCK_N × H_1) first pre-activation, built by gathering P rows by index.
+(the index modes are in :mod:`~mdm_kernels.ops.sample_tiles`).
+
+Reductions (constexpr ``RED``) stay in registers: plain sums, or an online log-sum-exp —
+per lane a running max m and a rescaled sum s (s ← s·e^{m − m'} + e^{T − m'}, flash-attention
+style), folded to one (max, sum) pair per program (``LSE``) or per row (``LSE_ROW``, InfoNCE,
+where a row is always owned by a single program).  A tiny torch combine merges the per-program
+partials.  Scores are never written to global memory; memory is O(G·H + B·m·H) whatever N.
+
+Backward and determinism
+========================
+The backward kernel recomputes each tile from the saved P, the parameters and the saved LSE
+statistics.  Where rows are shared:
+
+* ``GRID`` (``"all"``): one launch per factor f with f as the owner; a program owns its rows of
+  P_f, accumulates their gradient in registers over all columns and stores it once.  No atomics:
+  deterministic (m launches, i.e. m× the forward work — the price of not using atomics).
+* ``PERMS`` / ``NCE`` candidates / ``JOINT``: δ1 rows are scattered with ``tl.atomic_add``.  The
+  joint pass touches each row once (deterministic); with K shuffles a row receives K adds whose
+  order varies between runs, so the last bits of ∂z / ∂W_1 may vary on GPU.
+* Parameter gradients (b_1, W_2, b_2, w_out, b_out) accumulate into per-program private slices
+  (load-add-store, no atomics) that torch sums afterwards: deterministic.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .marginal_terms import (G_ONE, G_SIGMOID_NEG, MARGINAL_RED, NEG_BIG_VALUE,
+                             RED_LSE, RED_LSE_ROW, RED_NEG_SOFTPLUS_NEG, RED_SUM,
+                             marginal_grad_args, marginal_value)
+from .sample_tiles import (IDX_GRID, IDX_JOINT, SamplePlan, marginal_plan,
+                           reduce_samples, row_layout, scatter_shared_rows, store_owned_row,
+                           term_grad, tile_backprop, tile_columns, tile_scores)
+from .triton_helpers import block_size, interpreter_enabled, tile_configs
+
+# ptxas for sm_90 at H_1 = 128 (python/compile_sm90.py's method): one hidden layer spills
+# nothing at (16, 4 warps), (16, 8) and (32, 8) but 0.5-3.4 kB per thread at (32, 4) and
+# (64, 4/8) — the gathered rows' 64-bit address tiles are what fills the registers; two
+# hidden layers spill least at (16, 8): 0 forward, ~0.5 kB backward.
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_N": 16}, num_warps=4),
+    triton.Config({"BLOCK_N": 16}, num_warps=8),
+    triton.Config({"BLOCK_N": 32}, num_warps=8),
+]
+#: the one config of the interpreter / ``MDM_TRITON_AUTOTUNE=0``
+_FIXED_CONFIG = (triton.Config({"BLOCK_N": 16}, num_warps=1) if interpreter_enabled()
+                 else triton.Config({"BLOCK_N": 16}, num_warps=8))
+_MIN_BLOCK_N = 16  # smallest BLOCK_N of any config: sizes the per-program buffers
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Keep tiles whose (BLOCK_N × BLOCK_H1) register footprint stays reasonable (see the
+    ptxas figures above): ≤ 4096 elements with one hidden layer, ≤ 2048 at 8 warps with two
+    (wider hidden layers keep the smallest tile)."""
+    h1 = kwargs.get("BLOCK_H1", named_args.get("BLOCK_H1", 128))
+    two = kwargs.get("TWO_LAYERS", named_args.get("TWO_LAYERS", False))
+    if two:
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] * h1 <= 2048 and c.num_warps == 8]
+    else:
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] * h1 <= 4096]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], -c.num_warps))]
+
+
+_PRUNE = {"early_config_prune": _prune_configs}
+
+
+def _max_programs(device) -> int:
+    """Cap on the persistent grid."""
+    if interpreter_enabled() or device.type != "cuda":
+        return 4
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_programs(plan, device) -> int:
+    """Programs of a launch of ``plan``: the persistent cap, or fewer rows."""
+    return max(1, min(_max_programs(device), plan.rows(_MIN_BLOCK_N)))
+
+
+def _launch_grid(plan, device):
+    """The launch grid, as a function of the autotuned BLOCK_N."""
+    cap = _num_programs(plan, device)
+    return lambda meta: (max(1, min(cap, plan.rows(meta["BLOCK_N"]))),)
+
+
+@triton.jit
+def _prologue(b1_ptr, bout_ptr, H1, BLOCK_H1: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(program id, number of programs, tile lane offsets, hidden offsets and mask, b_1,
+    b_out) — what every persistent program of this module starts from."""
+    offs_h = tl.arange(0, BLOCK_H1)
+    hmask = offs_h < H1
+    return (tl.program_id(0), tl.num_programs(0), tl.arange(0, BLOCK_N), offs_h, hmask,
+            tl.load(b1_ptr + offs_h, mask=hmask, other=0.0), tl.load(bout_ptr))
+
+
+@triton.autotune(configs=tile_configs(_GPU_CONFIGS, _FIXED_CONFIG),
+                 key=["N", "NCOL", "H1", "H2", "B"], prune_configs_by=_PRUNE,
+                 restore_value=["stats_ptr"])  # unused program slots must keep their init
+@triton.jit
+def _bounds_fwd_kernel(
+    P_ptr, perm_ptr, b1_ptr, W2_ptr, b2_ptr, wout_ptr, bout_ptr,
+    stats_ptr, row_lse_ptr,
+    B, N, NCOL, H1, H2,
+    M: tl.constexpr, IDX: tl.constexpr, RED: tl.constexpr, NF: tl.constexpr,
+    GROUPED: tl.constexpr, TWO_LAYERS: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Forward: per-program partial (sum) or (max, Σ e^{T − max}) in stats[pid, 0:2];
+    RED_LSE_ROW writes LSE_r of every row it owns to row_lse[r]."""
+    pid, G, offs, offs_h, hmask, b1, bout = _prologue(b1_ptr, bout_ptr, H1, BLOCK_H1, BLOCK_N)
+    R, ncol = row_layout(N, NCOL, B, IDX, BLOCK_N)
+    acc, run_m, run_s = reduce_samples(P_ptr, b1, perm_ptr, W2_ptr, b2_ptr, wout_ptr, bout,
+                                        row_lse_ptr, pid, G, R, N, ncol, offs, offs_h, hmask,
+                                        B, H1, H2, M, IDX, RED, NF, GROUPED, TWO_LAYERS,
+                                        BLOCK_H2, BLOCK_N, ACT)
+    if RED == 3:
+        mx = tl.max(run_m, axis=0)
+        tl.store(stats_ptr + pid * 2, mx)
+        tl.store(stats_ptr + pid * 2 + 1, tl.sum(run_s * tl.exp(run_m - mx), axis=0))
+    elif RED != 4:
+        tl.store(stats_ptr + pid * 2, tl.sum(acc, axis=0))
+
+
+@triton.autotune(configs=tile_configs(_GPU_CONFIGS, _FIXED_CONFIG),
+                 key=["N", "NCOL", "H1", "H2", "B"], prune_configs_by=_PRUNE,
+                 reset_to_zero=["dP_ptr", "gb1_ptr", "gW2_ptr", "gb2_ptr", "gwout_ptr",
+                                "gbout_ptr"])
+@triton.jit
+def _bounds_bwd_kernel(
+    P_ptr, perm_ptr, b1_ptr, W2_ptr, b2_ptr, wout_ptr, bout_ptr,
+    scale_ptr, shift_ptr, row_lse_ptr,
+    dP_ptr, gb1_ptr, gW2_ptr, gb2_ptr, gwout_ptr, gbout_ptr,
+    B, N, NCOL, H1, H2,
+    M: tl.constexpr, IDX: tl.constexpr, GMODE: tl.constexpr, NF: tl.constexpr,
+    OWNER: tl.constexpr, GROUPED: tl.constexpr, PARAM_GRADS: tl.constexpr,
+    TWO_LAYERS: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Backward: recompute each tile, g = scale·φ(T), backprop through the MLP.
+    dP rows: owner rows (GRID: factor OWNER, NCE: the anchor) accumulate in registers and
+    are stored once; the others are scattered with atomics.  Parameter gradients go to this
+    program's private slice of the g*_ptr buffers (only when PARAM_GRADS)."""
+    pid, G, offs, offs_h, hmask, b1, bout = _prologue(b1_ptr, bout_ptr, H1, BLOCK_H1, BLOCK_N)
+    scale = tl.load(scale_ptr)
+    shift = tl.load(shift_ptr)
+    offs_c = tl.arange(0, BLOCK_H2)
+    R, ncol = row_layout(N, NCOL, B, IDX, BLOCK_N)
+    if IDX == 2:
+        owner = OWNER
+    else:
+        owner = 0  # NCE: the anchor factor; JOINT/PERMS: unused
+    gb1 = tl.zeros([BLOCK_H1], tl.float32)
+    gwout = tl.zeros([BLOCK_H1], tl.float32)   # 1 hidden layer only
+    gbout = tl.zeros([BLOCK_N], tl.float32)
+    for r in range(pid, R, G):
+        own = tl.zeros([BLOCK_H1], tl.float32)  # gradient of the owner row
+        for c0 in range(0, ncol, BLOCK_N):
+            cols, valid = tile_columns(r, c0, offs, N, ncol, BLOCK_N, IDX)
+            z1, a1, t = tile_scores(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr,
+                                     W2_ptr, b2_ptr, wout_ptr, bout, B, H1, H2, M, IDX, NF,
+                                     owner, GROUPED, TWO_LAYERS, BLOCK_H2, ACT)
+            g = term_grad(t, valid, r, cols, scale, shift, row_lse_ptr, perm_ptr, B, M, IDX,
+                           NF, owner, GROUPED, GMODE)
+            if PARAM_GRADS:
+                gbout += g
+            d1, gw_inc = tile_backprop(g, z1, a1, valid, W2_ptr, b2_ptr, wout_ptr, offs_h,
+                                        hmask, offs_c, H1, H2, gW2_ptr + pid * H2 * H1,
+                                        gb2_ptr + pid * H2, gwout_ptr + pid * H2,
+                                        TWO_LAYERS, PARAM_GRADS, BLOCK_H2, ACT)
+            if PARAM_GRADS:
+                gwout += gw_inc
+                gb1 += tl.sum(d1, axis=0)
+            scatter_shared_rows(dP_ptr, d1, r, cols, valid, offs_h, hmask, perm_ptr, B, H1,
+                                 M, IDX, NF, owner, GROUPED)
+            own += tl.sum(d1, axis=0)
+        store_owned_row(dP_ptr, own, r, offs_h, hmask, B, H1, M, IDX, owner, GROUPED)
+    if PARAM_GRADS:
+        tl.store(gb1_ptr + pid * H1 + offs_h, gb1, mask=hmask)
+        tl.store(gbout_ptr + pid, tl.sum(gbout, axis=0))
+        if not TWO_LAYERS:
+            tl.store(gwout_ptr + pid * H1 + offs_h, gwout, mask=hmask)
+
+
+# ----------------------------------------------------------------------------- launches
+def _common_meta(P, W2, two_layers, act):
+    H1 = P.shape[2]
+    H2 = W2.shape[0] if two_layers else 1
+    return dict(M=P.shape[0], TWO_LAYERS=two_layers, ACT=act, BLOCK_H1=block_size(H1),
+                BLOCK_H2=min(32, block_size(H2)) if two_layers else 16), H1, H2
+
+
+def _launch_fwd(plan, red, P, perms, b1, W2, b2, wout, bout, act):
+    device = P.device
+    meta, H1, H2 = _common_meta(P, W2, W2 is not None, act)
+    G = _num_programs(plan, device)
+    stats = torch.zeros(G, 2, device=device, dtype=torch.float32)
+    if red == RED_LSE:
+        stats[:, 0] = NEG_BIG_VALUE
+    row_lse = torch.empty(plan.B if red == RED_LSE_ROW else 1, device=device,
+                          dtype=torch.float32)
+    dummy = b1
+    _bounds_fwd_kernel[_launch_grid(plan, device)](
+        P, perms if perms is not None else b1, b1,
+        W2 if W2 is not None else dummy, b2 if b2 is not None else dummy, wout, bout,
+        stats, row_lse, plan.B, plan.N, plan.NCOL, H1, H2,
+        IDX=plan.idx, RED=red, NF=plan.NF, GROUPED=plan.grouped, **meta)
+    return stats, row_lse
+
+
+def _launch_bwd(plan, gmode, scale, shift, row_lse, P, perms, b1, W2, b2, wout, bout, act,
+                owner=0, param_grads=True):
+    device = P.device
+    two = W2 is not None
+    meta, H1, H2 = _common_meta(P, W2, two, act)
+    G = _num_programs(plan, device)
+    f32 = dict(device=device, dtype=torch.float32)
+    dP = torch.zeros_like(P)
+    gb1 = torch.zeros(G, H1, **f32)
+    gwout = torch.zeros(G, H2 if two else H1, **f32)
+    gbout = torch.zeros(G, **f32)
+    gW2 = torch.zeros(G, H2, H1, **f32) if two else torch.zeros(1, **f32)
+    gb2 = torch.zeros(G, H2, **f32) if two else torch.zeros(1, **f32)
+    _bounds_bwd_kernel[_launch_grid(plan, device)](
+        P, perms if perms is not None else b1, b1,
+        W2 if two else b1, b2 if two else b1, wout, bout,
+        scale, shift, row_lse,
+        dP, gb1, gW2, gb2, gwout, gbout,
+        plan.B, plan.N, plan.NCOL, H1, H2,
+        IDX=plan.idx, GMODE=gmode, NF=plan.NF, OWNER=owner, GROUPED=plan.grouped,
+        PARAM_GRADS=param_grads, **meta)
+    if not param_grads:
+        return dP, None
+    grads = [gb1.sum(0), gwout.sum(0), gbout.sum(0).reshape(1)]
+    grads += [gW2.sum(0), gb2.sum(0)] if two else [None, None]
+    return dP, grads
+
+
+def _run_bwd(plan, gmode, scale, shift, row_lse, args, act):
+    """All launches of one term; GRID runs one deterministic launch per owner factor."""
+    if plan.idx != IDX_GRID:
+        return _launch_bwd(plan, gmode, scale, shift, row_lse, *args, act)
+    dP, grads = _launch_bwd(plan, gmode, scale, shift, row_lse, *args, act, owner=0)
+    for f in range(1, plan.NF):
+        dPf, _ = _launch_bwd(plan, gmode, scale, shift, row_lse, *args, act, owner=f,
+                             param_grads=False)
+        dP = dP + dPf
+    return dP, grads
+
+
+# ----------------------------------------------------------------------------- autograd
+class FusedDependencyTerms(torch.autograd.Function):
+    """(joint_term, marginal_term) from the stacked projections P (m × B × H_1, float32),
+    the first bias and the tail parameters; gradients for all of them."""
+
+    @staticmethod
+    def forward(ctx, kind, perms, act, P, b1, wout, bout, W2, b2):
+        B, m = P.shape[1], P.shape[0]
+        args = (P, perms, b1, W2, b2, wout, bout)
+        # joint term: the B diagonal samples
+        jplan = SamplePlan(IDX_JOINT, B, B, 0)
+        jstats, _ = _launch_fwd(jplan, RED_NEG_SOFTPLUS_NEG if kind == "js" else RED_SUM,
+                                *args, act)
+        joint = jstats[:, 0].sum() / B
+        plan = marginal_plan(kind, B, m, perms)
+        stats, row_lse = _launch_fwd(plan, MARGINAL_RED[kind], *args, act)
+        marginal, stat = marginal_value(kind, stats, row_lse, plan.N, plan.NCOL)
+        ctx.kind, ctx.act, ctx.plan, ctx.jplan = kind, act, plan, jplan
+        ctx.save_for_backward(P, perms, b1, wout, bout, W2, b2, stat)
+        return joint, marginal
+
+    @staticmethod
+    def backward(ctx, g_joint, g_marg):
+        P, perms, b1, wout, bout, W2, b2, stat = ctx.saved_tensors
+        kind, act, plan, jplan = ctx.kind, ctx.act, ctx.plan, ctx.jplan
+        args = (P, perms, b1, W2, b2, wout, bout)
+        B = P.shape[1]
+        zero = torch.zeros(1, device=P.device, dtype=torch.float32)
+        g_joint = g_joint.float().reshape(1)
+        dP, grads = _run_bwd(jplan, G_SIGMOID_NEG if kind == "js" else G_ONE, g_joint / B,
+                             zero, zero, args, act)
+        gmode, scale, shift, row_lse = marginal_grad_args(kind, g_marg, stat, plan.N, B)
+        dPm, gradsm = _run_bwd(plan, gmode, scale, shift, row_lse, args, act)
+        dP = dP + dPm
+        out = [a + b if a is not None else None for a, b in zip(grads, gradsm)]
+        gb1, gwout, gbout, gW2, gb2 = out
+        return None, None, None, dP, gb1, gwout, gbout, gW2, gb2
