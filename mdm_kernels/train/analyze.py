@@ -1,4 +1,4 @@
-"""``python -m mdm_kernels.train.analyze {drop,critic,sweep}``: analyses of trained runs
+"""``python -m mdm_kernels.train.analyze {drop,critic,sweep,reproduce}``: analyses of trained runs
 (modality drop, critic interpretability) and multi-seed sweeps.  See docs/analysis.md."""
 from __future__ import annotations
 
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default=None)
     s.add_argument("--no-skip-existing", action="store_true", help="retrain runs that already have metrics.json")
     s.add_argument("--no-progress", action="store_true")
+    from .reproduce import add_parser as add_reproduce_parser
+    add_reproduce_parser(sub, _list)
     for sp in sub.choices.values():  # --debug also after the subcommand
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return p
@@ -105,6 +107,9 @@ def main(argv=None) -> int:
                                        n_shuffles=args.shuffles, seed=args.seed)
             print(critic_summary_table(summ))
             print(f"wrote {args.out}/critic_scores.csv, critic_scores.png, critic_summary.json")
+        elif args.cmd == "reproduce":
+            from .reproduce import run_cli
+            run_cli(args, f"{PROG} " + " ".join(shlex.quote(a) for a in argv if a != "--debug"))
         else:
             base = {k: v for k, v in (("epochs", args.epochs), ("patience", args.patience), ("weight", args.weight),
                                       ("text_features", args.text_features), ("dataset", args.dataset),

@@ -1,0 +1,706 @@
+"""``python -m mdm_kernels.train.analyze reproduce``: the MOSI table of Colombo et al. (EMNLP
+2021, "Improving Multimodal fusion via Mutual Dependency Maximisation", arXiv 2109.00922),
+re-run on the embedded data and published beside the paper's numbers (issue 16).
+
+Protocol (the paper's Algorithm 1 and Sec. 4.1-4.3 as far as they are known):
+
+- backbones EF-LSTM, MFN, LFN (our ``lmf``) and MAG (on MiniLM-L6 here, not BERT-base);
+- penalties none, KL (Donsker-Varadhan / MINE bound, ``mine``), f-divergence (NWJ form,
+  ``nwj``) and Wasserstein (critic kept Lipschitz by the gradient penalty);
+- every batch: ``Unroll`` (= ``critic_steps``) updates of the statistical network on the
+  joint batch and its shuffled copy, then one model update on L_task - λ·MDM;
+- λ, Unroll and the critic width are chosen per (backbone, penalty) on the validation videos
+  only (runs trained with ``skip_test``: the test split is never evaluated for selection);
+- each final run reads the test split once for its metrics; the robustness figure
+  Acc-2(text removed) / Acc-2(all) is a second evaluation of the same checkpoint;
+- significance: two-sided Wilcoxon-Mann-Whitney test of each penalty's seeds against the
+  baseline's (``scipy.stats.mannwhitneyu``), with a Holm-corrected view.
+
+Training is :func:`mdm_kernels.train.loop.train`; runs are cached like ``sweep``'s
+(:func:`mdm_kernels.train.analysis.train_cached`), so an interrupted grid continues where it
+stopped and ``report_only`` rebuilds the report from whatever has finished.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .analysis import METRIC_NAMES, _clean, _mean_std, _write_json, summarise, sweep_table, train_cached
+from .config import TrainConfig, validate
+from .metrics import KEYS, sentiment_metrics
+
+BACKBONES = ("ef_lstm", "mfn", "lmf", "mag")
+PENALTIES = ("none", "mine", "nwj", "wasserstein")
+PAPER_PENALTY = {"none": "none", "mine": "KL", "nwj": "f", "wasserstein": "W"}
+PAPER_BACKBONE = {"ef_lstm": "EF-LSTM", "mfn": "MFN", "lmf": "LFN (`lmf`)", "mag": "MAG-BERT (ours: MAG-MiniLM)"}
+#: the paper's MOSI table (Acc-7 %, Acc-2 %, MAE, Corr), as quoted in issue 16
+PAPER_KEYS = ("acc7", "acc2", "mae", "corr")
+PAPER = {
+    "ef_lstm": {"none": (31.1, 76.1, 1.00, .65), "mine": (31.7, 76.4, 1.00, .66),
+                "nwj": (33.7, 76.2, 1.02, .66), "wasserstein": (33.5, 76.4, .98, .66)},
+    "mfn": {"none": (31.3, 76.6, 1.01, .62), "mine": (32.5, 76.7, .96, .65),
+            "nwj": (35.7, 77.4, .96, .65), "wasserstein": (35.9, 77.6, .96, .65)},
+    "lmf": {"none": (31.9, 76.9, 1.00, .63), "mine": (32.6, 77.7, .97, .63),
+            "nwj": (35.6, 77.1, .97, .63), "wasserstein": (35.6, 77.7, .96, .67)},
+    "mag": {"none": (40.2, 84.7, .79, .80), "mine": (42.0, 85.6, .76, .82),
+            "nwj": (41.7, 85.6, .78, .82), "wasserstein": (41.8, 85.3, .76, .82)},
+}
+#: the paper's robustness figure (MAG-BERT, text removed): Acc-2(corrupted) / Acc-2(all)
+PAPER_ROBUSTNESS = {"none": "0.50", "mine": "≈0.68", "nwj": "≈0.67", "wasserstein": "≈0.61–0.66"}
+#: hyperparameter grid searched on validation: TrainConfig field -> candidate values
+DEFAULT_GRID = {"weight": (0.1, 1.0), "critic_steps": (1, 5), "critic_hidden": (128,)}
+HIGHER_IS_BETTER = {"acc7": True, "acc2": True, "f1": True, "acc2_nonzero": True, "f1_nonzero": True,
+                    "mae": False, "corr": True, "robust_ratio": True}
+ALPHA = 0.05
+
+
+# --------------------------------------------------------------------------- statistics
+def mann_whitney(a, b) -> float:
+    """Two-sided Wilcoxon-Mann-Whitney p-value of samples ``a`` vs ``b`` (NaN if either has
+    fewer than 2 finite values)."""
+    from scipy.stats import mannwhitneyu
+    a = [x for x in a if x is not None and math.isfinite(x)]
+    b = [x for x in b if x is not None and math.isfinite(x)]
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    return float(mannwhitneyu(a, b, alternative="two-sided").pvalue)
+
+
+def min_mwu_p(n1: int, n2: int) -> float:
+    """Smallest two-sided exact WMW p-value attainable with n1 vs n2 samples: 2 / C(n1+n2, n1).
+    Below 0.05 only from 4 vs 4 seeds: with fewer a claim cannot be tested at p < 0.05."""
+    if n1 < 1 or n2 < 1:
+        return 1.0
+    return min(1.0, 2.0 / math.comb(n1 + n2, n1))
+
+
+def holm(pvalues) -> list[float]:
+    """Holm (1979) step-down adjusted p-values; NaNs are left out of the family and stay NaN."""
+    idx = [i for i, p in enumerate(pvalues) if p is not None and math.isfinite(p)]
+    order = sorted(idx, key=lambda i: pvalues[i])
+    m = len(order)
+    out = [float("nan")] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+# --------------------------------------------------------------------------- robustness
+def remove_text(batch: dict) -> dict:
+    """The batch with the text modality removed: word/utterance features zeroed and, for
+    models with their own tokenizer (MAG), empty transcripts."""
+    b = dict(batch, text=torch.zeros_like(batch["text"]))
+    if "words" in b:
+        b["words"] = [""] * len(b["words"])
+    return b
+
+
+@torch.no_grad()
+def robustness(model, split, batch_size: int = 64, device="cpu") -> dict:
+    """Acc-2 with all modalities and with the text removed, and their ratio (the paper's
+    robustness figure)."""
+    from .data import iterate_batches
+    model.eval()
+    full, cut = [], []
+    for b in iterate_batches(split, batch_size, device):
+        full.append(model(b)[0].float().cpu())
+        cut.append(model(remove_text(b))[0].float().cpu())
+    acc_all = sentiment_metrics(torch.cat(full).numpy(), split.y)["acc2"]
+    acc_cut = sentiment_metrics(torch.cat(cut).numpy(), split.y)["acc2"]
+    return {"acc2_all": acc_all, "acc2_text_removed": acc_cut,
+            "robust_ratio": acc_cut / acc_all if acc_all > 0 else float("nan")}
+
+
+def _robustness_cached(run_dir: Path, cfg: TrainConfig, data_cache: dict) -> dict:
+    path = run_dir / "robustness.json"
+    want = json.loads(json.dumps(cfg.to_dict(), default=str))
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("config") == want:
+            return old
+    from .analysis import load_run
+    key = (cfg.dataset, cfg.data_dir, cfg.text_features, cfg.seed if cfg.dataset == "synthetic" else None)
+    run = load_run(run_dir, "best", "cpu" if cfg.device == "auto" else cfg.device, data=data_cache.get(key))
+    data_cache[key] = run["data"]
+    res = {"config": want, **robustness(run["model"], run["data"]["test"], device=run["device"])}
+    _write_json(res, path)
+    return res
+
+
+# --------------------------------------------------------------------------- the grid
+def grid_points(grid: dict) -> list[dict]:
+    keys = list(grid)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
+
+
+def _tag(point: dict) -> str:
+    short = {"weight": "lam", "critic_steps": "unroll", "critic_hidden": "ch"}
+    return "_".join(f"{short.get(k, k)}{v:g}" if isinstance(v, (int, float)) else f"{k}{v}" for k, v in point.items())
+
+
+class _Progress:
+    """Progress over runs with an ETA from the mean time of the runs trained so far (cached
+    runs cost nothing); a tqdm bar on a terminal, one plain line per run otherwise."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.times: dict[str, list[float]] = {}
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = None
+        if self.tty:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc="reproduce", dynamic_ncols=True)
+
+    def eta(self, remaining_models: list[str]) -> float | None:
+        allt = [t for ts in self.times.values() for t in ts]
+        if not allt:
+            return None
+        return sum(np.mean(self.times.get(m, allt)) for m in remaining_models)
+
+    def step(self, label: str, model: str, seconds: float, reused: bool, remaining_models: list[str]):
+        self.done += 1
+        if not reused:
+            self.times.setdefault(model, []).append(seconds)
+        if not self.enabled:
+            return
+        eta = self.eta(remaining_models)
+        eta_s = "?" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta))
+        what = "cached" if reused else f"{seconds:.0f} s"
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{label} ({what}), ETA {eta_s}")
+            self.bar.update(1)
+        else:
+            print(f"[{self.done}/{self.total}] {label}: {what}; ETA {eta_s}", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plan(models, penalties, seeds, grid, *, model_seeds=None, no_select=()) -> list[dict]:
+    """Every run, cheap-first in the given model order: per model its selection runs (one per
+    grid point and penalty) then its final runs (seed-major, so that a grid stopped early has
+    every penalty at the same seeds)."""
+    model_seeds = model_seeds or {}
+    out = []
+    points = grid_points(grid)
+    for m in models:
+        for p in penalties:
+            if p == "none" or m in no_select or len(points) == 1:
+                continue
+            for pt in points:
+                out.append({"phase": "select", "model": m, "penalty": p, "point": pt})
+        for s in model_seeds.get(m, seeds):
+            for p in penalties:
+                out.append({"phase": "final", "model": m, "penalty": p, "seed": s})
+    return out
+
+
+def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple(range(10)), grid=None,
+                  base: dict | None = None, model_options: dict | None = None, model_seeds: dict | None = None,
+                  no_select=(), select_seed: int = 0, doc=None, progress: bool = True,
+                  skip_existing: bool = True, report_only: bool = False, command: str | None = None) -> dict:
+    """Run (or, with ``report_only``, collect) the grid and write the report.
+
+    ``base``: TrainConfig fields shared by every run; ``model_options[model]``: fields for one
+    model (e.g. fewer epochs for MAG); ``model_seeds[model]``: its seeds; ``grid``: field ->
+    candidates searched on validation (``select_seed``) per (model, penalty), except the
+    models in ``no_select`` (they take the grid's first point, recorded as untuned).
+    Writes ``out_dir/runs/...`` (checkpoints), ``out_dir/reproduce.json`` and the report
+    ``doc`` (default ``out_dir/reproduction.md``) with its figures and JSON beside it in
+    ``<doc dir>/reproduction/``."""
+    out = Path(out_dir)
+    grid = {k: tuple(v) for k, v in (grid or DEFAULT_GRID).items()}
+    base = dict(base or {})
+    model_options = {m: dict(v) for m, v in (model_options or {}).items()}
+    model_seeds = {m: list(v) for m, v in (model_seeds or {}).items()}
+    known = {f.name for f in fields(TrainConfig)}
+    for name, src in [("grid", grid), ("base", base)] + [(f"model option of {m}", o) for m, o in model_options.items()]:
+        bad = set(src) - known
+        if bad:
+            raise ValueError(f"{name}: unknown TrainConfig field(s) {sorted(bad)}")
+    stray = (set(model_options) | set(model_seeds)) - set(models)
+    if stray:
+        raise ValueError(f"--model-option/--model-seeds name models not in the grid: {sorted(stray)}")
+    if "none" not in penalties:
+        raise ValueError("penalties must include 'none' (every penalty is compared with its baseline)")
+
+    def cfg_for(m, p, seed, point, phase):
+        fields_ = {**base, **model_options.get(m, {}), **(point if p != "none" else {}),
+                   "model": m, "penalty": p, "seed": seed, "quiet": True}
+        if phase == "select":
+            rd = out / "select" / f"{m}_{p}_{_tag(point)}_s{seed}"
+            fields_["skip_test"] = True
+        else:
+            rd = out / "runs" / f"{m}_{p}_s{seed}"
+        return validate(TrainConfig(**{**fields_, "out": str(rd)}))
+
+    todo = plan(models, penalties, seeds, grid, model_seeds=model_seeds, no_select=no_select)
+    points = grid_points(grid)
+    for r in todo:  # every configuration valid before anything trains
+        if r["phase"] == "select":
+            cfg_for(r["model"], r["penalty"], select_seed, r["point"], "select")
+    for m in models:
+        for p in penalties:
+            cfg_for(m, p, 0, points[0], "final")
+
+    t0 = time.time()
+    prog = _Progress(len(todo), progress and not report_only)
+    selection: dict = {}
+    runs: list[dict] = []
+    missing: list[str] = []
+    data_cache: dict = {}
+
+    def choose(m, p):
+        key = f"{m}/{p}"
+        if key in selection:
+            return selection[key]["chosen"]
+        if p == "none":
+            return {}
+        if m in no_select or len(points) == 1:
+            selection[key] = {"chosen": points[0], "tuned": False, "candidates": []}
+            return points[0]
+        cands = []
+        for pt in points:
+            rd = Path(cfg_for(m, p, select_seed, pt, "select").out)
+            mp = rd / "metrics.json"
+            val = json.loads(mp.read_text()).get("best_val_mae") if mp.is_file() else None
+            cands.append({"point": pt, "val_mae": val, "run_dir": str(rd)})
+        done = [c for c in cands if c["val_mae"] is not None]
+        if not done:
+            return None
+        best = min(done, key=lambda c: c["val_mae"])  # ties: the first grid point
+        selection[key] = {"chosen": best["point"], "tuned": True, "candidates": cands,
+                          "complete": len(done) == len(cands)}
+        return best["point"]
+
+    for i, r in enumerate(todo):
+        m, p = r["model"], r["penalty"]
+        rest = [x["model"] for x in todo[i + 1:]]
+        if r["phase"] == "select":
+            cfg = cfg_for(m, p, select_seed, r["point"], "select")
+            label = f"select {m}/{p} {_tag(r['point'])}"
+        else:
+            point = choose(m, p)
+            if point is None:
+                missing.append(f"{m}/{p}/s{r['seed']} (no selection run)")
+                continue
+            cfg = cfg_for(m, p, r["seed"], point, "final")
+            label = f"{m}/{p}/s{r['seed']}"
+        mpath = Path(cfg.out) / "metrics.json"
+        t1 = time.time()
+        if report_only:
+            if not mpath.is_file():
+                if r["phase"] == "final":
+                    missing.append(label)
+                continue
+            if not _same_config(mpath, cfg):
+                if r["phase"] == "final":
+                    missing.append(label + " (finished with another configuration)")
+                continue
+            res, reused = json.loads(mpath.read_text()), True
+        else:
+            res, reused = train_cached(cfg, skip_existing)
+        if r["phase"] == "final":
+            rob = _robustness_cached(Path(cfg.out), cfg, data_cache)
+            runs.append({"model": m, "penalty": p, "seed": r["seed"], "run_dir": str(cfg.out),
+                         "metrics": {**{k: res.get(k) for k in KEYS}, "robust_ratio": rob["robust_ratio"]},
+                         "robustness": {k: v for k, v in rob.items() if k != "config"},
+                         "best_epoch": res.get("best_epoch"), "epochs_run": res.get("epochs_run"),
+                         "train_seconds": res.get("train_seconds"), "config": res.get("config")})
+        prog.step(label, m, time.time() - t1, reused, rest)
+    prog.close()
+    for m in models:
+        for p in penalties:
+            choose(m, p)
+
+    result = {"command": command, "models": list(models), "penalties": list(penalties), "seeds": list(seeds),
+              "model_seeds": model_seeds, "model_options": model_options, "base": base,
+              "grid": {k: list(v) for k, v in grid.items()}, "select_seed": select_seed,
+              "no_select": list(no_select), "selection": selection, "runs": runs, "missing": missing,
+              "wall_seconds": time.time() - t0, "paper": PAPER, "paper_robustness": PAPER_ROBUSTNESS}
+    result["comparisons"] = compare(runs, models, penalties)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(result, out / "reproduce.json")
+    doc_path = Path(doc) if doc is not None else out / "reproduction.md"
+    write_report(result, doc_path)
+    return result
+
+
+def _same_config(mpath: Path, cfg: TrainConfig) -> bool:
+    """The run in ``mpath`` was trained with ``cfg`` (``out`` aside; options added to
+    TrainConfig after the run finished are ignored)."""
+    old = json.loads(mpath.read_text()).get("config", {})
+    new = json.loads(json.dumps(cfg.to_dict(), default=str))
+    return all(old[k] == new[k] for k in old.keys() & new.keys() if k != "out")
+
+
+# --------------------------------------------------------------------------- comparisons
+def _values(runs, m, p, key):
+    return [r["metrics"].get(key) for r in runs if r["model"] == m and r["penalty"] == p]
+
+
+def compare(runs, models, penalties, keys=KEYS + ("robust_ratio",)) -> list[dict]:
+    """Each penalty vs its baseline, per model and metric: means, difference, WMW p-value,
+    Holm-adjusted p over every (model, penalty) comparison of the same metric."""
+    rows = []
+    for m in models:
+        for p in penalties:
+            if p == "none":
+                continue
+            row = {"model": m, "penalty": p}
+            for k in keys:
+                a, b = _values(runs, m, p, k), _values(runs, m, "none", k)
+                ma, sa, na = _mean_std(a)
+                mb, sb, nb = _mean_std(b)
+                row[k] = {"mean": ma, "std": sa, "n": na, "base_mean": mb, "base_std": sb, "base_n": nb,
+                          "delta": ma - mb if na and nb else float("nan"), "p": mann_whitney(a, b),
+                          "min_p": min_mwu_p(na, nb)}
+            rows.append(row)
+    for k in keys:
+        adj = holm([r[k]["p"] for r in rows])
+        for r, q in zip(rows, adj):
+            r[k]["p_holm"] = q
+    return rows
+
+
+def verdict(c: dict, key: str) -> str:
+    """'holds' (improvement with p < 0.05), 'does not hold' (no significant improvement),
+    'cannot be tested' (too few seeds for p < 0.05 to be attainable)."""
+    if not c["n"] or not c["base_n"] or c["min_p"] >= ALPHA or not math.isfinite(c["p"]):
+        return "cannot be tested"
+    better = c["delta"] > 0 if HIGHER_IS_BETTER[key] else c["delta"] < 0
+    if better and c["p"] < ALPHA:
+        return "holds"
+    if not better and c["p"] < ALPHA:
+        return "does not hold (significantly worse)"
+    return "does not hold"
+
+
+# --------------------------------------------------------------------------- report
+def _fmt(v, pct=False, d=3):
+    if v is None or not math.isfinite(v):
+        return "–"
+    return f"{100 * v:.1f}" if pct else f"{v:.{d}f}"
+
+
+def _cell(runs, m, p):
+    vals = []
+    for k in PAPER_KEYS:
+        mean = _mean_std(_values(runs, m, p, k))[0]
+        vals.append(_fmt(mean, pct=k in ("acc7", "acc2"), d=2 if k != "corr" else 2))
+    return " / ".join(vals)
+
+
+def paper_layout_table(runs, models, penalties) -> str:
+    head = "| model | source | " + " | ".join(PAPER_PENALTY[p] for p in penalties) + " |"
+    lines = [head, "|" + "---|" * (2 + len(penalties))]
+    for m in models:
+        seeds = sorted({r["seed"] for r in runs if r["model"] == m})
+        lines.append(f"| {PAPER_BACKBONE.get(m, m)} | ours ({len(seeds)} seeds) | "
+                     + " | ".join(_cell(runs, m, p) for p in penalties) + " |")
+        if m in PAPER:
+            lines.append(f"| | paper | " + " | ".join(
+                " / ".join(f"{v:g}" if i < 2 else f"{v:.2f}" for i, v in enumerate(PAPER[m][p])) if p in PAPER[m] else "–"
+                for p in penalties) + " |")
+    return "\n".join(lines)
+
+
+def delta_pvalue_table(comps, keys=("acc7", "acc2", "mae", "corr", "robust_ratio")) -> str:
+    names = {**METRIC_NAMES, "robust_ratio": "Robust ratio"}
+    lines = ["| model | penalty | " + " | ".join(f"Δ{names[k]} (p; Holm p)" for k in keys) + " |",
+             "|" + "---|" * (2 + len(keys))]
+    for c in comps:
+        cells = []
+        for k in keys:
+            x = c[k]
+            pct = k in ("acc7", "acc2")
+            d = "–" if not math.isfinite(x["delta"]) else (f"{100 * x['delta']:+.1f}" if pct else f"{x['delta']:+.3f}")
+            p = "–" if not math.isfinite(x["p"]) else f"{x['p']:.3f}"
+            q = "–" if not math.isfinite(x.get("p_holm", float("nan"))) else f"{x['p_holm']:.3f}"
+            cells.append(f"{d} ({p}; {q})")
+        lines.append(f"| {c['model']} | {PAPER_PENALTY[c['penalty']]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def robustness_table(runs, models, penalties) -> str:
+    lines = ["| model | " + " | ".join(PAPER_PENALTY[p] for p in penalties) + " |", "|" + "---|" * (1 + len(penalties))]
+    for m in models:
+        cells = []
+        for p in penalties:
+            mean, sd, n = _mean_std(_values(runs, m, p, "robust_ratio"))
+            cells.append("–" if not n else f"{mean:.3f} ± {sd:.3f}")
+        lines.append(f"| {PAPER_BACKBONE.get(m, m)} | " + " | ".join(cells) + " |")
+    lines.append("| paper (MAG-BERT) | " + " | ".join(PAPER_ROBUSTNESS.get(p, "–") for p in penalties) + " |")
+    return "\n".join(lines)
+
+
+def selection_table(selection, grid) -> str:
+    lines = ["| model | penalty | chosen | validation MAE of each grid point |", "|---|---|---|---|"]
+    for key, s in selection.items():
+        if not s.get("candidates") and not s.get("tuned", True):
+            lines.append(f"| {key.split('/')[0]} | {key.split('/')[1]} | {_tag(s['chosen'])} (not tuned: first grid point) | – |")
+            continue
+        cands = ", ".join(f"{_tag(c['point'])}: {_fmt(c['val_mae'], d=4)}" for c in s.get("candidates", []))
+        m, p = key.split("/")
+        lines.append(f"| {m} | {p} | {_tag(s['chosen'])} | {cands} |")
+    return "\n".join(lines)
+
+
+def dot_plot(runs, models, penalties, key: str, path: Path) -> None:
+    """Per-seed dots of ``key`` for every (model, penalty), the mean as a bar and the paper's
+    value as a red cross."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 3.4), squeeze=False)
+    rng = np.random.RandomState(0)
+    for ax, m in zip(axes[0], models):
+        for i, p in enumerate(penalties):
+            vals = [100 * v for v in _values(runs, m, p, key) if v is not None and math.isfinite(v)]
+            if vals:
+                ax.scatter(i + rng.uniform(-0.12, 0.12, len(vals)), vals, s=14, alpha=0.7, color="C0")
+                ax.hlines(np.mean(vals), i - 0.25, i + 0.25, color="k")
+            if m in PAPER and p in PAPER[m]:
+                ax.scatter([i], [PAPER[m][p][PAPER_KEYS.index(key)]], marker="x", color="red", s=40,
+                           label="paper" if i == 0 else None)
+        ax.set_xticks(range(len(penalties)), [PAPER_PENALTY[p] for p in penalties])
+        ax.set_title(m)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{METRIC_NAMES[key]} (%)")
+    axes[0][0].legend(loc="best", fontsize=7)
+    fig.suptitle(f"{METRIC_NAMES[key]} per seed (dots), mean (bar), paper (red x); test split")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def claim_verdicts(comps, models) -> list[tuple[str, str, str]]:
+    """(claim, verdict, evidence) for the paper's claims."""
+    out = []
+
+    def cells(key, pens=("mine", "nwj", "wasserstein")):
+        return [(c, verdict(c[key], key)) for c in comps if c["penalty"] in pens]
+
+    def summary(key, pens=("mine", "nwj", "wasserstein")):
+        cs = cells(key, pens)
+        if not cs:
+            return "cannot be tested", "no penalty run finished"
+        held = sum(v == "holds" for _, v in cs)
+        untestable = [f"{c['model']}/{PAPER_PENALTY[c['penalty']]}" for c, v in cs if v == "cannot be tested"]
+        worse = [f"{c['model']}/{PAPER_PENALTY[c['penalty']]}" for c, v in cs if v.startswith("does not hold (sig")]
+        ev = f"improvement with p < 0.05 in {held} of {len(cs)} cells"
+        if untestable:
+            ev += f"; untestable (too few seeds for p < 0.05): {', '.join(untestable)}"
+        if worse:
+            ev += f"; significantly worse: {', '.join(worse)}"
+        holm_held = sum(1 for c, _ in cs if math.isfinite(c[key].get("p_holm", float("nan")))
+                        and c[key]["p_holm"] < ALPHA
+                        and (c[key]["delta"] > 0 if HIGHER_IS_BETTER[key] else c[key]["delta"] < 0))
+        ev += f"; after Holm: {holm_held}"
+        if len(untestable) == len(cs):
+            return "cannot be tested", ev
+        return ("holds" if held == len(cs) else "does not hold"), ev
+
+    for key, text in (("acc7", "Every MDM penalty raises Acc-7 over the baseline on every backbone (paper: +0.6 to +4.6 points)"),
+                      ("acc2", "Every penalty raises Acc-2 (paper: +0.1 to +1.0 points, smaller than Acc-7)"),
+                      ("mae", "Every penalty lowers MAE (paper: by 0 to 0.05, EF-LSTM+f slightly worse)"),
+                      ("corr", "Every penalty raises Corr (paper: by 0 to 0.04)")):
+        v, ev = summary(key)
+        out.append((text, v, ev))
+    # f and W beat KL on Acc-7 (the paper's ordering, on every backbone)
+    from collections import defaultdict
+    by = defaultdict(dict)
+    for c in comps:
+        by[c["model"]][c["penalty"]] = c
+    ev, held, n = [], 0, 0
+    for m, d in by.items():
+        if "mine" not in d:
+            continue
+        for p in ("nwj", "wasserstein"):
+            if p not in d:
+                continue
+            n += 1
+            diff = d[p]["acc7"]["mean"] - d["mine"]["acc7"]["mean"]
+            ev.append(f"{m} {PAPER_PENALTY[p]}−KL {100 * diff:+.1f}" if math.isfinite(diff) else f"{m} {PAPER_PENALTY[p]}: –")
+            held += bool(math.isfinite(diff) and diff > 0)
+    if n:
+        out.append(("f and W give larger Acc-7 gains than KL (paper: on every backbone)",
+                    "holds" if held == n else "does not hold",
+                    f"f/W above KL in {held} of {n} pairs (means; not tested for significance): " + ", ".join(ev)))
+    v, ev = summary("robust_ratio")
+    out.append(("With a penalty the model keeps more of its Acc-2 when text is removed "
+                "(paper, MAG-BERT: 0.50 -> 0.61-0.68)", v, ev))
+    return out
+
+
+def write_report(result: dict, doc_path: Path) -> None:
+    doc_path = Path(doc_path)
+    fig_dir = doc_path.parent / "reproduction"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    runs, models, penalties = result["runs"], result["models"], result["penalties"]
+    comps = result["comparisons"]
+    present = [m for m in models if any(r["model"] == m for r in runs)]
+    for key in ("acc7", "acc2"):
+        if present:
+            dot_plot(runs, present, penalties, key, fig_dir / f"dots_{key}.png")
+    _write_json(result, fig_dir / "reproduce.json")
+    rel = fig_dir.name
+    by_model = {}
+    for m in models:
+        rs = [r for r in runs if r["model"] == m]
+        ts = [r["train_seconds"] for r in rs if r.get("train_seconds")]
+        eps = sorted({r["config"]["epochs"] for r in rs if r.get("config")})
+        by_model[m] = (len(rs), sorted({r["seed"] for r in rs}), float(np.mean(ts)) if ts else float("nan"), eps)
+    L = ["# Reproducing the MOSI table of Colombo et al. (EMNLP 2021)", "",
+         "Generated by `python -m mdm_kernels.train.analyze reproduce` "
+         "(`mdm_kernels/train/reproduce.py`); every number below comes from the runs listed in "
+         f"[`{rel}/reproduce.json`]({rel}/reproduce.json) (full configuration of every run).", ""]
+    if result.get("command"):
+        L += ["Command:", "", "```", result["command"], "```", ""]
+    L += ["## What ran", "",
+          "| backbone | runs finished | seeds | epochs (max) | mean training time per run |", "|---|---|---|---|---|"]
+    for m in models:
+        n, seeds, t, eps = by_model[m]
+        L.append(f"| {m} | {n} | {','.join(map(str, seeds)) if seeds else '–'} | "
+                 f"{','.join(map(str, eps)) if eps else '–'} | {_fmt(t, d=0)} s |")
+    if result["missing"]:
+        L += ["", f"**Not run** ({len(result['missing'])}): " + ", ".join(result["missing"])]
+    L += ["", f"Shared settings: `{json.dumps(result['base'], default=str)}`; per-model options: "
+          f"`{json.dumps(result['model_options'], default=str)}`.", ""]
+    L += ["## Our table in the paper's layout", "",
+          "Cells: Acc-7 (%) / Acc-2 (%) / MAE / Corr, ours = mean over seeds on the test split "
+          "(MOSI: the 752 test segments of the bc-LSTM split); the paper's row below ours. Std, F1 and the non-zero variants are in the full table.",
+          "", paper_layout_table(runs, models, penalties), "",
+          "## Each penalty minus its baseline", "",
+          "Δ (penalty − none, same backbone; accuracies in points), two-sided Wilcoxon–Mann–Whitney p-value "
+          "of the seeds, and the Holm-adjusted p over the whole table (one family per metric). With n seeds "
+          "per side the smallest attainable p is 2/C(2n, n): 0.029 at 4 seeds, 0.0002 at 10, ≥ 0.1 at 3 or fewer.",
+          "", delta_pvalue_table(comps), "",
+          "## Robustness: Acc-2(text removed) / Acc-2(all)", "",
+          "Train on all modalities; at test time the text input is zeroed (and, for MAG, the transcript is "
+          "emptied). Mean ± std over seeds.", "", robustness_table(runs, models, penalties), "",
+          "## Per-seed dots", "", f"![Acc-7 per seed]({rel}/dots_acc7.png)", "",
+          f"![Acc-2 per seed]({rel}/dots_acc2.png)", "",
+          "## Verdicts", "", "| paper's claim | verdict here | evidence |", "|---|---|---|"]
+    for claim, v, ev in claim_verdicts(comps, models):
+        L.append(f"| {claim} | **{v}** | {ev} |")
+    L += ["", "## Hyperparameters chosen on validation", "",
+          f"Grid {json.dumps(result['grid'])} (λ = `weight`, Unroll = `critic_steps`, critic width = "
+          f"`critic_hidden`), one run per point at seed {result['select_seed']}, trained with `skip_test` "
+          "(the test split is never evaluated); chosen: the lowest best validation MAE (the early-stopping "
+          "criterion). The baseline has no penalty hyperparameters.", "",
+          selection_table(result["selection"], result["grid"]), "",
+          "## Full metrics (mean ± std over seeds, test split)", "",
+          sweep_table(summarise(runs) if runs else []), ""]
+    doc_path.parent.mkdir(parents=True, exist_ok=True)
+    doc_path.write_text("\n".join(L) + "\n")
+
+
+def parse_model_options(items) -> dict:
+    """``["mag:epochs=3", "mag:patience=2"]`` -> ``{"mag": {"epochs": 3, "patience": 2}}``,
+    values converted to the TrainConfig field's type."""
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    defaults = TrainConfig().to_dict()
+    out: dict = {}
+    for it in items or ():
+        try:
+            model, kv = it.split(":", 1)
+            key, val = kv.split("=", 1)
+        except ValueError:
+            raise ValueError(f"--model-option expects MODEL:KEY=VALUE, got {it!r}") from None
+        key = key.replace("-", "_")
+        if key not in types:
+            raise ValueError(f"--model-option {it!r}: unknown option {key!r}")
+        d = defaults[key]
+        try:
+            conv = type(d)(val) if isinstance(d, (int, float)) and not isinstance(d, bool) else val
+        except ValueError:
+            raise ValueError(f"--model-option {it!r}: {val!r} is not a {type(d).__name__}") from None
+        out.setdefault(model, {})[key] = conv
+    return out
+
+
+def parse_model_seeds(items) -> dict:
+    """``["mag=0,1,2"]`` -> ``{"mag": [0, 1, 2]}``."""
+    out = {}
+    for it in items or ():
+        try:
+            model, vals = it.split("=", 1)
+            out[model] = [int(v) for v in vals.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--model-seeds expects MODEL=S1,S2,..., got {it!r}") from None
+        if not out[model]:
+            raise ValueError(f"--model-seeds {it!r}: no seeds")
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+def add_parser(sub, list_type) -> None:
+    """The ``reproduce`` subcommand of ``python -m mdm_kernels.train.analyze``."""
+    import argparse
+    r = sub.add_parser("reproduce", help="the paper's MOSI grid (backbones x penalties x seeds), "
+                                         "validation-chosen hyperparameters, WMW tests, docs/reproduction.md")
+    r.add_argument("--out", required=True, metavar="DIR", help="runs/, select/ and reproduce.json go here")
+    r.add_argument("--doc", default=None, metavar="FILE.md",
+                   help="the report (default OUT/reproduction.md); figures and JSON in its folder's reproduction/")
+    r.add_argument("--models", type=list_type(str), default=list(BACKBONES),
+                   help="comma list, cheap first (default ef_lstm,mfn,lmf,mag)")
+    r.add_argument("--penalties", type=list_type(str, PENALTIES), default=list(PENALTIES),
+                   help="comma list from none,mine,nwj,wasserstein (default all; none is required)")
+    r.add_argument("--seeds", type=list_type(int), default=list(range(10)), help="comma list (default 0..9)")
+    r.add_argument("--model-seeds", action="append", default=[], metavar="MODEL=S1,S2",
+                   help="seeds for one model instead of --seeds (repeatable), e.g. mag=0,1,2")
+    r.add_argument("--model-option", action="append", default=[], metavar="MODEL:KEY=VALUE",
+                   help="a training option for one model (repeatable), e.g. mag:epochs=3")
+    def floats(text):
+        try:
+            return [float(v) for v in list_type(str)(text)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+    r.add_argument("--lambdas", type=floats, default=list(DEFAULT_GRID["weight"]),
+                   help="λ candidates (validation grid; default 0.1,1)")
+    r.add_argument("--unrolls", type=list_type(int), default=list(DEFAULT_GRID["critic_steps"]),
+                   help="Unroll (critic updates per model update) candidates (default 1,5)")
+    r.add_argument("--critic-hiddens", type=list_type(int), default=list(DEFAULT_GRID["critic_hidden"]),
+                   help="critic width candidates (default 128)")
+    r.add_argument("--select-seed", type=int, default=0, help="seed of the validation selection runs (default 0)")
+    r.add_argument("--no-select", type=list_type(str), default=[], metavar="MODELS",
+                   help="models that take the grid's first point untuned (e.g. mag when CPU time is short)")
+    r.add_argument("--epochs", type=int, default=None)
+    r.add_argument("--patience", type=int, default=None)
+    r.add_argument("--text-features", choices=("glove", "utterance", "both"), default=None)
+    r.add_argument("--dataset", choices=("mosi", "synthetic"), default=None)
+    r.add_argument("--critic-input", choices=("rms", "raw"), default=None)
+    r.add_argument("--batch-size", type=int, default=None)
+    r.add_argument("--device", default=None)
+    r.add_argument("--backend", default=None)
+    r.add_argument("--report-only", action="store_true",
+                   help="train nothing: rebuild the report from the runs that have finished")
+    r.add_argument("--no-skip-existing", action="store_true", help="retrain runs that already have metrics.json")
+    r.add_argument("--no-progress", action="store_true")
+
+
+def run_cli(args, command: str) -> dict:
+    base = {k: getattr(args, k) for k in ("epochs", "patience", "text_features", "dataset", "critic_input",
+                                          "batch_size", "device", "backend") if getattr(args, k) is not None}
+    grid = {"weight": args.lambdas, "critic_steps": args.unrolls, "critic_hidden": args.critic_hiddens}
+    res = run_reproduce(args.out, models=args.models, penalties=args.penalties, seeds=args.seeds, grid=grid,
+                        base=base, model_options=parse_model_options(args.model_option),
+                        model_seeds=parse_model_seeds(args.model_seeds), no_select=tuple(args.no_select),
+                        select_seed=args.select_seed, doc=args.doc, progress=not args.no_progress,
+                        skip_existing=not args.no_skip_existing, report_only=args.report_only, command=command)
+    doc = args.doc or str(Path(args.out) / "reproduction.md")
+    print(f"{len(res['runs'])} runs, {len(res['missing'])} not run; wrote {doc} and {Path(args.out) / 'reproduce.json'}")
+    return res
