@@ -42,8 +42,10 @@ def run_op_row(benchmark, op_row, sizes, disabled):
             "sizes": sizes}
     if backend == "triton":
         info["triton_path"] = mb.triton_path(case, critic, zs)
+    if backend == "torch-mist" and mb.peer_estimator_note(case):
+        info["peer_estimator"] = mb.peer_estimator_note(case)
     pair_hidden = None
-    if case.negatives == "all" and case.op != "gp":
+    if case.negatives in ("all", "distinct") and case.op != "gp":
         pair_hidden = case.num_marginal() * case.hidden[0]
     from mdm_kernels.dispatch import BackendUnavailable
     try:

@@ -35,8 +35,8 @@ from pathlib import Path
 SECTIONS = OrderedDict([
     ("paper", "Paper scale, m = 3 (estimator loss or gradient penalty, fwd + bwd)"),
     ("paper-m2", "Paper scale, m = 2 (next to the peer library)"),
-    ("sweep-m2", "Scale sweep: \"all\" negatives, m = 2"),
-    ("sweep-m3", "Scale sweep: \"all\" negatives, m = 3"),
+    ("sweep-m2", "Scale sweep: \"all\" and \"distinct\" negatives, m = 2"),
+    ("sweep-m3", "Scale sweep: \"all\" and \"distinct\" negatives, m = 3"),
     ("sweep-gp", "Scale sweep: gradient penalty alone"),
     ("train", "End-to-end training step (model + penalty, two-stage update)"),
 ])
@@ -340,6 +340,8 @@ def markdown(rows: list[dict], meta: dict, skipped: list[dict] | None = None,
             backend = str(r.get("backend"))
             if r.get("triton_path"):  # which Triton kernel family ran the estimator
                 backend += f" ({r['triton_path']})"
+            if r.get("peer_estimator"):  # a peer row computing a different estimator
+                backend += f" ({r['peer_estimator']})"
             cells = [workload_label(r), str(r.get("batch", "")), backend,
                      fmt_time(r.get("median_s")), fmt_bytes(r.get("peak_mem_bytes")),
                      fmt_flops(r.get("flops_per_s"))]

@@ -1,6 +1,7 @@
 """The benchmark runner's writers, from a small synthetic pytest-benchmark JSON (no real
 benchmarking here)."""
 import json
+import sys
 
 import pytest
 
@@ -110,3 +111,44 @@ def test_target_table():
     assert body[1].startswith("| penalty step") and body[1].endswith("| missed |")
     assert "16,384" in body[2] and body[2].endswith("| missed |")  # 2 GB > 1 GB
     assert bench.target_table([dict(base, backend="eager", key="k", median_s=1.0)]) == []
+
+
+def _suite_helpers():
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+    import mdm_bench
+    return mdm_bench
+
+
+def test_peer_installed_but_broken_is_an_error(tmp_path, monkeypatch):
+    """A torch-mist that is on the path but does not import (the old recipe: no sklearn)
+    raises with the recipe instead of skipping every peer row; an absent one is a skip."""
+    mb = _suite_helpers()
+    case = mb.OpCase("mine", 32, (64, 64), (128,), "shuffle", "paper-m2")
+    monkeypatch.delitem(sys.modules, "torch_mist", raising=False)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if "mist" not in p])
+    if mb.import_peer() is None:  # not installed here: the row is a skip with the recipe
+        assert "not installed" in mb.peer_unavailable(case)
+        assert "scikit-learn" in mb.peer_unavailable(case)
+    broken = tmp_path / "torch_mist"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'sklearn'\")\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(mb.PeerImportError, match="installed .* but does not import.*sklearn"):
+        mb.peer_unavailable(case)
+    # no equivalent in the peer library: still a skip, whatever the installation
+    assert "m = 3" in mb.peer_unavailable(mb.OpCase("mine", 32, (64,) * 3, (128,), "all", "sweep-m3"))
+
+
+def test_peer_rows_of_a_different_estimator_are_labelled(synthetic_json, tmp_path):
+    mb = _suite_helpers()
+    assert mb.peer_estimator_note(mb.OpCase("infonce", 32, (64, 64), (128,), 8, "paper-m2"))
+    assert mb.peer_estimator_note(mb.OpCase("infonce", 32, (64, 64), (128,), "all",
+                                            "sweep-m2")) is None
+    assert mb.peer_estimator_note(mb.OpCase("mine", 32, (64, 64), (128,), 8, "paper-m2")) is None
+    row = _bench("k", "f", "paper-m2", "infonce", 32, "torch-mist", 1e-3, 1e6,
+                 peer_estimator="≠ estimator: peer candidates exclude the positive")
+    md = bench.markdown([row["extra_info"]], {"device": "x", "date": "d", "gpu": False})
+    assert "torch-mist (≠ estimator: peer candidates exclude the positive)" in md
+
