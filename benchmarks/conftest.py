@@ -7,6 +7,11 @@
 Sizes: ``--bench-sizes full|quick|smoke``; default ``full`` (which is already small on a CPU),
 ``smoke`` under ``--benchmark-disable``.  Rows that cannot run here (no GPU, backend not
 built, peer library absent, out of memory) are *skipped with the reason*.
+
+Unless benchmarking is disabled, the run ends with a compact summary
+(:func:`mdm_kernels.bench.summary_lines`): each workload's backends side by side with their
+ratios against eager and ``torch.compile`` and their peak memory, and the skipped rows grouped
+by reason.
 """
 from __future__ import annotations
 
@@ -19,6 +24,11 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 import mdm_bench as mb  # noqa: E402
+
+from mdm_kernels.bench import summary_lines  # noqa: E402
+
+#: ``extra_info`` of every measured row of this session, for the end-of-run summary.
+_MEASURED: list[dict] = []
 
 if not mb.ON_GPU:
     # CPU rows use MDM_BENCH_CPU_THREADS intra-op threads (default 1): on a small shared
@@ -77,3 +87,31 @@ def _seed_and_clean():
     yield
     if mb.ON_GPU:  # return cached blocks between rows (gc.collect is slow: GPU only)
         mb._free()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.passed:
+        info = getattr(getattr(item, "funcargs", {}).get("benchmark"), "extra_info", None)
+        if info and info.get("median_s") is not None:
+            _MEASURED.append(dict(info))
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    text = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return text[len("Skipped: "):] if text.startswith("Skipped: ") else text
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _disabled(config):
+        return
+    skipped = [{"test": r.nodeid, "reason": _skip_reason(r)} for r in terminalreporter.stats.get("skipped", [])]
+    if not _MEASURED and not skipped:
+        return
+    terminalreporter.write_sep("=", f"mdm_kernels benchmark summary: {mb.device_name()}")
+    for line in summary_lines(_MEASURED, skipped, gpu=mb.ON_GPU):
+        terminalreporter.write_line(line)

@@ -12,9 +12,9 @@ Timing
     excluded from the statistics; the first call's duration is reported as ``compile_s``.
 Memory
     GPU: ``torch.cuda.max_memory_allocated`` during one step, minus what was allocated before
-    it (inputs and parameters), i.e. the step's working memory.  CPU: peak RSS growth during
-    one step, sampled by a thread every 0.5 ms (large tensors are mmap'ed by glibc, so RSS
-    follows them; small allocations may be reused and missed).
+    it (inputs and parameters), i.e. the step's working memory.  CPU: the peak of torch's CPU
+    allocator during one step above its level at the start, from ``torch.profiler``'s memory
+    events (:func:`mdm_kernels.bench.torch_cpu_peak_bytes`; tracemalloc and RSS miss it).
 FLOPs
     A *nominal* count, the same for every backend of a workload (so FLOP/s ratios equal speed
     ratios): matmul FLOPs of the critic on every scored sample, forward + backward = 3x forward,
@@ -23,9 +23,7 @@ FLOPs
 from __future__ import annotations
 
 import math
-import os
 import statistics
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -423,14 +421,6 @@ def sync():
         torch.cuda.synchronize(DEVICE)
 
 
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return None
-
-
 def peak_memory(step) -> tuple[int | None, int | None, str]:
     """(working bytes of one step, absolute peak bytes, kind)."""
     if ON_GPU:
@@ -441,29 +431,9 @@ def peak_memory(step) -> tuple[int | None, int | None, str]:
         sync()
         peak = torch.cuda.max_memory_allocated(DEVICE)
         return peak - base, peak, "cuda_max_memory_allocated"
-    base = _rss_bytes()
-    if base is None:
-        step()
-        return None, None, "unavailable"
-    peak = [base]
-    done = threading.Event()
-
-    def poll():
-        while not done.is_set():
-            r = _rss_bytes()
-            if r is not None and r > peak[0]:
-                peak[0] = r
-            time.sleep(0.0005)
-
-    t = threading.Thread(target=poll, daemon=True)
-    t.start()
-    try:
-        step()
-    finally:
-        done.set()
-        t.join()
-    peak[0] = max(peak[0], _rss_bytes() or 0)
-    return peak[0] - base, peak[0], "rss_growth"
+    from mdm_kernels.bench import torch_cpu_peak_bytes
+    working = torch_cpu_peak_bytes(step)
+    return working, None, "torch_cpu_allocator_profiler" if working is not None else "unavailable"
 
 
 def count_kernels(step) -> dict:

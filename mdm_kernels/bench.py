@@ -31,6 +31,8 @@ import xml.etree.ElementTree as ET
 from collections import Counter, OrderedDict
 from pathlib import Path
 
+from ._cli import OneLineParser, ensure_out_dir, one_line, one_line_user_errors
+
 #: Sections of the suite, in table order, with their titles.
 SECTIONS = OrderedDict([
     ("paper", "Paper scale, m = 3 (estimator loss or gradient penalty, fwd + bwd)"),
@@ -171,6 +173,33 @@ def parse_junit_skips(path) -> list[dict]:
             reason = re.sub(r"^Skipped:\s*", "", reason)
             out.append({"test": case.get("name"), "reason": reason})
     return out
+
+
+# --------------------------------------------------------------------------- CPU memory
+
+def torch_cpu_peak_bytes(fn) -> int | None:
+    """Peak bytes held by torch's CPU allocator while ``fn()`` runs, above what was held when
+    it started (the step's working memory), or None where the profiler cannot tell.
+
+    Every allocation and free of torch's CPU allocator is recorded by ``torch.profiler`` with
+    ``profile_memory=True`` (a ``[memory]`` event with its signed size); the running sum of the
+    sizes in time order peaks at the working memory.  Neither ``tracemalloc`` (Python's own
+    allocator only) nor sampled RSS (pages that glibc reuses are never returned) sees it.
+    Runs ``fn`` once under the profiler (slower than a timed call: memory only)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    results = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    if results is None:
+        return None
+    sizes = sorted((e.start_ns(), e.nbytes()) for e in results.events()
+                   if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    running = peak = 0
+    for _, nbytes in sizes:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
 
 
 # --------------------------------------------------------------------------- formatting
@@ -320,7 +349,7 @@ def markdown(rows: list[dict], meta: dict, skipped: list[dict] | None = None,
     lines += ["Median time of one fwd + bwd step (random negatives drawn inside), first call "
               "(compilation) excluded and shown as *first call*.  Peak memory: "
               + ("`torch.cuda.max_memory_allocated` growth during one step" if gpu else
-                 "RSS growth during one step (sampled)")
+                 "torch CPU allocator peak during one step (`torch.profiler`, profile_memory)")
               + ".  FLOP/s: nominal critic matmul FLOPs (same count for every backend).  "
               "×eager / ×compile: speed-up against the eager reference / `torch.compile` "
               "of the same workload in this run (> 1 is faster); mem÷: their peak memory "
@@ -361,6 +390,55 @@ def markdown(rows: list[dict], meta: dict, skipped: list[dict] | None = None,
     if plots:
         lines += ["## Plots", ""] + [f"- [{Path(p).stem}]({p})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- pytest summary
+
+def _backend_cell(r: dict) -> str:
+    """``compile 1.61 ms, 10 MB (2.92× eager, mem ÷1.2 eager)``: one backend of a workload."""
+    backend = str(r.get("backend")) + (f" ({r['triton_path']})" if r.get("triton_path") else "")
+    cell = f"{backend} {fmt_time(r.get('median_s'))}"
+    if r.get("peak_mem_bytes") is not None:
+        cell += f", {fmt_bytes(r.get('peak_mem_bytes'))}"
+    ratios = [f"{r[f'speedup_vs_{b}']:.2f}× {b}" for b in ("eager", "compile")
+              if r.get(f"speedup_vs_{b}") is not None]
+    ratios += [f"mem ÷{r[f'mem_ratio_vs_{b}']:.2f} {b}" for b in ("eager", "compile")
+               if r.get(f"mem_ratio_vs_{b}") is not None]
+    return cell + (f" ({', '.join(ratios)})" if ratios else "")
+
+
+def summary_lines(rows: list[dict], skipped: list[dict] | None = None, gpu: bool = False) -> list[str]:
+    """The compact end-of-run summary that ``pytest benchmarks/`` prints: per section and
+    workload, one line per batch size with every backend's median time, peak memory and
+    ratios against eager and ``torch.compile`` (> 1: faster / less memory); then the skipped
+    rows grouped by reason, most frequent first.  ``rows``: ``extra_info`` records of the
+    measured rows (ratios missing from them are derived here)."""
+    rows = [dict(r) for r in rows if r.get("median_s") is not None]
+    for r in rows:
+        r.setdefault("section", "other")
+    if rows:
+        add_ratios(rows)
+    mem = ("peak memory: torch.cuda.max_memory_allocated growth" if gpu else
+           "peak memory: torch's CPU allocator during one step (profiler)")
+    lines = [f"{len(rows)} measured rows; time: median of one fwd + bwd step; {mem}; "
+             "N× eager / compile: speed-up against that backend (> 1 is faster); mem ÷: its "
+             "peak memory divided by this row's"] if rows else ["no measured rows"]
+    sections = [s for s in SECTIONS if any(r["section"] == s for r in rows)]
+    sections += sorted({r["section"] for r in rows} - set(SECTIONS))
+    for sec in sections:
+        lines.append(f"{SECTIONS.get(sec, sec)}:")
+        by_workload: dict = {}
+        for r in sorted((r for r in rows if r["section"] == sec), key=_sort_key):
+            by_workload.setdefault(workload_label(r), {}).setdefault(r.get("batch"), []).append(r)
+        for label, batches in by_workload.items():
+            lines.append(f"  {label}")
+            for batch, sel in batches.items():
+                lines.append(f"    B={batch}: " + " | ".join(_backend_cell(r) for r in sel))
+    if skipped:
+        lines.append(f"{len(skipped)} skipped rows, by reason:")
+        for reason, n in Counter(one_line(s["reason"]) for s in skipped).most_common():
+            lines.append(f"  {n:5d}  {reason}")
+    return lines
 
 
 # --------------------------------------------------------------------------- plots
@@ -429,9 +507,12 @@ def write_results(pb_json, out_dir, meta: dict, skipped: list[dict] | None = Non
     return {"json": json_path, "markdown": md_path, "plots": [out_dir / p for p in plots]}
 
 
+PROG = "python -m mdm_kernels.bench"
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mdm_kernels.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results",
                     help="output directory (default: benchmarks/results)")
     ap.add_argument("--quick", action="store_true",
@@ -440,19 +521,24 @@ def main(argv=None) -> int:
                     help="pytest -k expression selecting rows, e.g. 'mine and not compile'")
     ap.add_argument("--suite", default=None,
                     help="benchmark directory (default: benchmarks/ next to the package)")
+    ap.add_argument("--debug", action="store_true",
+                    help="show the traceback of an error instead of the one-line message")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = ap.parse_args(argv)
+    with one_line_user_errors(PROG, argv):  # one line naming the option, exit status 2
+        ensure_out_dir(args.out)  # before the (long) run, not after it
 
     root = Path(__file__).resolve().parents[1]
     suite = Path(args.suite) if args.suite else root / "benchmarks"
     if not (suite / "conftest.py").is_file():
-        ap.error(f"benchmark suite not found at {suite} (run from a source checkout or pass --suite)")
+        ap.error(f"--suite {suite}: no benchmark suite there (benchmarks/conftest.py of a source "
+                 "checkout; pass --suite DIR)")
     sizes = "quick" if args.quick else "full"
     with tempfile.TemporaryDirectory(prefix="mdm-bench-") as tmp:
         pb_path, xml_path = Path(tmp) / "pytest-benchmark.json", Path(tmp) / "junit.xml"
         cmd = [sys.executable, "-m", "pytest", str(suite), "--benchmark-only",
                f"--benchmark-json={pb_path}", f"--junitxml={xml_path}", "--bench-sizes", sizes,
-               "-q", "-rs", "-p", "no:cacheprovider", "--benchmark-columns=median,iqr,rounds",
+               "-q", "-p", "no:cacheprovider", "--benchmark-columns=median,iqr,rounds",
                "--benchmark-sort=name"]
         if args.filter:
             cmd += ["-k", args.filter]

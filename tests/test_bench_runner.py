@@ -152,3 +152,54 @@ def test_peer_rows_of_a_different_estimator_are_labelled(synthetic_json, tmp_pat
     md = bench.markdown([row["extra_info"]], {"device": "x", "date": "d", "gpu": False})
     assert "torch-mist (≠ estimator: peer candidates exclude the positive)" in md
 
+
+def test_summary_lines(synthetic_json):
+    """The end-of-run summary: backends side by side with ratios derived from the same
+    workload, memory, and the skipped rows grouped by reason (most frequent first)."""
+    rows = [dict(b["extra_info"], op="train-step-mine" if b["extra_info"]["section"] == "train" else "mine")
+            for b in json.loads(synthetic_json.read_text())["benchmarks"]]
+    skipped = [{"test": "a", "reason": "cuda rows are GPU-only"}, {"test": "b", "reason": "cuda rows\nare GPU-only"},
+               {"test": "c", "reason": "torch-mist not installed"}]
+    lines = bench.summary_lines(rows, skipped, gpu=True)
+    b32 = [ln for ln in lines if ln.strip().startswith("B=32:")]
+    assert len(b32) == 2  # the paper workload and the training step
+    cells = b32[0].split(" | ")
+    assert cells[0].endswith("eager 2 ms, 4 MB (0.50× compile, mem ÷0.50 compile)")
+    assert cells[1] == "compile 1 ms, 2 MB (2.00× eager, mem ÷2.00 eager)"
+    assert cells[2] == "triton 200 µs, 1 MB (10.00× eager, 5.00× compile, mem ÷4.00 eager, mem ÷2.00 compile)"
+    assert "Paper scale, m = 3 (estimator loss or gradient penalty, fwd + bwd):" in lines
+    i = lines.index("3 skipped rows, by reason:")
+    assert lines[i + 1:] == ["      2  cuda rows are GPU-only", "      1  torch-mist not installed"]
+    assert bench.summary_lines([], [])[0] == "no measured rows"
+
+
+def test_cpu_peak_memory_sees_torch_allocations():
+    """Two live 4 MiB tensors then a 2 MiB one: the working peak is 8 MiB (tracemalloc would
+    report a few hundred bytes, RSS sampling whatever pages glibc did not reuse)."""
+    import torch
+
+    def step():
+        a = torch.ones(2**20)
+        b = torch.ones(2**20)
+        del a, b
+        return torch.ones(2**19)
+
+    peak = bench.torch_cpu_peak_bytes(step)
+    assert 8 * 2**20 <= peak < 8 * 2**20 + 2**16
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--out", "{file}"], "--out {file}: exists and is not a directory"),
+    (["--out", "{file}/results"], "--out {file}/results: a parent of it is a file"),
+    (["--suite", "{tmp}", "--out", "{tmp}/r"], "--suite {tmp}: no benchmark suite there"),
+    (["--bogus"], "unrecognized arguments: --bogus (see --help)"),
+])
+def test_runner_user_errors_are_one_line(argv, needle, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    fill = dict(file=tmp_path / "file", tmp=tmp_path)
+    with pytest.raises(SystemExit) as e:
+        bench.main([a.format(**fill) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "usage:" not in err, err
+    assert err.startswith("python -m mdm_kernels.bench: error: ") and needle.format(**fill) in err
