@@ -1,0 +1,120 @@
+"""``python -m mdm_kernels.train.analyze reproduce`` (issue 16) on a tiny synthetic grid, and
+its statistics helpers."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from scipy.stats import mannwhitneyu
+
+from mdm_kernels.train import analyze, loop
+from mdm_kernels.train import reproduce as rep
+
+TINY = ["reproduce", "--dataset", "synthetic", "--models", "ef_lstm", "--penalties", "none,nwj",
+        "--epochs", "1", "--lambdas", "0.1,1", "--unrolls", "1", "--critic-hiddens", "8", "--no-progress"]
+
+
+@pytest.fixture
+def count_training(monkeypatch):
+    calls = []
+    real = loop.train
+
+    def counting(cfg, **kw):
+        calls.append(cfg)
+        return real(cfg, **kw)
+    monkeypatch.setattr(loop, "train", counting)
+    return calls
+
+
+def test_tiny_grid_end_to_end_and_resume(tmp_path, count_training, capsys):
+    out, doc = tmp_path / "grid", tmp_path / "docs" / "reproduction.md"
+    assert analyze.main(TINY + ["--seeds", "0,1", "--out", str(out), "--doc", str(doc)]) == 0
+    # 2 selection runs (one per lambda) + 2 seeds x 2 penalties
+    assert len(count_training) == 6
+    res = json.loads((out / "reproduce.json").read_text())
+    assert len(res["runs"]) == 4 and not res["missing"]
+    for r in res["runs"]:  # the full configuration of every run
+        assert r["config"]["model"] == "ef_lstm" and r["config"]["seed"] == r["seed"]
+        assert {"critic_input", "epochs", "critic_steps", "critic_hidden", "weight"} <= set(r["config"])
+        assert 0 <= r["metrics"]["acc2"] <= 1 and r["metrics"]["robust_ratio"] >= 0
+    sel = res["selection"]["ef_lstm/nwj"]
+    maes = [c["val_mae"] for c in sel["candidates"]]
+    assert len(maes) == 2 and sel["chosen"] == sel["candidates"][maes.index(min(maes))]["point"]
+    for c in sel["candidates"]:  # selection never evaluated the test split
+        m = json.loads((Path(c["run_dir"]) / "metrics.json").read_text())
+        assert m["config"]["skip_test"] and "acc2" not in m
+    pen_runs = [r for r in res["runs"] if r["penalty"] == "nwj"]
+    assert all(r["config"]["weight"] == sel["chosen"]["weight"] for r in pen_runs)
+    (cmp,) = res["comparisons"]
+    a = [r["metrics"]["mae"] for r in pen_runs]
+    b = [r["metrics"]["mae"] for r in res["runs"] if r["penalty"] == "none"]
+    assert cmp["mae"]["p"] == pytest.approx(mannwhitneyu(a, b, alternative="two-sided").pvalue)
+    text = doc.read_text()
+    assert "| EF-LSTM | ours (2 seeds) |" in text and "| | paper | 31.1 / 76.1 / 1.00 / 0.65 |" in text
+    assert "cannot be tested" in text  # 2 seeds: p < 0.05 is unattainable
+    assert (doc.parent / "reproduction" / "dots_acc7.png").stat().st_size > 0
+    assert (doc.parent / "reproduction" / "dots_acc2.png").stat().st_size > 0
+
+    # resumable: a wider grid trains only what is new
+    count_training.clear()
+    assert analyze.main(TINY + ["--seeds", "0,1,2", "--out", str(out), "--doc", str(doc)]) == 0
+    assert [(c.penalty, c.seed) for c in count_training] == [("none", 2), ("nwj", 2)]
+
+    # report only: nothing trains, unfinished runs are listed as not run
+    count_training.clear()
+    assert analyze.main(TINY + ["--seeds", "0,1,2,3", "--out", str(out), "--doc", str(doc), "--report-only"]) == 0
+    assert not count_training
+    res = json.loads((out / "reproduce.json").read_text())
+    assert len(res["runs"]) == 6 and res["missing"] == ["ef_lstm/none/s3", "ef_lstm/nwj/s3"]
+    assert "**Not run** (2)" in doc.read_text()
+
+
+def test_plan_selection_first_and_seed_major():
+    grid = {"weight": (0.1, 1.0), "critic_steps": (1,), "critic_hidden": (8,)}
+    p = rep.plan(["ef_lstm", "mag"], ["none", "mine"], [0, 1], grid, model_seeds={"mag": [5]}, no_select=("mag",))
+    labels = [(r["phase"], r["model"], r["penalty"], r.get("seed")) for r in p]
+    assert labels == [("select", "ef_lstm", "mine", None)] * 2 + [
+        ("final", "ef_lstm", "none", 0), ("final", "ef_lstm", "mine", 0),
+        ("final", "ef_lstm", "none", 1), ("final", "ef_lstm", "mine", 1),
+        ("final", "mag", "none", 5), ("final", "mag", "mine", 5)]
+
+
+def test_holm_matches_hand_values():
+    adj = rep.holm([0.01, 0.04, float("nan"), 0.03])
+    # sorted 0.01, 0.03, 0.04 with m = 3: 0.03, 0.06, 0.06 (monotone)
+    assert adj[0] == pytest.approx(0.03) and adj[3] == pytest.approx(0.06) and adj[1] == pytest.approx(0.06)
+    assert math.isnan(adj[2])
+
+
+def test_min_attainable_p_and_verdicts():
+    assert rep.min_mwu_p(4, 4) == pytest.approx(2 / 70)
+    assert rep.min_mwu_p(3, 3) == pytest.approx(0.1)
+    base = {"n": 10, "base_n": 10, "min_p": rep.min_mwu_p(10, 10)}
+    assert rep.verdict({**base, "delta": 0.02, "p": 0.01}, "acc7") == "holds"
+    assert rep.verdict({**base, "delta": 0.02, "p": 0.01}, "mae") == "does not hold (significantly worse)"
+    assert rep.verdict({**base, "delta": -0.02, "p": 0.01}, "mae") == "holds"
+    assert rep.verdict({**base, "delta": 0.02, "p": 0.2}, "acc7") == "does not hold"
+    assert rep.verdict({"n": 3, "base_n": 3, "min_p": 0.1, "delta": 0.1, "p": 0.1}, "acc7") == "cannot be tested"
+    assert math.isnan(rep.mann_whitney([1.0], [2.0, 3.0]))
+
+
+def test_remove_text_zeroes_features_and_empties_transcripts():
+    b = {"text": torch.ones(2, 3, 4), "audio": torch.ones(2, 1, 2), "words": ["a b", "c"]}
+    cut = rep.remove_text(b)
+    assert torch.all(cut["text"] == 0) and cut["words"] == ["", ""] and torch.all(cut["audio"] == 1)
+    assert torch.all(b["text"] == 1)  # the input batch is untouched
+
+
+def test_bad_options_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        analyze.main(TINY + ["--seeds", "0", "--out", str(tmp_path / "o"), "--model-option", "ef_lstm:epochz=3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "epochz" in err and "\n" not in err
+    with pytest.raises(SystemExit) as e:
+        analyze.main(TINY + ["--seeds", "0", "--out", str(tmp_path / "o"), "--penalties", "nwj"])
+    assert e.value.code == 2 and "none" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        analyze.main(TINY + ["--seeds", "0", "--out", str(tmp_path / "o"), "--lambdas", "0.1,x"])
+    assert e.value.code == 2 and "--lambdas" in capsys.readouterr().err
