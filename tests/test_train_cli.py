@@ -187,3 +187,14 @@ def test_ctrl_c_hint_resumes_exactly_as_written(tmp_path, capsys, monkeypatch):
     assert "--model 'lf_lstm' contradicts the run in" in err and "'tfn'" in err
     cfg = parse_args(["--resume", "--out", str(out), "--epochs", "5", "--model", "tfn"])
     assert cfg.model == "tfn" and cfg.epochs == 5 and cfg.lr == 0.002 and cfg.dataset == "synthetic"
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("c.yaml", "model: [tfn\n", "not valid YAML"),
+    ("c.json", '{"model": ', "not valid JSON"),
+])
+def test_unparsable_config_file(name, text, needle, tmp_path, capsys):
+    f = tmp_path / name
+    f.write_text(text)
+    err = _user_error(["--config", str(f), "--out", str(tmp_path / "o")], capsys)
+    assert f"--config {f}: {needle}" in err

@@ -154,9 +154,15 @@ def load_config_file(path: str) -> dict:
             import yaml
         except ImportError as e:
             raise ImportError("--config: reading YAML needs pyyaml (pip install pyyaml), or use JSON") from e
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {p}: not valid YAML ({' '.join(str(e).split())})") from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {p}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config {p}: expected a mapping of option names to values")
     known = {f.name for f in fields(TrainConfig)}
