@@ -114,6 +114,51 @@ def test_two_hidden_layers(device, act, shape):
     check_against_reference(critic, joint, marginal, eps)
 
 
+# Widths above the interpreter's 16-wide chunks of G / W_1 / W_2 (gradient_penalty
+# ._INTERP_CHUNK), none a multiple of 16: the kernel loops over several chunks, the last
+# one partial, on both paths and depths.
+CHUNKED = {"gram-1": ((29, 20), (37,)), "direct-1": ((9, 11), (37,)),
+           "gram-2": ((30, 17), (37, 21)), "direct-2": ((13, 6), (41, 35))}
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+@pytest.mark.parametrize("shape", list(CHUNKED.values()), ids=list(CHUNKED))
+def test_chunked_weight_matrices(device, act, shape):
+    dims, hidden = shape
+    assert max(hidden) > gp_ops._INTERP_CHUNK
+    critic = make_critic(dims, hidden, act, seed=7).to(device)
+    with torch.no_grad():  # keep ‖∇T‖ around 1 at these widths
+        for p in critic.parameters():
+            p.mul_(0.5)
+    joint, marginal, eps = make_pairs(dims, 37, device, seed=8)
+    check_against_reference(critic, joint, marginal, eps)
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("hidden", [(7,), (6, 9)])
+def test_piecewise_linear_gradients_that_vanish_are_none(device, act, hidden):
+    """relu / leaky_relu: σ'' = 0, so the penalty's gradients w.r.t. the inputs, b_1 and b_2
+    are identically zero; the op returns None for them (autograd then runs no projection
+    GEMM backward) while the weights get theirs."""
+    dims = (5, 7)
+    critic = make_critic(dims, hidden, act).to(device)
+    joint, marginal, eps = make_pairs(dims, 23, device)
+    gp = gp_ops.fused_gradient_penalty(critic, joint, marginal, eps, False)
+    gp.backward()
+    assert all(t.grad is None for t in joint + marginal)
+    assert critic.first_bias.grad is None
+    for layer in critic.hidden_layers:
+        assert layer.bias.grad is None and layer.weight.grad is not None
+    assert all(w.grad is not None and bool(w.grad.any()) for w in critic.first_weights)
+    assert critic.out.weight.grad is not None
+    # a curved activation keeps every gradient
+    critic = make_critic(dims, hidden, "tanh").to(device)
+    joint, marginal, eps = make_pairs(dims, 23, device)
+    gp_ops.fused_gradient_penalty(critic, joint, marginal, eps, False).backward()
+    assert all(t.grad is not None for t in joint + marginal)
+    assert critic.first_bias.grad is not None
+
+
 def test_paths_are_selected():
     assert gp_ops._critic_weights(make_critic(*GRAM_1, "tanh"))[2] is True
     assert gp_ops._critic_weights(make_critic(*DIRECT_1, "tanh"))[2] is False

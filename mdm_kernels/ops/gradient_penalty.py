@@ -73,9 +73,22 @@ from .triton_helpers import (DOT_PRECISION, activation, activation_code, activat
 
 
 #: Interpreter (CPU) launch: one small fixed config, few programs (so the persistent loop
-#: runs more than one tile per program in the tests).
+#: runs more than one tile per program in the tests), and 16-wide chunks of the weight
+#: matrices (so the tests' odd widths loop over several chunks).
 _INTERP_BLOCK_N = 16
 _INTERP_PROGRAMS = 2
+_INTERP_CHUNK = 16
+
+#: Widest hidden layer (H_1 and H_2) the fused penalty takes: its per-tile vectors
+#: (BLOCK_N × H_1) live in registers, and the per-program weight-gradient partials
+#: (H_1 × H_1 + H_2 × H_1 floats) in global memory.  ``python/compile_sm90.py`` /
+#: ``tests/test_gpu_resources.py`` compile every variant at this width for sm_80 and sm_90.
+GP_MAX_HIDDEN = 512
+#: Rows of the chunks of G / W_1 / W_2 that one ``tl.dot`` reads on a GPU (the matrices are
+#: never whole ``tl.dot`` operands: flash-attention-style loops over these chunks).
+GP_CHUNK = 32
+#: Cap on the per-program partial rows (bytes): wide critics run fewer programs.
+_PARTIALS_BUDGET = 64 * 2 ** 20
 
 
 @triton.jit
@@ -86,21 +99,43 @@ def _load_matrix(ptr, rows, cols, n_rows, n_cols):
 
 
 @triton.jit
+def _accumulate(ptr, rows, cols, n_rows, n_cols, stride, value):
+    """``ptr[rows, cols] += value`` (row stride ``stride``) for this program's private
+    partial: read-modify-write, no atomics (the tile loop's barrier orders it)."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    off = rows[:, None] * stride + cols[None, :]
+    tl.store(ptr + off, tl.load(ptr + off, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit
+def _accumulate_vector(ptr, offs, n, value):
+    """``ptr[offs] += value`` (masked ``offs < n``), this program's private partial."""
+    mask = offs < n
+    tl.store(ptr + offs, tl.load(ptr + offs, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit
 def _gp_kernel(
     sj_ptr, sm_ptr, mi_ptr, eps_ptr, b1_ptr, wmat_ptr, w2_ptr, b2_ptr, wout_ptr,
-    part_ptr, dsj_ptr, dsm_ptr,
+    part_ptr, scr_ptr, dsj_ptr, dsm_ptr,
     N, JB, H1, H2, K, inv_n, N_BUCKET, PSTRIDE,
     M_TERMS: tl.constexpr, GATHER: tl.constexpr, ATOMIC: tl.constexpr,
     TWO_LAYERS: tl.constexpr, GRAM: tl.constexpr, ONE_SIDED: tl.constexpr,
     ACT: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BH1: tl.constexpr, BH2: tl.constexpr, BK: tl.constexpr,
-    BHO: tl.constexpr,
+    BHO: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr,
 ):
     """GP partial sums (and, with COMPUTE_GRAD, every gradient) — see the module docstring.
 
     sj: (JB, H1) joint pre-projections, row n reads row n % JB.  sm: marginal source rows;
     with GATHER row n sums rows mi[t, n] for t < M_TERMS, else reads row n.  wmat: G (H1×H1,
-    GRAM) or W_1 (H1×K).  Partials are written at this program's slot (padded blocks).
+    GRAM) or W_1 (H1×K).  part: one zero-initialised partial row per program (layout in
+    :func:`_partial_layout`); scr: 2 × BLOCK_N × BH1 floats of scratch per program.
+
+    The weight matrices are read in chunks: W_2 in BC-row chunks (a_2 chunk = h_1 W_2[c]ᵀ,
+    then q += v_c W_2[c] — the score/value pattern of flash attention), G / W_1 in BJ-row
+    chunks (G u = Σ_j u[:, j] G[j, :], u's column chunks read back from the scratch), so
+    no tl.dot operand is larger than BLOCK_N × BH1 or BC × BH1.
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -110,31 +145,32 @@ def _gp_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     c1 = tl.arange(0, BH1)
     ck = tl.arange(0, BK)
-    c2 = tl.arange(0, BH2)
-    co = tl.arange(0, BHO)
+    cc = tl.arange(0, BC)
+    cj = tl.arange(0, BJ)
     m1 = c1 < H1
+    kmat = H1 if GRAM else K                 # columns of wmat
 
-    # Vectors: loaded once per program.  The matrices (G or W_1, W_2) are re-read per tile
-    # inside the loop (L2-resident): hoisted, every tl.dot operand layout of them would keep
-    # its own shared-memory copy alive for the whole loop (> 228 KB at H = 128 on sm_90).
     b1 = tl.load(b1_ptr + c1, mask=m1, other=0.0)
-    if TWO_LAYERS:
-        b2 = tl.load(b2_ptr + c2, mask=c2 < H2, other=0.0)
-        wout = tl.load(wout_ptr + c2, mask=c2 < H2, other=0.0)
-    else:
+    if not TWO_LAYERS:
         wout = tl.load(wout_ptr + c1, mask=m1, other=0.0)
+
+    # partial row: [loss | b1 (BH1) | w_out (BHO) | G or W_1 (BH1 × BK) | W_2 (BH2 × BH1) | b2]
+    row = part_ptr + pid * PSTRIDE
+    o_wout = row + 1 + BH1
+    o_mat = o_wout + BHO
+    o_w2 = o_mat + BH1 * BK
+    o_b2 = o_w2 + BH2 * BH1
+    # scratch: u (BLOCK_N × BH1), then r on the direct path
+    scr_u = scr_ptr + pid * (2 * BLOCK_N * BH1) + offs_n[:, None] * BH1
+    scr_r = scr_u + BLOCK_N * BH1
 
     loss_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     db1_acc = tl.zeros([BH1], dtype=tl.float32)
-    dwout_acc = tl.zeros([BHO], dtype=tl.float32)
-    if GRAM:
-        dwmat_acc = tl.zeros([BH1, BH1], dtype=tl.float32)
-    else:
-        dwmat_acc = tl.zeros([BH1, BK], dtype=tl.float32)
-    dw2_acc = tl.zeros([BH2, BH1], dtype=tl.float32)
-    db2_acc = tl.zeros([BH2], dtype=tl.float32)
+    dwout_acc = tl.zeros([BH1], dtype=tl.float32)     # one hidden layer
 
     for tile in range(pid, num_tiles, nprog):
+        # the previous tile's scratch reads and partial stores are done by every thread
+        tl.debug_barrier()
         rows = tile * BLOCK_N + offs_n
         rmask = rows < N
         mask2 = rmask[:, None] & m1[None, :]
@@ -150,31 +186,38 @@ def _gp_kernel(
             pm = tl.load(sm_ptr + rows.to(tl.int64)[:, None] * H1 + c1[None, :], mask=mask2,
                          other=0.0)
         e = tl.load(eps_ptr + rows, mask=rmask, other=0.0)
-        if GRAM:
-            wmat = _load_matrix(wmat_ptr, c1, c1, H1, H1)      # G, symmetric
-        else:
-            wmat = _load_matrix(wmat_ptr, c1, ck, H1, K)       # W_1
-        if TWO_LAYERS:
-            w2 = _load_matrix(w2_ptr, c2, c1, H2, H1)          # W_2 (H2 × H1)
         a1 = e[:, None] * pj + (1.0 - e)[:, None] * pm + b1[None, :]
         d1 = activation_grad(a1, ACT)
         # ---- u = ∂T/∂a_1 (padded columns are 0: w_out / W_2 are zero-padded) ----
         if TWO_LAYERS:
             h1 = activation(a1, ACT)
-            a2 = tl.dot(h1, tl.trans(w2), input_precision=DOT_PREC) + b2[None, :]
-            d2 = activation_grad(a2, ACT)
-            v = wout[None, :] * d2                                       # (BN, BH2)
-            q = tl.dot(v, w2, input_precision=DOT_PREC)                  # W_2ᵀ v
+            q = tl.zeros([BLOCK_N, BH1], dtype=tl.float32)              # W_2ᵀ v
+            for c0 in range(0, H2, BC):
+                w2c = _load_matrix(w2_ptr + c0 * H1, cc, c1, H2 - c0, H1)
+                cmask = c0 + cc < H2
+                a2c = tl.dot(h1, tl.trans(w2c), input_precision=DOT_PREC) \
+                    + tl.load(b2_ptr + c0 + cc, mask=cmask, other=0.0)[None, :]
+                woc = tl.load(wout_ptr + c0 + cc, mask=cmask, other=0.0)
+                q += tl.dot(woc[None, :] * activation_grad(a2c, ACT), w2c,
+                            input_precision=DOT_PREC)
             u = q * d1
         else:
             u = wout[None, :] * d1
-        # ---- s = ‖W_1ᵀ u‖² ----
+        tl.store(scr_u + c1[None, :], u)
+        tl.debug_barrier()
+        # ---- s = ‖W_1ᵀ u‖²: G u (Gram) or g = W_1ᵀ u, over BJ-row chunks of the matrix ----
         if GRAM:
-            gu = tl.dot(u, wmat, input_precision=DOT_PREC)               # G u
+            gu = tl.zeros([BLOCK_N, BH1], dtype=tl.float32)
+        else:
+            gu = tl.zeros([BLOCK_N, BK], dtype=tl.float32)             # g
+        for j0 in range(0, H1, BJ):
+            uj = tl.load(scr_u + j0 + cj[None, :], mask=(j0 + cj < BH1)[None, :], other=0.0)
+            gu += tl.dot(uj, _load_matrix(wmat_ptr + j0 * kmat, cj, ck, H1 - j0, kmat),
+                         input_precision=DOT_PREC)
+        if GRAM:
             s = tl.sum(u * gu, axis=1)
         else:
-            g = tl.dot(u, wmat, input_precision=DOT_PREC)                # (W_1ᵀ u)ᵀ
-            s = tl.sum(g * g, axis=1)
+            s = tl.sum(gu * gu, axis=1)
         s = tl.where(rmask, tl.maximum(s, 0.0), 0.0)
         alive = s > 0.0
         nu = tl.sqrt(s)
@@ -187,24 +230,48 @@ def _gp_kernel(
             # β = 2·gap/(N·ν), 0 on dead rows (s = 0) and padding rows: every gradient term
             # below is linear in β, so masking β masks them all.
             beta = tl.where(alive, 2.0 * gap * inv_n / tl.where(alive, nu, 1.0), 0.0)
-            bu = beta[:, None] * u
+            # ∂G += ½ (βu)ᵀ u  or  ∂W_1 += (βu)ᵀ g, by BJ-row chunks
+            for j0 in range(0, H1, BJ):
+                buj = beta[:, None] * tl.load(scr_u + j0 + cj[None, :],
+                                              mask=(j0 + cj < BH1)[None, :], other=0.0)
+                if GRAM:
+                    _accumulate(o_mat + j0 * BK, cj, ck, H1 - j0, H1, BK,
+                                0.5 * tl.dot(tl.trans(buj), u, input_precision=DOT_PREC))
+                else:
+                    _accumulate(o_mat + j0 * BK, cj, ck, H1 - j0, K, BK,
+                                tl.dot(tl.trans(buj), gu, input_precision=DOT_PREC))
+                    # r = β W_1 g, chunk j, to the scratch (read back whole below)
+                    wj = _load_matrix(wmat_ptr + j0 * K, cj, ck, H1 - j0, K)
+                    tl.store(scr_r + j0 + cj[None, :],
+                             tl.dot(beta[:, None] * gu, tl.trans(wj), input_precision=DOT_PREC),
+                             mask=(j0 + cj < BH1)[None, :])
             if GRAM:
                 r = beta[:, None] * gu                                   # β G u
-                dwmat_acc += 0.5 * tl.dot(tl.trans(bu), u, input_precision=DOT_PREC)
             else:
-                r = tl.dot(beta[:, None] * g, tl.trans(wmat), input_precision=DOT_PREC)
-                dwmat_acc += tl.dot(tl.trans(bu), g, input_precision=DOT_PREC)
+                tl.debug_barrier()
+                r = tl.load(scr_r + c1[None, :], mask=m1[None, :], other=0.0)
             if TWO_LAYERS:
                 dq = r * d1
-                dw2_acc += tl.dot(tl.trans(v), dq, input_precision=DOT_PREC)
-                dv = tl.dot(dq, tl.trans(w2), input_precision=DOT_PREC)  # W_2 dq
-                dwout_acc += tl.sum(dv * d2, axis=0)
                 if CURVED:
-                    delta2 = dv * wout[None, :] * activation_grad2(a2, ACT)
-                    dw2_acc += tl.dot(tl.trans(delta2), h1, input_precision=DOT_PREC)
-                    db2_acc += tl.sum(delta2, axis=0)
-                    delta1 = r * q * activation_grad2(a1, ACT) \
-                        + tl.dot(delta2, w2, input_precision=DOT_PREC) * d1
+                    back1 = tl.zeros([BLOCK_N, BH1], dtype=tl.float32)  # W_2ᵀ δ_2
+                for c0 in range(0, H2, BC):
+                    w2c = _load_matrix(w2_ptr + c0 * H1, cc, c1, H2 - c0, H1)
+                    cmask = c0 + cc < H2
+                    a2c = tl.dot(h1, tl.trans(w2c), input_precision=DOT_PREC) \
+                        + tl.load(b2_ptr + c0 + cc, mask=cmask, other=0.0)[None, :]
+                    woc = tl.load(wout_ptr + c0 + cc, mask=cmask, other=0.0)
+                    d2c = activation_grad(a2c, ACT)
+                    dvc = tl.dot(dq, tl.trans(w2c), input_precision=DOT_PREC)  # W_2 dq
+                    _accumulate_vector(o_wout + c0, cc, H2 - c0, tl.sum(dvc * d2c, axis=0))
+                    dw2c = tl.dot(tl.trans(woc[None, :] * d2c), dq, input_precision=DOT_PREC)
+                    if CURVED:
+                        delta2 = dvc * woc[None, :] * activation_grad2(a2c, ACT)
+                        dw2c += tl.dot(tl.trans(delta2), h1, input_precision=DOT_PREC)
+                        _accumulate_vector(o_b2 + c0, cc, H2 - c0, tl.sum(delta2, axis=0))
+                        back1 += tl.dot(delta2, w2c, input_precision=DOT_PREC)
+                    _accumulate(o_w2 + c0 * BH1, cc, c1, H2 - c0, H1, BH1, dw2c)
+                if CURVED:
+                    delta1 = r * q * activation_grad2(a1, ACT) + back1 * d1
             else:
                 dwout_acc += tl.sum(r * d1, axis=0)
                 if CURVED:
@@ -233,47 +300,57 @@ def _gp_kernel(
                     else:
                         tl.store(dsm_ptr + moff, dm, mask=mask2)
 
-    # ---- one partial row per program (padded blocks; the host sums the rows once) ----
-    # row layout [loss | b1 (BH1) | w_out (BHO) | G or W_1 (BH1 × BK) | W_2 (BH2 × BH1) | b2]
-    row = part_ptr + pid * PSTRIDE
+    # ---- the register-held parts of the partial row (the host sums the rows once) ----
     tl.store(row, tl.sum(loss_acc, axis=0) * inv_n)
     if COMPUTE_GRAD:
         tl.store(row + 1 + c1, db1_acc)
-        tl.store(row + 1 + BH1 + co, dwout_acc)
-        o_mat = 1 + BH1 + BHO
-        tl.store(row + o_mat + c1[:, None] * BK + ck[None, :], dwmat_acc)
-        if TWO_LAYERS:
-            o_w2 = o_mat + BH1 * BK
-            tl.store(row + o_w2 + c2[:, None] * BH1 + c1[None, :], dw2_acc)
-            tl.store(row + o_w2 + BH2 * BH1 + c2, db2_acc)
+        if not TWO_LAYERS:
+            tl.store(o_wout + c1, dwout_acc)
 
 
-# The weight-gradient accumulators (H_1 × H_1 or H_1 × K, and H_2 × H_1 with two layers)
-# live in registers for the whole persistent loop, so the warps, not the tile, decide the
-# register budget.  ptxas for sm_90 (H = 128, python/compile_sm90.py), 8 warps, BLOCK_N = 16:
-# relu spills 0-340 bytes with one hidden layer and 1-1.9 kB with two, gelu 0.5-1.8 kB and
-# 5-7 kB; 4 warps or BLOCK_N = 64 spill more.  So: 8 warps, BLOCK_N 16 or 32.  (The fix for
-# the curved / two-layer cases is to keep those accumulators in global memory.)
+# Every weight-gradient partial is read-modify-written in global memory (the program's own
+# row, L2-resident), not held in registers: ptxas showed 0.5-7 kB of spills per thread when
+# the H x H accumulators lived in registers.  8 warps, BLOCK_N 16 or 32; the resource gate
+# (tests/test_gpu_resources.py) compiles both at GP_MAX_HIDDEN for sm_80 and sm_90.
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=8, num_stages=1) for bn in (16, 32)
 ]
+_FIXED_CONFIG = triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=1)
 
 _gp_kernel_tuned = triton.autotune(
-    configs=tile_configs(_GPU_CONFIGS, triton.Config({"BLOCK_N": 16}, num_warps=8,
-                                                     num_stages=1)),
+    configs=tile_configs(_GPU_CONFIGS, _FIXED_CONFIG),
     key=["H1", "H2", "K", "N_BUCKET", "M_TERMS", "TWO_LAYERS", "GRAM", "ACT", "COMPUTE_GRAD"],
-    reset_to_zero=["dsj_ptr", "dsm_ptr"],
+    reset_to_zero=["part_ptr", "dsj_ptr", "dsm_ptr"],
 )(_gp_kernel)
 
 
-def _num_programs(n: int, device: torch.device) -> int:
+def gp_block_sizes(h1: int, h2: int | None, k: int, gram: bool, chunk: int = GP_CHUNK):
+    """Constexpr widths of a launch: dict(BH1, BH2, BK, BHO, BC, BJ) for hidden widths
+    ``h1``, ``h2`` (None: one hidden layer), wmat columns ``k`` and the Gram flag."""
+    bh1 = block_size(h1)
+    bh2 = block_size(h2) if h2 is not None else 16
+    return dict(BH1=bh1, BH2=bh2, BK=bh1 if gram else block_size(k),
+                BHO=bh2 if h2 is not None else bh1,
+                BC=min(chunk, bh2), BJ=min(chunk, bh1))
+
+
+def _partial_layout(blocks, two_layers: bool) -> tuple[int, int, int]:
+    """(row stride, offset of the wmat gradient, offset of the W_2 gradient) of a program's
+    partial row [loss | b1 | w_out | wmat (BH1 × BK) | W_2 (BH2 × BH1) | b2]."""
+    bh1, bh2 = blocks["BH1"], blocks["BH2"]
+    o_mat = 1 + bh1 + blocks["BHO"]
+    o_w2 = o_mat + bh1 * blocks["BK"]
+    return o_w2 + ((bh2 * bh1 + bh2) if two_layers else 0), o_mat, o_w2
+
+
+def _num_programs(n: int, device: torch.device, pstride: int = 1) -> int:
     """Persistent grid size (independent of the tuned BLOCK_N, so every partial slot is
-    written by every config)."""
+    written by every config), capped so the partial rows stay within _PARTIALS_BUDGET."""
     tiles_min = triton.cdiv(n, 16)
     if interpreter_enabled() or device.type != "cuda":
         return max(1, min(_INTERP_PROGRAMS, tiles_min))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(2 * sms, tiles_min))
+    return max(1, min(2 * sms, tiles_min, _PARTIALS_BUDGET // (4 * pstride)))
 
 
 def _launch(sj, sm, mi, eps, b1, wmat, w2, b2, wout, jb, gram, one_sided, act, compute_grad,
@@ -285,28 +362,29 @@ def _launch(sj, sm, mi, eps, b1, wmat, w2, b2, wout, jb, gram, one_sided, act, c
     two_layers = w2 is not None
     h2 = w2.shape[0] if two_layers else 1
     k = wmat.shape[1]
-    bh1, bh2 = block_size(h1), block_size(h2)
-    bk = bh1 if gram else block_size(k)
-    bho = bh2 if two_layers else bh1
-    progs = _num_programs(n, device)
-    f32 = dict(device=device, dtype=torch.float32)
-    # one partial row per program, written whole by it (no zero-fill), summed by one launch
-    pstride = 1
-    if compute_grad:
-        pstride += bh1 + bho + bh1 * bk + ((bh2 * bh1 + bh2) if two_layers else 0)
-        dsj = torch.zeros_like(sj)   # rows are only written on curved activations / scattered
-        dsm = torch.zeros_like(sm)
-    parts = torch.empty(progs, pstride, **f32)
+    blocks = gp_block_sizes(h1, h2 if two_layers else None, k, gram,
+                            _INTERP_CHUNK if interpreter_enabled() else GP_CHUNK)
+    pstride, o_mat, o_w2 = _partial_layout(blocks, two_layers)
     if not compute_grad:
+        pstride = 1
+    progs = _num_programs(n, device, pstride)
+    f32 = dict(device=device, dtype=torch.float32)
+    parts = torch.zeros(progs, pstride, **f32)   # read-modify-written by its program
+    scratch = torch.empty(progs * 2 * 32 * blocks["BH1"], **f32)   # BLOCK_N ≤ 32
+    curved = act >= 2
+    if compute_grad and curved:
+        dsj = torch.zeros_like(sj)   # rows are only written on curved activations
+        dsm = torch.zeros_like(sm)
+    else:
         dsj = dsm = parts
     gather = mi is not None
     args = (sj, sm, mi if gather else eps, eps, b1, wmat,
             w2 if two_layers else wout, b2 if two_layers else wout, wout,
-            parts, dsj, dsm, n, jb, h1, h2, k, 1.0 / n, triton.next_power_of_2(n), pstride)
+            parts, scratch, dsj, dsm, n, jb, h1, h2, k, 1.0 / n, triton.next_power_of_2(n),
+            pstride)
     meta = dict(M_TERMS=mi.shape[0] if gather else 1, GATHER=gather, ATOMIC=atomic,
                 TWO_LAYERS=two_layers, GRAM=gram, ONE_SIDED=bool(one_sided), ACT=act,
-                COMPUTE_GRAD=compute_grad, DOT_PREC=DOT_PRECISION, BH1=bh1, BH2=bh2, BK=bk,
-                BHO=bho)
+                COMPUTE_GRAD=compute_grad, DOT_PREC=DOT_PRECISION, **blocks)
     if interpreter_enabled():
         _gp_kernel[(progs,)](*args, **meta, BLOCK_N=_INTERP_BLOCK_N, num_warps=4)
     else:
@@ -315,12 +393,14 @@ def _launch(sj, sm, mi, eps, b1, wmat, w2, b2, wout, jb, gram, one_sided, act, c
     gp = total[0]
     if not compute_grad:
         return gp, None
-    o_mat = 1 + bh1 + bho
-    o_w2 = o_mat + bh1 * bk
-    grads = [dsj, dsm, total[1:1 + h1],
+    bh1, bh2, bk = blocks["BH1"], blocks["BH2"], blocks["BK"]
+    # relu / leaky_relu: σ'' = 0, so ∂P, ∂b_1 and ∂b_2 are identically zero — None, so
+    # autograd does not push zeros through the projection GEMMs
+    grads = [dsj if curved else None, dsm if curved else None,
+             total[1:1 + h1] if curved else None,
              total[o_mat:o_w2].view(bh1, bk)[:h1, :k],
              total[o_w2:o_w2 + bh2 * bh1].view(bh2, bh1)[:h2, :h1] if two_layers else None,
-             total[o_w2 + bh2 * bh1:o_w2 + bh2 * bh1 + h2] if two_layers else None,
+             total[o_w2 + bh2 * bh1:o_w2 + bh2 * bh1 + h2] if two_layers and curved else None,
              total[1 + bh1:1 + bh1 + (h2 if two_layers else h1)]]
     return gp, grads
 
@@ -339,21 +419,18 @@ class FusedGradientPenalty(torch.autograd.Function):
         compute_grad = any(ctx.needs_input_grad[:7])
         gp, grads = _launch(sj, sm, mi, eps, b1, wmat, w2, b2, wout, jb, gram, one_sided, act,
                             compute_grad, atomic)
+        ctx.present = [g is not None for g in grads] if compute_grad else [False] * 7
         if compute_grad:
             ctx.save_for_backward(*[t for t in grads if t is not None])
-            ctx.has_second = w2 is not None
         return gp
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        saved = list(ctx.saved_tensors)  # dsj, dsm, db1, dwmat, (dw2, db2,) dwout
-        # one multi-tensor launch scales every saved gradient
-        scaled = iter(torch._foreach_mul(saved, grad_out.to(torch.float32)))
-        if ctx.has_second:
-            grads = [next(scaled) for _ in range(7)]
-        else:
-            grads = [next(scaled) for _ in range(4)] + [None, None, next(scaled)]
+        # one multi-tensor launch scales every saved gradient; the identically zero ones
+        # (None: ∂P, ∂b_1, ∂b_2 of relu / leaky_relu) stay None
+        scaled = iter(torch._foreach_mul(list(ctx.saved_tensors), grad_out.to(torch.float32)))
+        grads = [next(scaled) if present else None for present in ctx.present]
         return (*grads, None, None, None, None, None, None, None)
 
 
