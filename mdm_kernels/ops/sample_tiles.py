@@ -37,9 +37,15 @@ Index modes
 * ``NCE``     InfoNCE with shuffles: r = anchor i, c ∈ [0, K] picks the candidate
   (c = 0: i itself, c ≥ 1: perms[c − 1, 1, i]).
 
+``"distinct"`` negatives are the ``GRID`` layout with the constexpr ``DISTINCT``: the samples
+whose factor indices coincide (InfoNCE: candidate = anchor) are masked out of each tile
+(:func:`grid_distinct`), so they enter neither a reduction nor a gradient — no extra memory.
+
 A :class:`SamplePlan` records one term's index mode and sizes (N samples as rows × columns).
 """
 from __future__ import annotations
+
+import math
 
 import triton
 import triton.language as tl
@@ -65,6 +71,21 @@ def _grid_factor(q: tl.constexpr, r, cols, B, NF: tl.constexpr, OWNER: tl.conste
                     idx = rem % B
                 rem = rem // B
     return idx
+
+
+@triton.jit
+def grid_distinct(valid, r, cols, B, IDX: tl.constexpr, NF: tl.constexpr,
+                  OWNER: tl.constexpr, DISTINCT: tl.constexpr):
+    """``valid`` restricted to the samples of pairwise distinct factor indices when DISTINCT
+    (``"distinct"`` negatives on the GRID layout; InfoNCE's two factors: candidate ≠ anchor);
+    ``valid`` unchanged otherwise."""
+    if DISTINCT:
+        if IDX == 2:
+            for a in tl.static_range(NF):
+                ia = _grid_factor(a, r, cols, B, NF, OWNER)
+                for b in tl.static_range(a + 1, NF):
+                    valid = valid & (ia != _grid_factor(b, r, cols, B, NF, OWNER))
+    return valid
 
 
 @triton.jit
@@ -292,8 +313,9 @@ def reduce_samples(P_ptr, b1, perm_ptr, W2_ptr, b2_ptr, wout_ptr, bout, row_lse_
                     r_step, R, N, ncol, offs, offs_h, hmask, B, H1, H2, M: tl.constexpr,
                     IDX: tl.constexpr, RED: tl.constexpr, NF: tl.constexpr,
                     GROUPED: tl.constexpr, TWO_LAYERS: tl.constexpr, BLOCK_H2: tl.constexpr,
-                    BLOCK_N: tl.constexpr, ACT: tl.constexpr):
-    """Score rows r0, r0 + r_step, … < R (every column of each) and reduce in registers:
+                    BLOCK_N: tl.constexpr, ACT: tl.constexpr, DISTINCT: tl.constexpr = False):
+    """Score rows r0, r0 + r_step, … < R (every column of each; with DISTINCT only the
+    samples of pairwise distinct indices, :func:`grid_distinct`) and reduce in registers:
     returns per-lane (acc, run_m, run_s) — the sum (RED_SUM, RED_NEG_SOFTPLUS_NEG,
     RED_SOFTPLUS) or the online log-sum-exp state (RED_LSE).  RED_LSE_ROW stores LSE_r of
     every row and adds it to lane 0 of acc."""
@@ -306,6 +328,7 @@ def reduce_samples(P_ptr, b1, perm_ptr, W2_ptr, b2_ptr, wout_ptr, bout, row_lse_
             run_s = tl.zeros([BLOCK_N], tl.float32)
         for c0 in range(0, ncol, BLOCK_N):
             cols, valid = tile_columns(r, c0, offs, N, ncol, BLOCK_N, IDX)
+            valid = grid_distinct(valid, r, cols, B, IDX, NF, 0, DISTINCT)
             _, _, t = tile_scores(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, W2_ptr,
                                    b2_ptr, wout_ptr, bout, B, H1, H2, M, IDX, NF, 0, GROUPED,
                                    TWO_LAYERS, BLOCK_H2, ACT)
@@ -333,23 +356,36 @@ def reduce_samples(P_ptr, b1, perm_ptr, W2_ptr, b2_ptr, wout_ptr, bout, row_lse_
 class SamplePlan:
     """One term's samples as (rows × columns): index mode ``idx`` (``IDX_*``), batch size B,
     N samples, NCOL columns per row, NF factors of the "all" grid, ``grouped`` (InfoNCE's
-    candidate modalities share one index)."""
+    candidate modalities share one index), ``distinct`` (the grid without coinciding
+    indices: N counts only the distinct samples, the layout stays the full grid's)."""
 
-    def __init__(self, idx, B, n, ncol, nf=1, grouped=False):
+    def __init__(self, idx, B, n, ncol, nf=1, grouped=False, distinct=False):
         self.idx, self.B, self.N, self.NCOL, self.NF, self.grouped = idx, B, n, ncol, nf, grouped
+        self.distinct = distinct
+
+    @property
+    def candidates(self) -> int:
+        """InfoNCE candidates per anchor (the normaliser of its row log-mean-exp): the row's
+        columns, without the anchor itself on a distinct grid."""
+        return self.NCOL - 1 if self.distinct else self.NCOL
 
     def rows(self, block_n):
         """Rows of BLOCK_N-sample tiles (flat modes) or of the grid/anchor layouts."""
         return triton.cdiv(self.N, block_n) if self.idx <= IDX_PERMS else self.B
 
 
-def marginal_plan(kind, B, m, perms):
+def marginal_plan(kind, B, m, perms, distinct=False):
     """The :class:`SamplePlan` of estimator ``kind``'s marginal term (``perms``: (K, m, B)
-    indices, or ``None`` for the "all" grid)."""
+    indices, or ``None`` for the "all" grid — the "distinct" grid with ``distinct``:
+    B(B−1)···(B−m+1) samples, InfoNCE B(B−1))."""
+    if distinct and perms is not None:
+        raise ValueError("a distinct grid has no perms")
     if kind == "infonce":
         if perms is None:
-            return SamplePlan(IDX_GRID, B, B * B, B, nf=2, grouped=True)
+            n = B * (B - 1) if distinct else B * B
+            return SamplePlan(IDX_GRID, B, n, B, nf=2, grouped=True, distinct=distinct)
         return SamplePlan(IDX_NCE, B, B * (perms.shape[0] + 1), perms.shape[0] + 1)
     if perms is None:
-        return SamplePlan(IDX_GRID, B, B ** m, B ** (m - 1), nf=m)
+        n = math.perm(B, m) if distinct else B ** m
+        return SamplePlan(IDX_GRID, B, n, B ** (m - 1), nf=m, distinct=distinct)
     return SamplePlan(IDX_PERMS, B, perms.shape[0] * B, 0)
