@@ -30,16 +30,16 @@ def main() -> int:
             zs = [torch.randn(batch, d, device="cuda", dtype=dtype, requires_grad=True)
                   for d in dims]
             for kind in KINDS:
-                for negatives in ("shuffle", 2, "all"):
+                for negatives in ("shuffle", 2, "all", "distinct"):
                     samples = resolve_samples(kind, zs, negatives, None, None)
-                    joint, marg = cuda_ops.fused_dependency_terms(kind, critic, zs, samples)
+                    joint, marg = cuda_backend.fused_dependency_terms(kind, critic, zs, samples)
                     (0.5 * joint - 1.5 * marg).backward()
                     runs += 1
         joint = [torch.randn(11, d, device="cuda", requires_grad=True) for d in dims]
         marginal = [torch.randn(11, d, device="cuda", requires_grad=True) for d in dims]
         eps = torch.rand(11, device="cuda")
         for one_sided in (False, True):
-            cuda_ops.fused_gradient_penalty(critic, joint, marginal, eps, one_sided).backward()
+            cuda_backend.fused_gradient_penalty(critic, joint, marginal, eps, one_sided).backward()
             runs += 1
     torch.cuda.synchronize()
     print(f"driver: {runs} forward+backward runs completed")
