@@ -11,6 +11,11 @@ reports), then writes, for this machine and today,
 * ``DIR/<device-slug>-<date>/*.png`` — time and peak memory against the batch size B, one
   figure per workload family (matplotlib, Agg backend).
 
+pytest's own output ends with the compact summary of ``benchmarks/conftest.py``
+(:func:`summary_lines`: ratios against eager and ``torch.compile``, memory, skipped rows
+grouped by reason).  CPU memory is torch's CPU allocator peak (:func:`torch_cpu_peak_bytes`).
+User errors are one line and exit status 2 (``--debug``: the traceback).
+
 It works unchanged on a CPU-only machine (CPU rows, small sizes, GPU rows skipped with the
 reason) and on a GPU.  The writers (:func:`write_results`) take a pytest-benchmark JSON and
 do not run anything, so they are testable offline.
