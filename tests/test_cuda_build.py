@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -201,6 +203,45 @@ def test_backward_chunks_cover_large_grids(extension_so):
     and owners of every modality class see exactly their chunk's ids."""
     out = _run_with_extension(extension_so, OWNERS_CHUNKED)
     assert out.strip().endswith("checked"), out
+
+
+KERNEL_SOURCES = ("critic_bounds_forward.cu", "critic_bounds_backward.cu", "gradient_penalty.cu")
+PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)'")
+PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _ptxas_report(source: str) -> list[tuple[str, int, int]]:
+    """(mangled kernel, stack frame bytes, spill bytes) of every sm_90 kernel of a source."""
+    cmd = [_nvcc(), "-O3", "-std=c++17", "-gencode", "arch=compute_90,code=sm_90",
+           "-I", str(CSRC), "-Xptxas", "-v", "-c", str(CSRC / source), "-o", os.devnull]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report, kernel = [], None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        entry = PTXAS_ENTRY.search(line)
+        if entry:
+            kernel = entry.group(1)
+        frame = PTXAS_FRAME.search(line)
+        if frame and kernel:
+            stack, stores, loads = map(int, frame.groups())
+            report.append((kernel, stack, stores + loads))
+            kernel = None
+    return report
+
+
+def test_kernels_use_no_local_memory():
+    """ptxas (sm_90): no kernel has a stack frame or spills — the row indices and projection
+    pointers are indexed by unrolled constants (templated on m) and stay in registers; a
+    runtime m gave 176–272-byte frames.  One template instantiation per (dtype, m)."""
+    with ThreadPoolExecutor(2) as pool:
+        reports = dict(zip(KERNEL_SOURCES, pool.map(_ptxas_report, KERNEL_SOURCES)))
+    kernels = [row for rows in reports.values() for row in rows]
+    names = " ".join(k for k, _, _ in kernels)
+    for family in ("stats_kernel", "anchor_lse_kernel", "score_grad_kernel",
+                   "owner_grad_kernel"):
+        assert names.count(family) == 3 * 7, f"{family}: expected 3 dtypes x m = 2..8"
+    offenders = [(k, stack, spill) for k, stack, spill in kernels if stack or spill]
+    assert not offenders, offenders
 
 
 def test_setup_skips_cleanly_without_cuda(tmp_path):
