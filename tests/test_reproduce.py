@@ -72,12 +72,15 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, count_training, capsys):
 
 def test_plan_selection_first_and_seed_major():
     grid = {"weight": (0.1, 1.0), "critic_steps": (1,), "critic_hidden": (8,)}
-    p = rep.plan(["ef_lstm", "mag"], ["none", "mine"], [0, 1], grid, model_seeds={"mag": [5]}, no_select=("mag",))
+    p = rep.plan(["ef_lstm", "lmf", "mag"], ["none", "mine"], [0, 1], grid, model_seeds={"mag": [1]},
+                 no_select=("mag",))
     labels = [(r["phase"], r["model"], r["penalty"], r.get("seed")) for r in p]
-    assert labels == [("select", "ef_lstm", "mine", None)] * 2 + [
+    assert labels == [("select", "ef_lstm", "mine", None)] * 2 + [("select", "lmf", "mine", None)] * 2 + [
         ("final", "ef_lstm", "none", 0), ("final", "ef_lstm", "mine", 0),
+        ("final", "lmf", "none", 0), ("final", "lmf", "mine", 0),
         ("final", "ef_lstm", "none", 1), ("final", "ef_lstm", "mine", 1),
-        ("final", "mag", "none", 5), ("final", "mag", "mine", 5)]
+        ("final", "lmf", "none", 1), ("final", "lmf", "mine", 1),
+        ("final", "mag", "none", 1), ("final", "mag", "mine", 1)]
 
 
 def test_holm_matches_hand_values():

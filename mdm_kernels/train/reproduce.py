@@ -188,9 +188,9 @@ class _Progress:
 
 
 def plan(models, penalties, seeds, grid, *, model_seeds=None, no_select=()) -> list[dict]:
-    """Every run, cheap-first in the given model order: per model its selection runs (one per
-    grid point and penalty) then its final runs (seed-major, so that a grid stopped early has
-    every penalty at the same seeds)."""
+    """Every run, in the given model order (put the cheap backbones first): all selection runs
+    (one per model, penalty and grid point), then the final runs seed by seed, every model and
+    penalty within a seed, so that a grid stopped early has every cell at the same seeds."""
     model_seeds = model_seeds or {}
     out = []
     points = grid_points(grid)
@@ -200,7 +200,11 @@ def plan(models, penalties, seeds, grid, *, model_seeds=None, no_select=()) -> l
                 continue
             for pt in points:
                 out.append({"phase": "select", "model": m, "penalty": p, "point": pt})
-        for s in model_seeds.get(m, seeds):
+    all_seeds = list(dict.fromkeys(s for m in models for s in model_seeds.get(m, seeds)))
+    for s in all_seeds:
+        for m in models:
+            if s not in model_seeds.get(m, seeds):
+                continue
             for p in penalties:
                 out.append({"phase": "final", "model": m, "penalty": p, "seed": s})
     return out
