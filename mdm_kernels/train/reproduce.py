@@ -56,7 +56,7 @@ PAPER = {
 #: the paper's robustness figure (MAG-BERT, text removed): Acc-2(corrupted) / Acc-2(all)
 PAPER_ROBUSTNESS = {"none": "0.50", "mine": "≈0.68", "nwj": "≈0.67", "wasserstein": "≈0.61–0.66"}
 #: hyperparameter grid searched on validation: TrainConfig field -> candidate values
-DEFAULT_GRID = {"weight": (0.1, 1.0), "critic_steps": (1, 5), "critic_hidden": (128,)}
+DEFAULT_GRID = {"weight": (0.1, 1.0), "critic_steps": (1, 3), "critic_hidden": (128,)}
 HIGHER_IS_BETTER = {"acc7": True, "acc2": True, "f1": True, "acc2_nonzero": True, "f1_nonzero": True,
                     "mae": False, "corr": True, "robust_ratio": True}
 ALPHA = 0.05
@@ -676,7 +676,7 @@ def add_parser(sub, list_type) -> None:
     r.add_argument("--lambdas", type=floats, default=list(DEFAULT_GRID["weight"]),
                    help="λ candidates (validation grid; default 0.1,1)")
     r.add_argument("--unrolls", type=list_type(int), default=list(DEFAULT_GRID["critic_steps"]),
-                   help="Unroll (critic updates per model update) candidates (default 1,5)")
+                   help="Unroll (critic updates per model update) candidates (default 1,3)")
     r.add_argument("--critic-hiddens", type=list_type(int), default=list(DEFAULT_GRID["critic_hidden"]),
                    help="critic width candidates (default 128)")
     r.add_argument("--select-seed", type=int, default=0, help="seed of the validation selection runs (default 0)")
