@@ -349,6 +349,22 @@ def test_inputs_on_another_device_keep_the_current_device():
 
 
 @two_gpus
+def test_extension_restores_the_current_device():
+    """The extension's own DeviceGuard (no torch context around the call): a raw launch on
+    cuda:1 while cuda:0 is current leaves cuda:0 current, and computes the right U."""
+    torch.cuda.set_device(0)
+    Q = torch.randn(9, 40, device="cuda:1")
+    b1, w = torch.randn(40, device="cuda:1"), torch.randn(40, device="cuda:1")
+    U = torch.empty_like(Q)
+    stream = torch.cuda.current_stream(Q.device)
+    cuda_ops.extension().gp_hidden_forward(Q.data_ptr(), 9, 40, b1.data_ptr(), w.data_ptr(),
+                                           2, U.data_ptr(), 1, stream.cuda_stream)
+    assert torch.cuda.current_device() == 0
+    stream.synchronize()
+    torch.testing.assert_close(U, w * (1 - torch.tanh(Q + b1) ** 2), rtol=1e-5, atol=1e-6)
+
+
+@two_gpus
 def test_inputs_on_two_devices_are_refused():
     critic, zs = make_case(device="cuda:0")
     P = [p.detach() for p in cuda_backend.projections(critic, zs)]

@@ -24,6 +24,7 @@ Ops (namespace ``mdm_kernels``; ``kind``, ``act``, ``negatives`` are the integer
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -65,6 +66,12 @@ def _launch_ctx(t: torch.Tensor) -> tuple[int, int]:
     if t.device.type == "cuda":
         return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
     return 0, 0  # only reachable with a host-memory stand-in extension (CPU tests of the glue)
+
+
+def _on_device(t: torch.Tensor):
+    """Context in which t's device is torch's current device, the caller's restored on exit
+    (the extension's DeviceGuard restores it too; this keeps torch's view consistent)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _ptrs(tensors: Sequence[torch.Tensor]) -> list[int]:
@@ -198,11 +205,12 @@ def bounds_fwd(P: list[torch.Tensor], b1: torch.Tensor, w: torch.Tensor, b_out: 
     stats = torch.empty(b + 1, dtype=torch.float32, device=dev)
     workspace = torch.empty(WORKSPACE_FLOATS, dtype=torch.float32, device=dev)
     index, stream = _launch_ctx(P[0])
-    ext.bounds_forward(_ptrs(P), b, h, DTYPE_CODES[P[0].dtype], b1.data_ptr(), w.data_ptr(),
-                       b_out.data_ptr(), act, kind, negatives,
-                       0 if perms is None else perms.data_ptr(),
-                       0 if perms is None else perms.shape[0],
-                       terms.data_ptr(), stats.data_ptr(), workspace.data_ptr(), index, stream)
+    with _on_device(P[0]):
+        ext.bounds_forward(_ptrs(P), b, h, DTYPE_CODES[P[0].dtype], b1.data_ptr(),
+                           w.data_ptr(), b_out.data_ptr(), act, kind, negatives,
+                           0 if perms is None else perms.data_ptr(),
+                           0 if perms is None else perms.shape[0], terms.data_ptr(),
+                           stats.data_ptr(), workspace.data_ptr(), index, stream)
     return terms, stats
 
 
@@ -237,14 +245,15 @@ def bounds_bwd(P: list[torch.Tensor], b1: torch.Tensor, w: torch.Tensor, b_out: 
     if perms is not None:
         order, offsets = owner_lists(perms, kind, b)
     index, stream = _launch_ctx(P[0])
-    ext.bounds_backward(_ptrs(P), b, h, DTYPE_CODES[P[0].dtype], b1.data_ptr(), w.data_ptr(),
-                        b_out.data_ptr(), act, kind, negatives,
-                        0 if perms is None else perms.data_ptr(), k,
-                        grad_terms.data_ptr(), terms.data_ptr(), stats.data_ptr(),
-                        0 if order is None else order.data_ptr(),
-                        0 if offsets is None else offsets.data_ptr(), gamma.data_ptr(),
-                        _ptrs(dP.unbind(0)), dw_rows.data_ptr(), db_out_rows.data_ptr(),
-                        index, stream)
+    with _on_device(P[0]):
+        ext.bounds_backward(_ptrs(P), b, h, DTYPE_CODES[P[0].dtype], b1.data_ptr(),
+                            w.data_ptr(), b_out.data_ptr(), act, kind, negatives,
+                            0 if perms is None else perms.data_ptr(), k,
+                            grad_terms.data_ptr(), terms.data_ptr(), stats.data_ptr(),
+                            0 if order is None else order.data_ptr(),
+                            0 if offsets is None else offsets.data_ptr(), gamma.data_ptr(),
+                            _ptrs(dP.unbind(0)), dw_rows.data_ptr(), db_out_rows.data_ptr(),
+                            index, stream)
     # the kernels leave per-row partials; these sums are deterministic torch reductions
     # (db1 = Σ_r dP_1[r]: every sample has exactly one first row)
     return dP, dP[0].sum(0), dw_rows.sum(0), db_out_rows.sum().reshape(1)
@@ -294,8 +303,9 @@ def gp_hidden(Q: torch.Tensor, b1: torch.Tensor, w: torch.Tensor, act: int) -> t
     n, h = Q.shape
     U = torch.empty_like(Q)
     index, stream = _launch_ctx(Q)
-    ext.gp_hidden_forward(Q.data_ptr(), n, h, b1.data_ptr(), w.data_ptr(), act, U.data_ptr(),
-                          index, stream)
+    with _on_device(Q):
+        ext.gp_hidden_forward(Q.data_ptr(), n, h, b1.data_ptr(), w.data_ptr(), act,
+                              U.data_ptr(), index, stream)
     return U
 
 
@@ -316,9 +326,10 @@ def gp_hidden_bwd(Q: torch.Tensor, b1: torch.Tensor, w: torch.Tensor, act: int,
     dw_part = torch.empty(rows, h, dtype=torch.float32, device=Q.device)
     db1_part = torch.empty(rows, h, dtype=torch.float32, device=Q.device)
     index, stream = _launch_ctx(Q)
-    ext.gp_hidden_backward(Q.data_ptr(), n, h, b1.data_ptr(), w.data_ptr(), act, dU.data_ptr(),
-                           dQ.data_ptr(), rows, dw_part.data_ptr(), db1_part.data_ptr(),
-                           index, stream)
+    with _on_device(Q):
+        ext.gp_hidden_backward(Q.data_ptr(), n, h, b1.data_ptr(), w.data_ptr(), act,
+                               dU.data_ptr(), dQ.data_ptr(), rows, dw_part.data_ptr(),
+                               db1_part.data_ptr(), index, stream)
     return dQ, dw_part.sum(0), db1_part.sum(0)
 
 
