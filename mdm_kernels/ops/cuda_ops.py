@@ -202,7 +202,7 @@ def bounds_fwd(P: list[torch.Tensor], b1: torch.Tensor, w: torch.Tensor, b_out: 
     b, h = P[0].shape
     dev = P[0].device
     terms = torch.empty(2, dtype=torch.float32, device=dev)
-    stats = torch.empty(b + 1, dtype=torch.float32, device=dev)
+    stats = torch.zeros(b + 1, dtype=torch.float32, device=dev)  # [:B] written by InfoNCE only
     workspace = torch.empty(WORKSPACE_FLOATS, dtype=torch.float32, device=dev)
     index, stream = _launch_ctx(P[0])
     with _on_device(P[0]):
