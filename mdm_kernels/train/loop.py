@@ -155,7 +155,8 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
     last_path, best_path = out / "last.pt", out / "best.pt"
     if cfg.resume:
         if last_path.is_file():
-            ck = load_checkpoint(last_path, map_location=device)
+            # on the CPU: RNG states must stay CPU ByteTensors; load_state_dict moves the rest
+            ck = load_checkpoint(last_path, map_location="cpu")
             for k in _ARCH_KEYS:
                 if ck["config"].get(k) != getattr(cfg, k):
                     raise ValueError(f"--resume: --{k.replace('_', '-')} is {getattr(cfg, k)!r} but the "
