@@ -412,6 +412,28 @@ def test_unsupported_reasons():
     assert "width" in b.unsupported_reason("dv", wide, zs)
 
 
+def test_batch_limit_reason(monkeypatch):
+    critic, zs = make_case(batch=7)
+    monkeypatch.setattr(cuda_ops, "MAX_BATCH", 6)
+    assert "batches of <= 6 rows, got 7" in cuda_backend.BACKEND.unsupported_reason(
+        "dv", critic, zs)
+
+
+@pytest.mark.parametrize("kind", ("dv", "infonce"))
+def test_distinct_negatives_are_supported(kind):
+    """The CUDA backend declares 'distinct' (the dispatcher then lets it through), and the
+    op gets the distinct layout code (not the 'all' grid)."""
+    critic, zs = make_case()
+    samples = resolve_samples(kind, zs, "distinct", None, None)
+    assert cuda_backend.BACKEND.supports_distinct_negatives
+    assert cuda_backend.BACKEND.unsupported_reason(kind, critic, zs, samples) is None
+    assert cuda_backend.negatives_code(samples) == cuda_ops.NEGATIVES_CODES["distinct"]
+    assert cuda_backend.negatives_code(resolve_samples(kind, zs, "all", None, None)) == \
+        cuda_ops.NEGATIVES_CODES["all"]
+    assert cuda_backend.negatives_code(resolve_samples(kind, zs, 2, None, None)) == \
+        cuda_ops.NEGATIVES_CODES["perms"]
+
+
 # ================================================================== CPU: input checks
 def bounds_inputs(batch=5, hidden=6, m=3, dtype=torch.float32, device="cpu"):
     """Valid (P, b1, w, b_out) for the bounds ops (host tensors: CPU tests of the checks)."""
