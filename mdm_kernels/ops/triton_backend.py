@@ -37,7 +37,8 @@ class TritonBackend(Backend):
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if _IMPORT_ERROR is not None:
-            return f"triton is not installed ({_IMPORT_ERROR})"
+            return (f"triton is not installed ({_IMPORT_ERROR}); install it with "
+                    f"`pip install 'mdm-kernels[triton]'` (CUDA builds of torch bring it)")
         if device.type == "cuda":
             return None
         if device.type == "cpu" and interpreter_enabled():

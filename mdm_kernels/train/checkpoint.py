@@ -6,7 +6,8 @@ stores is of those types: model/optimizer state dicts, the configuration as a di
 values, and the RNG states (torch/generator states are uint8 tensors, Python's is a tuple of
 ints, NumPy's is converted by :func:`numpy_state_to_plain`).
 
-:func:`resume_values` restores a run's own configuration for ``--resume``.
+:func:`mdm_kernels.train.config.resume_values` restores a run's own configuration for
+``--resume`` from what :func:`load_checkpoint` returns.
 """
 from __future__ import annotations
 
@@ -59,40 +60,3 @@ def numpy_state_from_plain(st: dict) -> tuple:
     """Inverse of :func:`numpy_state_to_plain`, for ``np.random.set_state``."""
     keys = st["keys"].cpu().numpy().astype(np.uint32)
     return st["name"], keys, st["pos"], st["has_gauss"], st["cached_gaussian"]
-
-
-#: Options that may differ when a run is resumed: how long and where it runs, not what it is.
-RESUME_MAY_CHANGE = ("out", "resume", "quiet", "epochs", "patience", "device", "backend", "data_dir",
-                     "skip_test")
-
-
-def resume_values(explicit: dict, defaults: dict) -> dict:
-    """The configuration of ``--resume``: the run's own configuration from ``OUT/last.pt``,
-    with the explicitly given values (flags, ``--config`` file) on top.  An explicit value of
-    an option outside :data:`RESUME_MAY_CHANGE` that differs from the checkpoint's raises
-    ValueError naming the flag.  Without a checkpoint ``explicit`` is returned unchanged
-    (training starts fresh, with a note).
-
-    ``explicit``: option name -> value as given; ``defaults``: option name -> default (the
-    options known to this version; checkpoint keys outside it are ignored)."""
-    from .config import TrainConfig, validate
-    out = Path(explicit.get("out", defaults["out"]))
-    path = out / "last.pt"
-    if not path.is_file():
-        return explicit
-    try:
-        saved = {k: v for k, v in load_checkpoint(path)["config"].items() if k in defaults}
-    except CheckpointError as exc:
-        raise CheckpointError(f"--resume: {exc}") from None
-    saved_cfg = validate(TrainConfig(**{**saved, "out": str(out)}))
-    merged = {**saved, **explicit}
-    merged_cfg = validate(TrainConfig(**merged))
-    for name in explicit:
-        if name in RESUME_MAY_CHANGE:
-            continue
-        new, old = getattr(merged_cfg, name), getattr(saved_cfg, name)
-        if new != old:
-            raise ValueError(f"--resume: --{name.replace('_', '-')} {new!r} contradicts the run in {out} "
-                             f"(trained with {old!r}); drop the flag to continue that run, or "
-                             f"train a new one with another --out")
-    return merged

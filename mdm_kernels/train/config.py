@@ -220,6 +220,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Options that may differ when a run is resumed: how long and where it runs, not what it is.
+RESUME_MAY_CHANGE = ("out", "resume", "quiet", "epochs", "patience", "device", "backend", "data_dir",
+                     "skip_test")
+
+
+def resume_values(explicit: dict, defaults: dict) -> dict:
+    """The configuration of ``--resume``: the run's own configuration from ``OUT/last.pt``,
+    with the explicitly given values (flags, ``--config`` file) on top.  An explicit value of
+    an option outside :data:`RESUME_MAY_CHANGE` that differs from the checkpoint's raises
+    ValueError naming the flag.  Without a checkpoint ``explicit`` is returned unchanged
+    (training starts fresh, with a note).
+
+    ``explicit``: option name -> value as given; ``defaults``: option name -> default (the
+    options known to this version; checkpoint keys outside it are ignored)."""
+    from .checkpoint import CheckpointError, load_checkpoint
+    out = Path(explicit.get("out", defaults["out"]))
+    path = out / "last.pt"
+    if not path.is_file():
+        return explicit
+    try:
+        saved = {k: v for k, v in load_checkpoint(path)["config"].items() if k in defaults}
+    except CheckpointError as exc:
+        raise CheckpointError(f"--resume: {exc}") from None
+    saved_cfg = validate(TrainConfig(**{**saved, "out": str(out)}))
+    merged = {**saved, **explicit}
+    merged_cfg = validate(TrainConfig(**merged))
+    for name in explicit:
+        if name in RESUME_MAY_CHANGE:
+            continue
+        new, old = getattr(merged_cfg, name), getattr(saved_cfg, name)
+        if new != old:
+            raise ValueError(f"--resume: --{name.replace('_', '-')} {new!r} contradicts the run in {out} "
+                             f"(trained with {old!r}); drop the flag to continue that run, or "
+                             f"train a new one with another --out")
+    return merged
+
+
 def parse_args(argv=None) -> TrainConfig:
     parser = build_parser()
     ns = vars(parser.parse_args(argv))
@@ -230,7 +267,6 @@ def parse_args(argv=None) -> TrainConfig:
             values.update(load_config_file(ns.pop("config")))
         values.update(ns)
         if values.get("resume"):  # the run's own configuration from OUT/last.pt, flags on top
-            from .checkpoint import resume_values
             values = resume_values(values, {f.name: f.default for f in fields(TrainConfig)})
         return validate(TrainConfig(**values))
     except (ValueError, FileNotFoundError, ImportError, TypeError) as e:
