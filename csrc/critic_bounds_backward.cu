@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kThreads)
 owner_grad_kernel(Critic<T, M> c, SampleSet s, OwnerLists lists,
                   int role, const float* __restrict__ grad_terms,
                   const float* __restrict__ gamma, Chunk ch, GradRows out) {
-  extern __shared__ float smem[];  // 2 · groups · H: Σ dL/dpre and Σ γ σ(pre) per group
+  MDM_DYNAMIC_SHARED(float, smem);  // 2 · groups · H: Σ dL/dpre and Σ γ σ(pre) per group
   __shared__ int s_idx[kTile * M];
   __shared__ float s_gamma[kTile];
   if (grad_terms[role] == 0.0f) return;
@@ -174,12 +174,12 @@ void backward_impl(const CriticArgs& a, const SampleArgs& s, const float* grad_t
     const OwnerLists set_lists = role == 0 ? OwnerLists{nullptr, nullptr, 0} : lists;
     for (int64_t k = 0; k < num_chunks(set); ++k) {
       const Chunk ch = chunk_at(set, k);
-      score_grad_kernel<T, M><<<score_grid(ch.n1 - ch.n0), kThreads, 0, st>>>(
+      MDM_LAUNCH(score_grid(ch.n1 - ch.n0), kThreads, 0, st, score_grad_kernel<T, M>)(
           c, set, role, s.kind, grad_terms, terms, stats, inv_n, ch, gamma);
       MDM_CUDA_CHECK(cudaGetLastError());
       const dim3 grid(unsigned(a.B), unsigned(owner_class_count(set)));
-      owner_grad_kernel<T, M><<<grid, kThreads, smem, st>>>(c, set, set_lists, role,
-                                                            grad_terms, gamma, ch, out);
+      MDM_LAUNCH(grid, kThreads, smem, st, owner_grad_kernel<T, M>)(
+          c, set, set_lists, role, grad_terms, gamma, ch, out);
       MDM_CUDA_CHECK(cudaGetLastError());
     }
   }

@@ -118,7 +118,7 @@ void forward_impl(const CriticArgs& a, const SampleArgs& s, float* terms, float*
   const SampleSet js = joint_set(a.B, M);
   const int jstat = joint_statistic(s.kind), mstat = marginal_statistic(s.kind);
   const int nj = grid_for(js.count, kMaxPartials);
-  stats_kernel<T, M><<<nj, kThreads, 0, st>>>(c, js, jstat, pj);
+  MDM_LAUNCH(nj, kThreads, 0, st, stats_kernel<T, M>)(c, js, jstat, pj);
   MDM_CUDA_CHECK(cudaGetLastError());
   const SampleSet ms = marginal_set(a.B, M, s.kind, s.negatives, s.K,
                                     reinterpret_cast<const int64_t*>(s.perms));
@@ -126,18 +126,18 @@ void forward_impl(const CriticArgs& a, const SampleArgs& s, float* terms, float*
   float log_n = 0.0f, inv_n = 0.0f, log_c = 0.0f;
   if (s.kind == kInfoNCE) {
     const int grid = int(a.B < kMaxAnchorBlocks ? a.B : kMaxAnchorBlocks);
-    anchor_lse_kernel<T, M><<<grid, kThreads, 0, st>>>(c, ms, stats);
+    MDM_LAUNCH(grid, kThreads, 0, st, anchor_lse_kernel<T, M>)(c, ms, stats);
     MDM_CUDA_CHECK(cudaGetLastError());
     log_c = float(std::log(double(ms.samples / a.B)));  // |C_i|: B, B − 1 or K + 1
   } else {
     nm = grid_for(ms.count, kMaxPartials);
-    stats_kernel<T, M><<<nm, kThreads, 0, st>>>(c, ms, mstat, pm);
+    MDM_LAUNCH(nm, kThreads, 0, st, stats_kernel<T, M>)(c, ms, mstat, pm);
     MDM_CUDA_CHECK(cudaGetLastError());
     log_n = float(std::log(double(ms.samples)));
     inv_n = float(1.0 / double(ms.samples));
   }
-  combine_kernel<<<1, kThreads, 0, st>>>(pj, nj, jstat, pm, nm, mstat, stats, a.B, s.kind,
-                                         log_n, inv_n, log_c, terms);
+  MDM_LAUNCH(1, kThreads, 0, st, combine_kernel)(pj, nj, jstat, pm, nm, mstat, stats, a.B,
+                                                 s.kind, log_n, inv_n, log_c, terms);
   MDM_CUDA_CHECK(cudaGetLastError());
 }
 

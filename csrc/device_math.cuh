@@ -17,6 +17,15 @@
 
 #include "mdm_cuda.h"
 
+// Kernel launch and dynamic shared memory, spelled as macros so that the kernels also compile
+// as plain C++ for the host emulation of tests/cuda_emulation/ (which defines both first).
+#ifndef MDM_LAUNCH
+#define MDM_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+#ifndef MDM_DYNAMIC_SHARED
+#define MDM_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 namespace mdm {
 
 // ---------------------------------------------------------------- storage conversion

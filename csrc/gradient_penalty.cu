@@ -69,7 +69,8 @@ void gp_hidden_forward(std::uintptr_t Q, int64_t N, int64_t H, std::uintptr_t b1
   const int64_t total = N * H;
   int64_t blocks = (total + kThreads - 1) / kThreads;
   if (blocks > kMaxBlocks) blocks = kMaxBlocks;
-  gp_hidden_forward_kernel<<<int(blocks), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+  MDM_LAUNCH(int(blocks), kThreads, 0, reinterpret_cast<cudaStream_t>(stream),
+             gp_hidden_forward_kernel)(
       reinterpret_cast<const float*>(Q), total, H, reinterpret_cast<const float*>(b1),
       reinterpret_cast<const float*>(w), act, reinterpret_cast<float*>(U));
   MDM_CUDA_CHECK(cudaGetLastError());
@@ -84,7 +85,8 @@ void gp_hidden_backward(std::uintptr_t Q, int64_t N, int64_t H, std::uintptr_t b
     invalid("partial_rows must be in 1..min(N, " + std::to_string(kGpMaxPartialRows) +
             "), got " + std::to_string(partial_rows));
   DeviceGuard guard(device);
-  gp_hidden_backward_kernel<<<int(partial_rows), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+  MDM_LAUNCH(int(partial_rows), kThreads, 0, reinterpret_cast<cudaStream_t>(stream),
+             gp_hidden_backward_kernel)(
       reinterpret_cast<const float*>(Q), N, H, reinterpret_cast<const float*>(b1),
       reinterpret_cast<const float*>(w), act, reinterpret_cast<const float*>(dU),
       reinterpret_cast<float*>(dQ), reinterpret_cast<float*>(dw_part),
