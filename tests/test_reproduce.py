@@ -70,7 +70,7 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, count_training, capsys):
     assert not count_training
     res = json.loads((out / "reproduce.json").read_text())
     assert len(res["runs"]) == 6 and res["missing"] == ["ef_lstm/none/s3", "ef_lstm/nwj/s3"]
-    assert "**Not run** (2)" in doc.read_text() and "Scale: one epoch (a test)." in doc.read_text()
+    assert "**Not run** (2 final runs): ef_lstm: 2 (none s3, nwj s3)." in doc.read_text() and "Scale: one epoch (a test)." in doc.read_text()
     assert "not BERT-base" in doc.read_text()
 
 

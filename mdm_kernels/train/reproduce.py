@@ -431,16 +431,30 @@ def _cell(runs, m, p):
     return " / ".join(vals)
 
 
+def _missing_summary(missing: list[str]) -> str:
+    """``["mfn/none/s3", "mfn/mine/s3", ...]`` -> ``"mfn: 2 (none s3; mine s3)"`` per model."""
+    by: dict = {}
+    for label in missing:
+        parts = label.split(" ", 1)[0].split("/")
+        if len(parts) != 3:
+            by.setdefault("other", {}).setdefault(label, [])
+            continue
+        m, p, s = parts
+        by.setdefault(m, {}).setdefault(p, []).append(s)
+    return "; ".join(f"{m}: {sum(max(len(v), 1) for v in ps.values())} ("
+                     + ", ".join(f"{p} {' '.join(v)}".strip() for p, v in ps.items()) + ")" for m, ps in by.items())
+
+
 def paper_layout_table(runs, models, penalties) -> str:
     head = "| model | source | " + " | ".join(PAPER_PENALTY[p] for p in penalties) + " |"
     lines = [head, "|" + "---|" * (2 + len(penalties))]
     for m in models:
         seeds = sorted({r["seed"] for r in runs if r["model"] == m})
-        lines.append(f"| {PAPER_BACKBONE.get(m, m)} | ours ({len(seeds)} seeds) | "
+        lines.append(f"| {PAPER_BACKBONE.get(m, m)} | ours ({len(seeds)} seed{'s' if len(seeds) != 1 else ''}) | "
                      + " | ".join(_cell(runs, m, p) for p in penalties) + " |")
         if m in PAPER:
             lines.append(f"| | paper | " + " | ".join(
-                " / ".join(f"{v:g}" if i < 2 else f"{v:.2f}" for i, v in enumerate(PAPER[m][p])) if p in PAPER[m] else "–"
+                " / ".join(f"{v:.1f}" if i < 2 else f"{v:.2f}" for i, v in enumerate(PAPER[m][p])) if p in PAPER[m] else "–"
                 for p in penalties) + " |")
     return "\n".join(lines)
 
@@ -604,7 +618,7 @@ def write_report(result: dict, doc_path: Path) -> None:
         L.append(f"| {m} | {n} | {','.join(map(str, seeds)) if seeds else '–'} | "
                  f"{','.join(map(str, eps)) if eps else '–'} | {_fmt(t, d=0)} s |")
     if result["missing"]:
-        L += ["", f"**Not run** ({len(result['missing'])}): " + ", ".join(result["missing"])]
+        L += ["", f"**Not run** ({len(result['missing'])} final runs): " + _missing_summary(result["missing"]) + "."]
     if result.get("notes"):
         L += ["", result["notes"].rstrip()]
     L += ["", "### Differences from the paper's setup", "", SETUP_NOTES.rstrip()]
