@@ -88,3 +88,18 @@ def compute_dtype(critic, zs: Sequence[torch.Tensor]) -> torch.dtype:
     if torch.float64 in (critic_dtype(critic), zs[0].dtype):
         return torch.float64
     return torch.float32
+
+
+def require_values(condition: torch.Tensor, message: str, details=None) -> None:
+    """Check a condition on tensor *values* (``condition``: a 0-dim bool tensor, e.g. index
+    bounds) without blocking ``torch.compile``.  Eagerly: one host read, and
+    ``ValueError(message)`` — followed by ``": " + details()`` when ``details`` (a callable,
+    e.g. quoting the offending values) is given.  While Dynamo traces
+    (``torch.compiler.is_compiling()``): no host synchronisation in the graph, a
+    device-side assertion (``torch._assert_async``) instead, which fails the step with
+    ``message`` when it runs."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(condition, message)
+        return
+    if not bool(condition):
+        raise ValueError(message if details is None else f"{message}: {details()}")

@@ -37,6 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ._validation import require_values
+
+
 @dataclass(frozen=True)
 class MarginalSamples:
     """Resolved choice of marginal samples.
@@ -93,9 +96,12 @@ def draw_shuffles(batch_size: int, num_modalities: int, num_shuffles: int, gener
         perms[:, 1:] = batched_permutations(num_shuffles, rows, batch_size, generator,
                                             gen_device)
     else:
+        gen = {} if generator is None else {"generator": generator}
         for k in range(num_shuffles):
             for j in range(1, rows + 1):
-                torch.randperm(batch_size, generator=generator, out=perms[k, j])
+                # neither out=perms[k, j] nor generator=None: those overloads specialise
+                # a symbolic batch size under torch.compile(dynamic=True); same draws
+                perms[k, j] = torch.randperm(batch_size, device=gen_device, **gen)
             if candidates_together:
                 perms[k, 2:] = perms[k, 1]
     return perms.to(device)
@@ -148,10 +154,10 @@ def check_perms(perms, batch_size: int, num_modalities: int, device) -> torch.Te
             f"got {tuple(perms.shape)}")
     if perms.device != torch.device(device):
         raise ValueError(f"perms is on {perms.device} but the z's are on {device}")
-    if perms.numel() and (int(perms.min()) < 0 or int(perms.max()) >= batch_size):
-        raise ValueError(
-            f"perms holds row indices outside [0, {batch_size}): "
-            f"min {int(perms.min())}, max {int(perms.max())}")
+    if perms.numel():
+        require_values(((perms >= 0) & (perms < batch_size)).all(),
+                       f"perms holds row indices outside [0, {batch_size})",
+                       lambda: f"min {int(perms.min())}, max {int(perms.max())}")
     return perms.to(torch.int64)
 
 
@@ -180,12 +186,11 @@ def product_of_marginals(batch_size: int, num_modalities: int, negatives="shuffl
         perms = check_perms(perms, batch_size, num_modalities, device)
         if candidates_together:
             anchor = torch.arange(batch_size, device=perms.device)
-            if not bool((perms[:, 0] == anchor).all()):
-                raise ValueError("perms[:, 0] must be 0..B-1 for InfoNCE (the anchor is in order)")
-            if not bool((perms[:, 1:] == perms[:, 1:2]).all()):
-                raise ValueError(
-                    "perms[:, j] must be equal for all j >= 1 for InfoNCE "
-                    "(the candidate modalities stay together)")
+            require_values((perms[:, 0] == anchor).all(),
+                           "perms[:, 0] must be 0..B-1 for InfoNCE (the anchor is in order)")
+            require_values((perms[:, 1:] == perms[:, 1:2]).all(),
+                           "perms[:, j] must be equal for all j >= 1 for InfoNCE "
+                           "(the candidate modalities stay together)")
         return MarginalSamples(perms, batch_size, num_modalities)
     if batch_size < 2:
         raise ValueError(f"negatives need a batch of at least 2 rows, got B={batch_size}")

@@ -20,6 +20,7 @@ OPS_LAYERS = [
     {"marginal_terms"},
     {"sample_tiles"},
     {"gathered_tiles", "outer_sums", "single_program", "gradient_penalty"},
+    {"triton_ops"},
     {"router"},
     {"triton_backend"},
 ]

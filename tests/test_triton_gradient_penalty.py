@@ -20,6 +20,8 @@ from mdm_kernels.negatives import product_of_marginals
 ref_gp = importlib.import_module("mdm_kernels.reference.gradient_penalty")
 
 gp_ops = pytest.importorskip("mdm_kernels.ops.gradient_penalty")
+# the entry (a torch.library custom op around gp_ops' launches)
+gp_entry = pytest.importorskip("mdm_kernels.ops.triton_ops")
 
 # triton 3.6's interpreter converts the persistent loop's range() bounds with a numpy
 # deprecation warning; harmless (compiled kernels never see it).
@@ -73,7 +75,7 @@ def assert_close_grad(got, want, rtol, what):
 
 def check_against_reference(critic, joint, marginal, eps, one_sided=False, rtol=2e-4,
                             value_rtol=2e-5):
-    gp = gp_ops.fused_gradient_penalty(critic, joint, marginal, eps, one_sided)
+    gp = gp_entry.fused_gradient_penalty(critic, joint, marginal, eps, one_sided)
     assert gp.dim() == 0 and gp.dtype == torch.float32
     gp.backward()
     gp = gp.detach()
@@ -143,7 +145,7 @@ def test_piecewise_linear_gradients_that_vanish_are_none(device, act, hidden):
     dims = (5, 7)
     critic = make_critic(dims, hidden, act).to(device)
     joint, marginal, eps = make_pairs(dims, 23, device)
-    gp = gp_ops.fused_gradient_penalty(critic, joint, marginal, eps, False)
+    gp = gp_entry.fused_gradient_penalty(critic, joint, marginal, eps, False)
     gp.backward()
     assert all(t.grad is None for t in joint + marginal)
     assert critic.first_bias.grad is None
@@ -154,7 +156,7 @@ def test_piecewise_linear_gradients_that_vanish_are_none(device, act, hidden):
     # a curved activation keeps every gradient
     critic = make_critic(dims, hidden, "tanh").to(device)
     joint, marginal, eps = make_pairs(dims, 23, device)
-    gp_ops.fused_gradient_penalty(critic, joint, marginal, eps, False).backward()
+    gp_entry.fused_gradient_penalty(critic, joint, marginal, eps, False).backward()
     assert all(t.grad is not None for t in joint + marginal)
     assert critic.first_bias.grad is not None
 
@@ -181,7 +183,7 @@ def test_one_sided(device, act, shape):
     critic = make_critic(dims, hidden, act, seed=5).to(device)
     joint, marginal, eps = make_pairs(dims, 37, device, seed=6)
     gp = check_against_reference(critic, joint, marginal, eps, one_sided=True)
-    two_sided = gp_ops.fused_gradient_penalty(critic, joint, marginal, eps, False).detach()
+    two_sided = gp_entry.fused_gradient_penalty(critic, joint, marginal, eps, False).detach()
     assert float(gp) <= float(two_sided) + 1e-6
 
 
@@ -204,7 +206,7 @@ def test_explicit_eps_endpoints(device):
     # ε = 1 everywhere: the marginal rows get no gradient.
     for t in joint + marginal:
         t.grad = None
-    gp = gp_ops.fused_gradient_penalty(critic, joint, marginal, torch.ones(6, device=device),
+    gp = gp_entry.fused_gradient_penalty(critic, joint, marginal, torch.ones(6, device=device),
                                        False)
     gp.backward()
     assert all(t.grad is None or not bool(t.grad.any()) for t in marginal)
@@ -254,7 +256,7 @@ def test_grad_output_scaling_and_value_only(device):
     dims, hidden = GRAM_2
     critic = make_critic(dims, hidden, "softplus").to(device)
     joint, marginal, eps = make_pairs(dims, 11, device)
-    gp = gp_ops.fused_gradient_penalty(critic, joint, marginal, eps, False)
+    gp = gp_entry.fused_gradient_penalty(critic, joint, marginal, eps, False)
     (-3.0 * gp).backward()
     want, pgrads, zgrads = reference_gp(critic, joint, marginal, eps, False, scale=-3.0)
     for name, p in critic.named_parameters():
@@ -262,7 +264,7 @@ def test_grad_output_scaling_and_value_only(device):
     for t, w in zip(joint + marginal, zgrads):
         assert_close_grad(t.grad, w, 2e-4, "z")
     with torch.no_grad():
-        value = gp_ops.fused_gradient_penalty(critic, joint, marginal, eps, False)
+        value = gp_entry.fused_gradient_penalty(critic, joint, marginal, eps, False)
     assert not value.requires_grad
     assert abs(float(value) - float(want)) < 2e-5 * max(1.0, float(want))
 

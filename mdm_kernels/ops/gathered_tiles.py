@@ -1,7 +1,8 @@
 """Gathered-tile kernels: the general multi-program path of the fused estimators.
 
-One op, in the Liger-Kernel layout: Triton kernels (with the math), then the
-``torch.autograd.Function`` :class:`FusedDependencyTerms`.  The scores and their gradients
+One op, in the Liger-Kernel layout: Triton kernels (with the math), then the op's forward
+and backward bodies :func:`tiles_forward` / :func:`tiles_backward` (registered as
+``torch.library`` custom ops by :mod:`~mdm_kernels.ops.triton_ops`).  The scores and their gradients
 are those of :mod:`~mdm_kernels.ops.sample_tiles` and :mod:`~mdm_kernels.ops.marginal_terms`;
 this module tiles them over many programs.  It runs every estimator, negatives mode, m and
 1-2 hidden layers; the router (:mod:`~mdm_kernels.ops.router`) sends small steps to the
@@ -43,10 +44,11 @@ import triton.language as tl
 from .marginal_terms import (G_ONE, G_SIGMOID_NEG, MARGINAL_RED, NEG_BIG_VALUE,
                              RED_LSE, RED_LSE_ROW, RED_NEG_SOFTPLUS_NEG, RED_SUM,
                              marginal_grad_args, marginal_value)
-from .sample_tiles import (IDX_GRID, IDX_JOINT, SamplePlan, marginal_plan,
+from .sample_tiles import (IDX_GRID, IDX_JOINT, SamplePlan, grid_distinct, marginal_plan,
                            reduce_samples, row_layout, scatter_shared_rows, store_owned_row,
                            term_grad, tile_backprop, tile_columns, tile_scores)
-from .triton_helpers import block_size, interpreter_enabled, tile_configs
+from .triton_helpers import (block_size, interpreter_enabled, launch_device, size_bucket,
+                             tile_configs)
 
 # ptxas for sm_90 at H_1 = 128 (python/compile_sm90.py's method): one hidden layer spills
 # nothing at (16, 4 warps), (16, 8) and (32, 8) but 0.5-3.4 kB per thread at (32, 4) and
@@ -63,17 +65,40 @@ _FIXED_CONFIG = (triton.Config({"BLOCK_N": 16}, num_warps=1) if interpreter_enab
 _MIN_BLOCK_N = 16  # smallest BLOCK_N of any config: sizes the per-program buffers
 
 
+#: Widest first hidden layer the gathered tiles take with two hidden layers: the second
+#: layer's ``tl.dot`` reads whole (BLOCK_N × H_1) and (BLOCK_H2 × H_1) operands through shared
+#: memory, which grows with H_1 (Triton 3.9: 393 KB per block at H_1 = 1,024) — wider
+#: critics are refused (router / TritonBackend.unsupported_reason).
+GATHERED_MAX_HIDDEN = 512
+#: ... and with one hidden layer (no tl.dot; the (BLOCK_N × H_1) tiles live in registers).
+GATHERED_MAX_HIDDEN_ONE_LAYER = 1024
+
+
+def gathered_block_h2(h2: int) -> int:
+    """BLOCK_H2: the chunk of second-layer units one ``tl.dot`` computes."""
+    return min(32, block_size(h2))
+
+
+def gathered_configs(h1: int, two_layers: bool) -> list:
+    """The autotune configs kept for first-layer width ``h1`` (the fit table,
+    verified at the edge widths by tests/test_gpu_resources.py): tiles of BLOCK_N × BLOCK_H1
+    ≤ 4096 elements with one hidden layer, ≤ 2048 at 8 warps with two (the ptxas figures
+    above); wider layers keep the smallest tile at 8 warps."""
+    h1 = block_size(h1)
+    if two_layers:
+        kept = [c for c in _GPU_CONFIGS if c.kwargs["BLOCK_N"] * h1 <= 2048
+                and c.num_warps == 8]
+    else:
+        kept = [c for c in _GPU_CONFIGS if c.kwargs["BLOCK_N"] * h1 <= 4096]
+    return kept or [min(_GPU_CONFIGS, key=lambda c: (c.kwargs["BLOCK_N"], -c.num_warps))]
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep tiles whose (BLOCK_N × BLOCK_H1) register footprint stays reasonable (see the
-    ptxas figures above): ≤ 4096 elements with one hidden layer, ≤ 2048 at 8 warps with two
-    (wider hidden layers keep the smallest tile)."""
+    """The autotuner's prune: only the configs :func:`gathered_configs` keeps."""
     h1 = kwargs.get("BLOCK_H1", named_args.get("BLOCK_H1", 128))
     two = kwargs.get("TWO_LAYERS", named_args.get("TWO_LAYERS", False))
-    if two:
-        kept = [c for c in configs if c.kwargs["BLOCK_N"] * h1 <= 2048 and c.num_warps == 8]
-    else:
-        kept = [c for c in configs if c.kwargs["BLOCK_N"] * h1 <= 4096]
-    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], -c.num_warps))]
+    fits = {(c.kwargs["BLOCK_N"], c.num_warps) for c in gathered_configs(h1, two)}
+    return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps) in fits] or configs[:1]
 
 
 _PRUNE = {"early_config_prune": _prune_configs}
@@ -97,6 +122,14 @@ def _launch_grid(plan, device):
     return lambda meta: (max(1, min(cap, plan.rows(meta["BLOCK_N"]))),)
 
 
+def _autotune_keys(plan) -> tuple[int, int, int]:
+    """(N_KEY, NCOL_KEY, B_KEY): the launch's sizes bucketed to powers of two
+    (:func:`~mdm_kernels.ops.triton_helpers.size_bucket`), the autotuners' keys in place of
+    the exact N, NCOL and B, so a short last batch or a DDP-gathered batch reuses the tuned
+    tile instead of benchmarking again.  Kernel arguments used only as keys."""
+    return size_bucket(plan.N), size_bucket(plan.NCOL), size_bucket(plan.B)
+
+
 @triton.jit
 def _prologue(b1_ptr, bout_ptr, H1, BLOCK_H1: tl.constexpr, BLOCK_N: tl.constexpr):
     """(program id, number of programs, tile lane offsets, hidden offsets and mask, b_1,
@@ -108,15 +141,15 @@ def _prologue(b1_ptr, bout_ptr, H1, BLOCK_H1: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.autotune(configs=tile_configs(_GPU_CONFIGS, _FIXED_CONFIG),
-                 key=["N", "NCOL", "H1", "H2", "B"], prune_configs_by=_PRUNE,
+                 key=["N_KEY", "NCOL_KEY", "H1", "H2", "B_KEY"], prune_configs_by=_PRUNE,
                  restore_value=["stats_ptr"])  # unused program slots must keep their init
 @triton.jit
 def _bounds_fwd_kernel(
     P_ptr, perm_ptr, b1_ptr, W2_ptr, b2_ptr, wout_ptr, bout_ptr,
     stats_ptr, row_lse_ptr,
-    B, N, NCOL, H1, H2,
+    B, N, NCOL, H1, H2, N_KEY, NCOL_KEY, B_KEY,
     M: tl.constexpr, IDX: tl.constexpr, RED: tl.constexpr, NF: tl.constexpr,
-    GROUPED: tl.constexpr, TWO_LAYERS: tl.constexpr, ACT: tl.constexpr,
+    GROUPED: tl.constexpr, DISTINCT: tl.constexpr, TWO_LAYERS: tl.constexpr, ACT: tl.constexpr,
     BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Forward: per-program partial (sum) or (max, Σ e^{T − max}) in stats[pid, 0:2];
@@ -126,7 +159,7 @@ def _bounds_fwd_kernel(
     acc, run_m, run_s = reduce_samples(P_ptr, b1, perm_ptr, W2_ptr, b2_ptr, wout_ptr, bout,
                                         row_lse_ptr, pid, G, R, N, ncol, offs, offs_h, hmask,
                                         B, H1, H2, M, IDX, RED, NF, GROUPED, TWO_LAYERS,
-                                        BLOCK_H2, BLOCK_N, ACT)
+                                        BLOCK_H2, BLOCK_N, ACT, DISTINCT)
     if RED == 3:
         mx = tl.max(run_m, axis=0)
         tl.store(stats_ptr + pid * 2, mx)
@@ -136,7 +169,7 @@ def _bounds_fwd_kernel(
 
 
 @triton.autotune(configs=tile_configs(_GPU_CONFIGS, _FIXED_CONFIG),
-                 key=["N", "NCOL", "H1", "H2", "B"], prune_configs_by=_PRUNE,
+                 key=["N_KEY", "NCOL_KEY", "H1", "H2", "B_KEY"], prune_configs_by=_PRUNE,
                  reset_to_zero=["dP_ptr", "gb1_ptr", "gW2_ptr", "gb2_ptr", "gwout_ptr",
                                 "gbout_ptr"])
 @triton.jit
@@ -144,10 +177,10 @@ def _bounds_bwd_kernel(
     P_ptr, perm_ptr, b1_ptr, W2_ptr, b2_ptr, wout_ptr, bout_ptr,
     scale_ptr, shift_ptr, row_lse_ptr,
     dP_ptr, gb1_ptr, gW2_ptr, gb2_ptr, gwout_ptr, gbout_ptr,
-    B, N, NCOL, H1, H2,
+    B, N, NCOL, H1, H2, N_KEY, NCOL_KEY, B_KEY,
     M: tl.constexpr, IDX: tl.constexpr, GMODE: tl.constexpr, NF: tl.constexpr,
-    OWNER: tl.constexpr, GROUPED: tl.constexpr, PARAM_GRADS: tl.constexpr,
-    TWO_LAYERS: tl.constexpr, ACT: tl.constexpr,
+    OWNER: tl.constexpr, GROUPED: tl.constexpr, DISTINCT: tl.constexpr,
+    PARAM_GRADS: tl.constexpr, TWO_LAYERS: tl.constexpr, ACT: tl.constexpr,
     BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Backward: recompute each tile, g = scale·φ(T), backprop through the MLP.
@@ -170,6 +203,7 @@ def _bounds_bwd_kernel(
         own = tl.zeros([BLOCK_H1], tl.float32)  # gradient of the owner row
         for c0 in range(0, ncol, BLOCK_N):
             cols, valid = tile_columns(r, c0, offs, N, ncol, BLOCK_N, IDX)
+            valid = grid_distinct(valid, r, cols, B, IDX, NF, owner, DISTINCT)
             z1, a1, t = tile_scores(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr,
                                      W2_ptr, b2_ptr, wout_ptr, bout, B, H1, H2, M, IDX, NF,
                                      owner, GROUPED, TWO_LAYERS, BLOCK_H2, ACT)
@@ -213,35 +247,55 @@ def _launch_fwd(plan, red, P, perms, b1, W2, b2, wout, bout, act):
     row_lse = torch.empty(plan.B if red == RED_LSE_ROW else 1, device=device,
                           dtype=torch.float32)
     dummy = b1
-    _bounds_fwd_kernel[_launch_grid(plan, device)](
-        P, perms if perms is not None else b1, b1,
-        W2 if W2 is not None else dummy, b2 if b2 is not None else dummy, wout, bout,
-        stats, row_lse, plan.B, plan.N, plan.NCOL, H1, H2,
-        IDX=plan.idx, RED=red, NF=plan.NF, GROUPED=plan.grouped, **meta)
+    with launch_device(P):
+        _bounds_fwd_kernel[_launch_grid(plan, device)](
+            P, perms if perms is not None else b1, b1,
+            W2 if W2 is not None else dummy, b2 if b2 is not None else dummy, wout, bout,
+            stats, row_lse, plan.B, plan.N, plan.NCOL, H1, H2, *_autotune_keys(plan),
+            IDX=plan.idx, RED=red, NF=plan.NF, GROUPED=plan.grouped, DISTINCT=plan.distinct,
+            **meta)
     return stats, row_lse
 
 
+def _backward_buffers(plan, P, G, H1, H2, two, param_grads, dP=None):
+    """The output buffers of one backward launch, each allocated the way the kernel writes
+    it: ∂P zero-filled only for launches that scatter rows with atomics (joint, shuffles,
+    InfoNCE candidates); an "all"-grid owner launch stores every row of the factor(s) it
+    owns exactly once, so the NF owner launches share one uninitialised buffer (``dP``,
+    ``torch.empty``).  The per-program parameter-gradient slices (G·(2H + H₂·H₁ + …) floats:
+    553 MB of W_2 slices at G = 528, H = 512) exist only with ``param_grads``; zero-filled,
+    since W_2/b_2/w_out are read-modify-written per tile and a launch may run fewer than G
+    programs (the autotuned BLOCK_N).  Returns (dP, gb1, gW2, gb2, gwout, gbout)."""
+    f32 = dict(device=P.device, dtype=torch.float32)
+    if dP is None:
+        dP = torch.empty_like(P) if plan.idx == IDX_GRID else torch.zeros_like(P)
+    if not param_grads:
+        unused = torch.empty(1, **f32)  # never written with PARAM_GRADS=False
+        return dP, unused, unused, unused, unused, unused
+    gW2 = torch.zeros(G, H2, H1, **f32) if two else torch.empty(1, **f32)
+    gb2 = torch.zeros(G, H2, **f32) if two else torch.empty(1, **f32)
+    return (dP, torch.zeros(G, H1, **f32), gW2, gb2, torch.zeros(G, H2 if two else H1, **f32),
+            torch.zeros(G, **f32))
+
+
 def _launch_bwd(plan, gmode, scale, shift, row_lse, P, perms, b1, W2, b2, wout, bout, act,
-                owner=0, param_grads=True):
+                owner=0, param_grads=True, dP=None):
+    """One backward launch; ``dP``: the shared buffer of the "all"-grid owner launches."""
     device = P.device
     two = W2 is not None
     meta, H1, H2 = _common_meta(P, W2, two, act)
     G = _num_programs(plan, device)
-    f32 = dict(device=device, dtype=torch.float32)
-    dP = torch.zeros_like(P)
-    gb1 = torch.zeros(G, H1, **f32)
-    gwout = torch.zeros(G, H2 if two else H1, **f32)
-    gbout = torch.zeros(G, **f32)
-    gW2 = torch.zeros(G, H2, H1, **f32) if two else torch.zeros(1, **f32)
-    gb2 = torch.zeros(G, H2, **f32) if two else torch.zeros(1, **f32)
-    _bounds_bwd_kernel[_launch_grid(plan, device)](
-        P, perms if perms is not None else b1, b1,
-        W2 if two else b1, b2 if two else b1, wout, bout,
-        scale, shift, row_lse,
-        dP, gb1, gW2, gb2, gwout, gbout,
-        plan.B, plan.N, plan.NCOL, H1, H2,
-        IDX=plan.idx, GMODE=gmode, NF=plan.NF, OWNER=owner, GROUPED=plan.grouped,
-        PARAM_GRADS=param_grads, **meta)
+    dP, gb1, gW2, gb2, gwout, gbout = _backward_buffers(plan, P, G, H1, H2, two, param_grads,
+                                                        dP)
+    with launch_device(P):
+        _bounds_bwd_kernel[_launch_grid(plan, device)](
+            P, perms if perms is not None else b1, b1,
+            W2 if two else b1, b2 if two else b1, wout, bout,
+            scale, shift, row_lse,
+            dP, gb1, gW2, gb2, gwout, gbout,
+            plan.B, plan.N, plan.NCOL, H1, H2, *_autotune_keys(plan),
+            IDX=plan.idx, GMODE=gmode, NF=plan.NF, OWNER=owner, GROUPED=plan.grouped,
+            DISTINCT=plan.distinct, PARAM_GRADS=param_grads, **meta)
     if not param_grads:
         return dP, None
     grads = [gb1.sum(0), gwout.sum(0), gbout.sum(0).reshape(1)]
@@ -250,51 +304,55 @@ def _launch_bwd(plan, gmode, scale, shift, row_lse, P, perms, b1, W2, b2, wout, 
 
 
 def _run_bwd(plan, gmode, scale, shift, row_lse, args, act):
-    """All launches of one term; GRID runs one deterministic launch per owner factor."""
+    """All launches of one term; GRID runs one deterministic launch per owner factor, each
+    storing its factor's rows into one shared ∂P (the owners' autotune key is the same, so
+    only the first launch can benchmark — and so zero the buffer through ``reset_to_zero`` —
+    before any row is stored)."""
     if plan.idx != IDX_GRID:
         return _launch_bwd(plan, gmode, scale, shift, row_lse, *args, act)
     dP, grads = _launch_bwd(plan, gmode, scale, shift, row_lse, *args, act, owner=0)
     for f in range(1, plan.NF):
-        dPf, _ = _launch_bwd(plan, gmode, scale, shift, row_lse, *args, act, owner=f,
-                             param_grads=False)
-        dP = dP + dPf
+        _launch_bwd(plan, gmode, scale, shift, row_lse, *args, act, owner=f,
+                    param_grads=False, dP=dP)
     return dP, grads
 
 
-# ----------------------------------------------------------------------------- autograd
-class FusedDependencyTerms(torch.autograd.Function):
-    """(joint_term, marginal_term) from the stacked projections P (m × B × H_1, float32),
-    the first bias and the tail parameters; gradients for all of them."""
+# ----------------------------------------------------------------------------- op bodies
+# The forward and backward of the ``mdm_kernels::triton_tiles_*`` custom ops
+# (:mod:`~mdm_kernels.ops.triton_ops` registers them with their autograd formula).
+def tiles_forward(kind, act, P, b1, wout, bout, W2, b2, perms, distinct=False):
+    """(joint_term, marginal_term, stat) from the stacked projections P (m × B × H_1,
+    float32), the first bias and the tail parameters; ``stat`` is what the backward needs of
+    the marginal reduction (:func:`~mdm_kernels.ops.marginal_terms.marginal_value`: the LSE,
+    0-dim, for DV/NWJ; the B row LSEs for InfoNCE; an empty (0,) tensor otherwise)."""
+    B, m = P.shape[1], P.shape[0]
+    args = (P, perms, b1, W2, b2, wout, bout)
+    # joint term: the B diagonal samples
+    jplan = SamplePlan(IDX_JOINT, B, B, 0)
+    jstats, _ = _launch_fwd(jplan, RED_NEG_SOFTPLUS_NEG if kind == "js" else RED_SUM,
+                            *args, act)
+    joint = jstats[:, 0].sum() / B
+    plan = marginal_plan(kind, B, m, perms, distinct)
+    stats, row_lse = _launch_fwd(plan, MARGINAL_RED[kind], *args, act)
+    marginal, stat = marginal_value(kind, stats, row_lse, plan.N, plan.candidates)
+    if stat is None:
+        stat = P.new_empty(0)
+    return joint, marginal, stat
 
-    @staticmethod
-    def forward(ctx, kind, perms, act, P, b1, wout, bout, W2, b2):
-        B, m = P.shape[1], P.shape[0]
-        args = (P, perms, b1, W2, b2, wout, bout)
-        # joint term: the B diagonal samples
-        jplan = SamplePlan(IDX_JOINT, B, B, 0)
-        jstats, _ = _launch_fwd(jplan, RED_NEG_SOFTPLUS_NEG if kind == "js" else RED_SUM,
-                                *args, act)
-        joint = jstats[:, 0].sum() / B
-        plan = marginal_plan(kind, B, m, perms)
-        stats, row_lse = _launch_fwd(plan, MARGINAL_RED[kind], *args, act)
-        marginal, stat = marginal_value(kind, stats, row_lse, plan.N, plan.NCOL)
-        ctx.kind, ctx.act, ctx.plan, ctx.jplan = kind, act, plan, jplan
-        ctx.save_for_backward(P, perms, b1, wout, bout, W2, b2, stat)
-        return joint, marginal
 
-    @staticmethod
-    def backward(ctx, g_joint, g_marg):
-        P, perms, b1, wout, bout, W2, b2, stat = ctx.saved_tensors
-        kind, act, plan, jplan = ctx.kind, ctx.act, ctx.plan, ctx.jplan
-        args = (P, perms, b1, W2, b2, wout, bout)
-        B = P.shape[1]
-        zero = torch.zeros(1, device=P.device, dtype=torch.float32)
-        g_joint = g_joint.float().reshape(1)
-        dP, grads = _run_bwd(jplan, G_SIGMOID_NEG if kind == "js" else G_ONE, g_joint / B,
-                             zero, zero, args, act)
-        gmode, scale, shift, row_lse = marginal_grad_args(kind, g_marg, stat, plan.N, B)
-        dPm, gradsm = _run_bwd(plan, gmode, scale, shift, row_lse, args, act)
-        dP = dP + dPm
-        out = [a + b if a is not None else None for a, b in zip(grads, gradsm)]
-        gb1, gwout, gbout, gW2, gb2 = out
-        return None, None, None, dP, gb1, gwout, gbout, gW2, gb2
+def tiles_backward(kind, act, P, b1, wout, bout, W2, b2, perms, stat, g_joint, g_marg,
+                   distinct=False):
+    """(∂P, ∂b_1, ∂w_out, ∂b_out, ∂W_2, ∂b_2) of g_joint·joint + g_marg·marginal by
+    recomputation (module docstring); ∂W_2, ∂b_2 are ``None`` with one hidden layer."""
+    B, m = P.shape[1], P.shape[0]
+    args = (P, perms, b1, W2, b2, wout, bout)
+    jplan = SamplePlan(IDX_JOINT, B, B, 0)
+    plan = marginal_plan(kind, B, m, perms, distinct)
+    zero = torch.zeros(1, device=P.device, dtype=torch.float32)
+    g_joint = g_joint.float().reshape(1)
+    dP, grads = _run_bwd(jplan, G_SIGMOID_NEG if kind == "js" else G_ONE, g_joint / B,
+                         zero, zero, args, act)
+    gmode, scale, shift, row_lse = marginal_grad_args(kind, g_marg, stat, plan.N, B)
+    dPm, gradsm = _run_bwd(plan, gmode, scale, shift, row_lse, args, act)
+    dP = dP + dPm
+    return (dP, *[a + b if a is not None else None for a, b in zip(grads, gradsm)])

@@ -67,9 +67,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_helpers import (DOT_PRECISION, activation, activation_code, activation_grad,
+from .triton_helpers import (DOT_PRECISION, activation, activation_grad,
                              activation_grad2, block_size, critic_tail, interpreter_enabled,
-                             tile_configs)
+                             launch_device, tile_configs)
 
 
 #: Interpreter (CPU) launch: one small fixed config, few programs (so the persistent loop
@@ -317,10 +317,30 @@ _GPU_CONFIGS = [
 ]
 _FIXED_CONFIG = triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=1)
 
+#: Fit table: the widest hidden layer (max of H_1, H_2, padded to a power of two) at which
+#: each BLOCK_N fits on sm_80 and sm_90 — shared memory within the per-block limit, spills
+#: within the gate's budget — as compiled by tests/test_gpu_resources.py.
+GP_CONFIG_MAX_HIDDEN = {16: GP_MAX_HIDDEN, 32: GP_MAX_HIDDEN}
+
+
+def gp_configs(h1: int, h2: int | None) -> list:
+    """The autotune configs that fit hidden widths ``h1`` / ``h2`` (fit table above)."""
+    width = block_size(max(h1, h2 or 1))
+    return [c for c in _GPU_CONFIGS if width <= GP_CONFIG_MAX_HIDDEN[c.kwargs["BLOCK_N"]]]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    h1 = named_args["H1"]
+    h2 = named_args["H2"] if kwargs.get("TWO_LAYERS", named_args.get("TWO_LAYERS")) else None
+    fits = {c.kwargs["BLOCK_N"] for c in gp_configs(h1, h2)}
+    return [c for c in configs if c.kwargs["BLOCK_N"] in fits]
+
+
 _gp_kernel_tuned = triton.autotune(
     configs=tile_configs(_GPU_CONFIGS, _FIXED_CONFIG),
     key=["H1", "H2", "K", "N_BUCKET", "M_TERMS", "TWO_LAYERS", "GRAM", "ACT", "COMPUTE_GRAD"],
     reset_to_zero=["part_ptr", "dsj_ptr", "dsm_ptr"],
+    prune_configs_by={"early_config_prune": _prune_configs},
 )(_gp_kernel)
 
 
@@ -385,10 +405,11 @@ def _launch(sj, sm, mi, eps, b1, wmat, w2, b2, wout, jb, gram, one_sided, act, c
     meta = dict(M_TERMS=mi.shape[0] if gather else 1, GATHER=gather, ATOMIC=atomic,
                 TWO_LAYERS=two_layers, GRAM=gram, ONE_SIDED=bool(one_sided), ACT=act,
                 COMPUTE_GRAD=compute_grad, DOT_PREC=DOT_PRECISION, **blocks)
-    if interpreter_enabled():
-        _gp_kernel[(progs,)](*args, **meta, BLOCK_N=_INTERP_BLOCK_N, num_warps=4)
-    else:
-        _gp_kernel_tuned[(progs,)](*args, **meta)
+    with launch_device(sj):  # the inputs' device, whichever is current
+        if interpreter_enabled():
+            _gp_kernel[(progs,)](*args, **meta, BLOCK_N=_INTERP_BLOCK_N, num_warps=4)
+        else:
+            _gp_kernel_tuned[(progs,)](*args, **meta)
     total = parts.sum(0)
     gp = total[0]
     if not compute_grad:
@@ -403,35 +424,6 @@ def _launch(sj, sm, mi, eps, b1, wmat, w2, b2, wout, jb, gram, one_sided, act, c
              total[o_w2 + bh2 * bh1:o_w2 + bh2 * bh1 + h2] if two_layers and curved else None,
              total[1 + bh1:1 + bh1 + (h2 if two_layers else h1)]]
     return gp, grads
-
-
-class FusedGradientPenalty(torch.autograd.Function):
-    """GP from (joint source, marginal source, critic weights) -> 0-dim float32.
-
-    Inputs (all float32, contiguous): sj (JB, H1), sm (R, H1), b1 (H1,), wmat (G or W_1),
-    w2 / b2 (second hidden layer or None), wout (H_last,), eps (N,), mi (M, N) int32 gather
-    indices into sm or None.  The forward computes the gradients in the same pass when any
-    input needs one; backward only scales them by grad_output (once differentiable).
-    """
-
-    @staticmethod
-    def forward(ctx, sj, sm, b1, wmat, w2, b2, wout, eps, mi, jb, gram, one_sided, act, atomic):
-        compute_grad = any(ctx.needs_input_grad[:7])
-        gp, grads = _launch(sj, sm, mi, eps, b1, wmat, w2, b2, wout, jb, gram, one_sided, act,
-                            compute_grad, atomic)
-        ctx.present = [g is not None for g in grads] if compute_grad else [False] * 7
-        if compute_grad:
-            ctx.save_for_backward(*[t for t in grads if t is not None])
-        return gp
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        # one multi-tensor launch scales every saved gradient; the identically zero ones
-        # (None: ∂P, ∂b_1, ∂b_2 of relu / leaky_relu) stay None
-        scaled = iter(torch._foreach_mul(list(ctx.saved_tensors), grad_out.to(torch.float32)))
-        grads = [next(scaled) if present else None for present in ctx.present]
-        return (*grads, None, None, None, None, None, None, None)
 
 
 def _first_weight(critic) -> torch.Tensor:
@@ -453,40 +445,7 @@ def _critic_weights(critic, w1=None):
     return critic.first_bias.float().contiguous(), wmat, gram, w2, b2, wout
 
 
-def _penalty(critic, sj, sm, mi, eps, jb, one_sided, atomic, w1=None):
-    b1, wmat, gram, w2, b2, wout = _critic_weights(critic, w1)
-    eps = eps.detach().to(device=sj.device, dtype=torch.float32).contiguous()
-    return FusedGradientPenalty.apply(sj.contiguous(), sm.contiguous(), b1, wmat, w2, b2, wout,
-                                      eps, mi, jb, gram, bool(one_sided),
-                                      activation_code(critic), atomic)
-
-
-@torch.compiler.disable
-def fused_gradient_penalty(critic, joint, marginal, eps, one_sided) -> torch.Tensor:
-    """WGAN-GP of an ``MLPCritic`` at x̂ = ε·joint + (1 − ε)·marginal (validated per-modality
-    tensors N × d_k, ε of shape (N,)); 0-dim float32, differentiable w.r.t. the critic's
-    parameters and every joint/marginal tensor (see the module docstring)."""
-    # Σ_k x_k W_{1,k}ᵀ = [x_1 … x_m] W_1ᵀ: the joint and the marginal rows' first
-    # pre-activations (bias excluded) from one GEMM on the concatenated inputs
-    n = joint[0].shape[0]
-    w1 = _first_weight(critic)
-    rows = torch.cat([torch.cat(list(joint), dim=1), torch.cat(list(marginal), dim=1)])
-    sj, sm = (rows.float() @ w1.t()).chunk(2)   # split: one concatenation in the backward
-    return _penalty(critic, sj, sm, None, eps, n, one_sided, atomic=False, w1=w1)
-
-
-def fused_penalty_from_projections(critic, stacked, gp_perms, eps, one_sided):
-    """The GP of ``wasserstein_loss`` from the estimator's projections ``stacked``
-    (m × B × H_1, differentiable): GP row n = k·B + i interpolates joint row i
-    (pre-activation Σ_j P_j[i]) with marginal sample (k, i) (Σ_j P_j[gp_perms[k, j, i]]),
-    ε = eps[n]; so the penalty needs no projection GEMM of its own."""
-    m, b = stacked.shape[0], stacked.shape[1]
-    kp = gp_perms.shape[0]
-    sj = stacked.sum(0)                                        # joint rows Σ_j P_j[i]
-    sm = stacked.reshape(m * b, -1)                            # row j·B + r = P_j[r]
-    offsets = torch.arange(m, device=gp_perms.device).unsqueeze(1) * b
-    mi = (gp_perms.permute(1, 0, 2).reshape(m, kp * b) + offsets).to(torch.int32).contiguous()
-    return _penalty(critic, sj, sm, mi, eps, b, one_sided, atomic=True)
-
-
-__all__ = ["fused_gradient_penalty", "fused_penalty_from_projections", "FusedGradientPenalty"]
+# The op around these launches (``mdm_kernels::triton_gradient_penalty``) and the entries
+# ``fused_gradient_penalty`` / ``fused_penalty_from_projections`` are in
+# :mod:`~mdm_kernels.ops.triton_ops`.
+__all__ = ["gp_block_sizes"]

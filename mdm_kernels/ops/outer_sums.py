@@ -27,27 +27,38 @@ Backward, from g = ∂term/∂T (the φ of :mod:`~mdm_kernels.ops.marginal_terms
     ∂w_out   = Σ g · σ(z),      ∂b_out = Σ g
 
 in one launch per factor, without atomics (deterministic): a program owns a block of that
-factor's indices, one per thread, and sweeps the combinations of the other factors in
-blocks.  Per tile it recomputes T with the forward's own loop — every launch sums z in the
+factor's indices, one per thread, and sweeps one contiguous split of the combinations of the
+other factors in blocks.  The grid is (owned blocks) × (splits), sized by
+:func:`outer_backward_grid` to at least 2 programs per SM whenever there are that many
+tiles (B = 256 with three factors: one owned block, 274 splits on an H200 instead of one
+CTA); the splits' partial ∂Fᵀ are summed in split order by :func:`_sum_splits_kernel`,
+so the result is bitwise the same run to run on a given GPU model (the split count depends
+on B and the SM count).  Per tile it recomputes T with the forward's own loop — every launch sums z in the
 canonical order ((F_0 + F_1) + F_2), so the scores are bitwise the forward's and e^{T − LSE}
 is consistent with the saved LSE even at |T| ~ 1e4 — forms g, then loops over h again: the
 sum over the swept side is in-thread and is added into ∂F_fᵀ[h, o] by the thread owning o.
 The first launch also accumulates the w_out partials.  Autograd carries ∂F_0 into P_1 and
 b_1, and the other factors' gradients into their projections.
 
-Memory: Fᵀ, one ∂Fᵀ at a time and the w_out partials ((NF + 2)·B·H floats, B padded to 256),
-B row LSEs, one partial per program — O(B·H).
+Memory: Fᵀ (NF·H·S floats, S = B padded to 256), for one launch at a time the splits'
+partial ∂Fᵀ and w_out partials (2·splits·H·S floats: ~2·SMs·256·H when B ≤ 256, e.g.
+35 MB each at H = 128 on an H200; splits fall as B grows, ≈ 2·SMs/⌈B/256⌉), B row LSEs,
+one partial per program — O(B·H) for a fixed GPU.
 """
 from __future__ import annotations
 
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .sample_tiles import marginal_plan
 from .marginal_terms import (MARGINAL_RED, NEG_BIG, score_grad, marginal_grad_args,
                             marginal_value)
-from .triton_helpers import activation, activation_grad, interpreter_enabled
+from .triton_helpers import (activation, activation_grad, interpreter_enabled,
+                             launch_device)
 
 @triton.jit
 def _pair_preact(Ft_ptr, h, S, HS, s_idx, s_scalar, o_idx, NF: tl.constexpr,
@@ -105,9 +116,21 @@ def _swept_block(sb, offs, B, S, NF: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _distinct_pairs(s_idx, s_scalar, o_idx, NF: tl.constexpr):
+    """(swept × owned) mask of the samples of pairwise distinct factor indices (the
+    ``"distinct"`` grid; InfoNCE: candidate ≠ anchor): swept ≠ owned and, with three factors,
+    neither equals the swept side's scalar index — the same pairs whichever factor is owned."""
+    ok = s_idx[:, None] != o_idx[None, :]
+    if NF == 3:
+        ok = ok & (s_idx != s_scalar)[:, None] & (o_idx != s_scalar)[None, :]
+    return ok
+
+
+@triton.jit
 def _outer_fwd_kernel(Ft_ptr, wout_ptr, bout_ptr, stats_ptr, row_lse_ptr, B, S, H,
                       NF: tl.constexpr, RED: tl.constexpr, ACT: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                      DISTINCT: tl.constexpr = False):
     """Per-program partial of the reduction over the grid (rows: the combinations of the
     first NF − 1 factors, columns: the last factor): stats[pid] = sum, or (max, Σ e^{T − max});
     RED_LSE_ROW (InfoNCE, NF = 2) stores LSE_r of the rows a program owns."""
@@ -133,6 +156,8 @@ def _outer_fwd_kernel(Ft_ptr, wout_ptr, bout_ptr, stats_ptr, row_lse_ptr, B, S, 
             t = _outer_scores(Ft_ptr, wout_ptr, bout, rows, r_scalar, cols, S, H, NF, NF - 1,
                               ACT)
             valid = rmask[:, None] & cmask[None, :]
+            if DISTINCT:  # "distinct": coinciding indices are not samples
+                valid = valid & _distinct_pairs(rows, r_scalar, cols, NF)
             if RED == 0:
                 acc += tl.where(valid, t, 0.0)
             elif RED == 2:  # softplus(T) = max(T, 0) + log(1 + e^{−|T|})
@@ -162,19 +187,23 @@ def _outer_fwd_kernel(Ft_ptr, wout_ptr, bout_ptr, stats_ptr, row_lse_ptr, B, S, 
 
 @triton.jit
 def _outer_bwd_kernel(Ft_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, row_lse_ptr,
-                      dOt_ptr, gwt_ptr, gbout_ptr, B, S, H,
+                      dOt_ptr, gwt_ptr, gbout_ptr, B, S, H, SPLIT_BLOCKS,
                       NF: tl.constexpr, OWNED: tl.constexpr, GMODE: tl.constexpr,
                       PARAM_GRADS: tl.constexpr, ACT: tl.constexpr, BLOCK_S: tl.constexpr,
-                      BLOCK_O: tl.constexpr):
+                      BLOCK_O: tl.constexpr, DISTINCT: tl.constexpr = False):
     """Gradient of factor OWNED, all other factors swept: tiles of BLOCK_S swept × BLOCK_O
-    owned indices, one owned index per thread.  Per tile: T by :func:`_outer_scores`
-    (bitwise the forward's), g = ∂term/∂T, then per hidden unit h the sums over the swept
-    side Σ_s g·σ'(z) (in-thread) are added into ∂Fᵀ[h, o] (with PARAM_GRADS also Σ_s g·σ(z)
-    into the w_out partials gwᵀ[h, o]) by the thread that owns o — the same thread on every
-    tile, so no atomics and no barrier.  ∂Fᵀ must hold zeros on entry; the caller applies
-    w_out."""
+    owned indices, one owned index per thread.  Grid (owned programs G, splits): program
+    (p, q) takes the owned blocks p, p + G, … and the swept blocks [q·SPLIT_BLOCKS,
+    (q + 1)·SPLIT_BLOCKS) (:func:`outer_backward_grid`); split q's partial sums go to slice q
+    of ∂Fᵀ (splits × H × S), which the program zeroes first for its owned blocks.  Per tile:
+    T by :func:`_outer_scores` (bitwise the forward's), g = ∂term/∂T, then per hidden unit h
+    the sums over the swept side Σ_s g·σ'(z) (in-thread) are added into ∂Fᵀ[q, h, o] (with
+    PARAM_GRADS also Σ_s g·σ(z) into the w_out partials gwᵀ[q, h, o]) by the thread that
+    owns o — the same thread on every tile, so no atomics and no barrier.  The caller sums
+    the slices in split order (:func:`_sum_splits_kernel`) and applies w_out."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
+    split = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_o = tl.arange(0, BLOCK_O)
     bout = tl.load(bout_ptr)
@@ -185,12 +214,22 @@ def _outer_bwd_kernel(Ft_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, row_lse_
         n_sb = tl.cdiv(B, BLOCK_S)
     else:
         n_sb = B * tl.cdiv(B, BLOCK_S)
+    sb_lo = split * SPLIT_BLOCKS
+    sb_hi = tl.minimum(sb_lo + SPLIT_BLOCKS, n_sb)
+    dO_part = dOt_ptr + split * H * S
+    gw_part = gwt_ptr + split * H * S
     for ob in range(pid, tl.cdiv(B, BLOCK_O), G):
         own = ob * BLOCK_O + offs_o
         omask = own < B
-        for sb in range(0, n_sb):
+        for h in range(0, H):  # this split's slice of the owned block starts at zero
+            tl.store(dO_part + h * S + own, tl.zeros([BLOCK_O], tl.float32))
+            if PARAM_GRADS:
+                tl.store(gw_part + h * S + own, tl.zeros([BLOCK_O], tl.float32))
+        for sb in range(sb_lo, sb_hi):
             swept, s_scalar, smask = _swept_block(sb, offs_s, B, S, NF, BLOCK_S)
             valid = smask[:, None] & omask[None, :]
+            if DISTINCT:
+                valid = valid & _distinct_pairs(swept, s_scalar, own, NF)
             t = _outer_scores(Ft_ptr, wout_ptr, bout, swept, s_scalar, own, S, H, NF, OWNED,
                               ACT)
             if GMODE == 2:  # InfoNCE (NF = 2): the anchor is factor 0
@@ -205,13 +244,25 @@ def _outer_bwd_kernel(Ft_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, row_lse_
                 gb += g
             for h in range(0, H):
                 z = _pair_preact(Ft_ptr, h, S, H * S, swept, s_scalar, own, NF, OWNED)
-                p_own = dOt_ptr + h * S + own
+                p_own = dO_part + h * S + own
                 tl.store(p_own, tl.load(p_own) + tl.sum(g * activation_grad(z, ACT), axis=0))
                 if PARAM_GRADS:
-                    p_gw = gwt_ptr + h * S + own
+                    p_gw = gw_part + h * S + own
                     tl.store(p_gw, tl.load(p_gw) + tl.sum(g * activation(z, ACT), axis=0))
     if PARAM_GRADS:
-        tl.store(gbout_ptr + pid, tl.sum(tl.sum(gb, axis=1), axis=0))
+        tl.store(gbout_ptr + split * G + pid, tl.sum(tl.sum(gb, axis=1), axis=0))
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, n, NSPLIT, BLOCK: tl.constexpr):
+    """out[i] = Σ_q part[q, i] for q = 0, 1, …, NSPLIT − 1 in that order (a fixed order: the
+    backward is bitwise reproducible), n elements per slice."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for q in range(1, NSPLIT):
+        acc += tl.load(part_ptr + q * n + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc, mask=mask)
 
 
 def _fwd_tiles() -> tuple[int, int]:
@@ -232,77 +283,140 @@ def _bwd_tiles() -> tuple[int, int]:
     return (4, 16) if interpreter_enabled() else (16, 256)
 
 
+#: "SMs" of the CPU interpreter for the grid computations: few, so that the tests' tiny
+#: batches still split their swept blocks.
+_INTERPRETER_SMS = 2
+
+
+def _sm_count(device) -> int:
+    """Streaming multiprocessors of ``device`` (:data:`_INTERPRETER_SMS` off a GPU)."""
+    if interpreter_enabled() or device.type != "cuda":
+        return _INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _programs(blocks: int, device) -> int:
+    """Persistent forward grid: one program per row block, at most 4 per SM."""
     if interpreter_enabled() or device.type != "cuda":
         return max(1, min(blocks, 3))
-    return max(1, min(blocks, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(blocks, 4 * _sm_count(device)))
 
 
-def _stride(B: int) -> int:
-    """Padded batch S of Fᵀ: a multiple of every block size (all powers of two)."""
+@dataclass(frozen=True)
+class OuterBackwardGrid:
+    """Grid of one outer-sum backward launch: ``owned_programs`` × ``splits`` programs;
+    program (p, q) takes the owned blocks p, p + owned_programs, … and the swept blocks
+    [q·blocks_per_split, (q + 1)·blocks_per_split) (the last split may hold fewer)."""
+    owned_programs: int
+    splits: int
+    blocks_per_split: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.owned_programs, self.splits)
+
+    @property
+    def programs(self) -> int:
+        return self.owned_programs * self.splits
+
+
+def outer_backward_grid(batch_size: int, num_factors: int, block_swept: int,
+                        block_owned: int, num_sms: int) -> OuterBackwardGrid:
+    """The grid of an outer-sum backward launch (pure Python; unit-tested without a GPU).
+
+    The owned factor has n_o = ⌈B / block_owned⌉ blocks, the swept side n_s =
+    ⌈B / block_swept⌉ (two factors) or B·⌈B / block_swept⌉ (three) blocks: n_o·n_s tiles.
+    Target: 2 × ``num_sms`` programs, two CTAs per SM (one owned block alone — B = 256,
+    the paper scale — would otherwise be one CTA on one SM).  The owned blocks go to
+    min(n_o, target) persistent programs; the swept blocks are cut into ⌈target / programs⌉
+    contiguous splits of ⌊n_s / that⌋ blocks (so a few more splits, never fewer; at most
+    n_s), whose partial sums are reduced in a fixed order afterwards.  Hence programs ≥
+    min(2·num_sms, n_o·n_s): below 2·num_sms tiles, every tile is a program.
+    """
+    for name, value in (("batch_size", batch_size), ("block_swept", block_swept),
+                        ("block_owned", block_owned), ("num_sms", num_sms)):
+        if int(value) < 1:
+            raise ValueError(f"outer_backward_grid: {name} must be >= 1, got {value}")
+    if num_factors not in (2, 3):
+        raise ValueError(f"outer_backward_grid: num_factors must be 2 or 3, got {num_factors}")
+    owned_blocks = triton.cdiv(batch_size, block_owned)
+    swept_blocks = triton.cdiv(batch_size, block_swept)
+    if num_factors == 3:
+        swept_blocks *= batch_size
+    target = 2 * num_sms
+    owned_programs = min(owned_blocks, target)
+    per_split = max(1, swept_blocks // triton.cdiv(target, owned_programs))
+    return OuterBackwardGrid(owned_programs, triton.cdiv(swept_blocks, per_split), per_split)
+
+
+def _sum_splits(parts: torch.Tensor) -> torch.Tensor:
+    """Σ_q parts[q] over the leading (split) axis, in split order, by one launch."""
+    if parts.shape[0] == 1:
+        return parts[0]
+    out = torch.empty(parts.shape[1:], device=parts.device, dtype=parts.dtype)
+    n = out.numel()
+    block = 256 if interpreter_enabled() else 1024
+    _sum_splits_kernel[(triton.cdiv(n, block),)](parts, out, n, parts.shape[0], BLOCK=block,
+                                                  num_warps=1 if interpreter_enabled() else 4)
+    return out
+
+
+def outer_stride(B):
+    """Padded batch S of Fᵀ: a multiple of every block size (all powers of two); ``B`` may be
+    a symbolic size (fake tensors)."""
     step = max(*_fwd_tiles(), *_bwd_tiles())
-    return triton.cdiv(B, step) * step
+    return (B + step - 1) // step * step
 
 
-class OuterGridMarginal(torch.autograd.Function):
-    """Marginal term over the grid of NF = 2 or 3 factors F_f (B × H each),
-    T(i_0, …) = w_out·σ(Σ_f F_f[i_f]) + b_out (module docstring); differentiable w.r.t.
-    every factor, w_out (H,) and b_out (1,)."""
-
-    @staticmethod
-    def forward(ctx, kind, act, wout, bout, *factors):
-        nf = len(factors)
-        B, H = factors[0].shape
-        S = _stride(B)
-        # Fᵀ (NF, H, S), zero columns beyond B
-        Ft = torch.nn.functional.pad(torch.stack(factors).transpose(1, 2), (0, S - B))
-        br, bc = _fwd_tiles()
-        red = MARGINAL_RED[kind]
-        n_rb = triton.cdiv(B, br) if nf == 2 else B * triton.cdiv(B, br)
-        G = _programs(n_rb, Ft.device)
-        stats = torch.empty(G, 2, device=Ft.device, dtype=torch.float32)
-        row_lse = torch.empty(B, device=Ft.device, dtype=torch.float32)
+# ----------------------------------------------------------------------------- op bodies
+# The forward and backward of the ``mdm_kernels::triton_outer_*`` custom ops
+# (:mod:`~mdm_kernels.ops.triton_ops` registers them with their autograd formula).
+def outer_forward(kind, act, factors, wout, bout, distinct=False):
+    """(marginal term, Fᵀ, stat) over the grid of NF = 2 or 3 factors F_f (B × H each,
+    float32), T(i_0, …) = w_out·σ(Σ_f F_f[i_f]) + b_out (module docstring).  Fᵀ (NF × H × S,
+    zero columns beyond B, S = :func:`outer_stride`) and ``stat`` (the LSE for DV/NWJ, the B
+    row LSEs for InfoNCE, else an empty (0,) tensor) are what :func:`outer_backward` needs.
+    ``distinct``: the grid without coinciding indices (``"distinct"`` negatives)."""
+    nf = len(factors)
+    B, H = factors[0].shape
+    S = outer_stride(B)
+    Ft = torch.nn.functional.pad(torch.stack(factors).transpose(1, 2), (0, S - B))
+    br, bc = _fwd_tiles()
+    red = MARGINAL_RED[kind]
+    n_rb = triton.cdiv(B, br) if nf == 2 else B * triton.cdiv(B, br)
+    G = _programs(n_rb, Ft.device)
+    stats = torch.empty(G, 2, device=Ft.device, dtype=torch.float32)
+    row_lse = torch.empty(B, device=Ft.device, dtype=torch.float32)
+    with launch_device(Ft):
         _outer_fwd_kernel[(G,)](Ft, wout, bout, stats, row_lse, B, S, H, NF=nf, RED=red,
-                                ACT=act, BLOCK_R=br, BLOCK_C=bc,
+                                ACT=act, BLOCK_R=br, BLOCK_C=bc, DISTINCT=distinct,
                                 num_warps=1 if interpreter_enabled() else 8)
-        value, stat = marginal_value(kind, stats, row_lse, B ** nf, B)
-        ctx.kind, ctx.act, ctx.B = kind, act, B
-        ctx.save_for_backward(Ft, wout, bout, stat)
-        return value
+    plan = marginal_plan(kind, B, nf, None, distinct)  # the sample and candidate counts
+    value, stat = marginal_value(kind, stats, row_lse, plan.N, plan.candidates)
+    return value, Ft, (Ft.new_empty(0) if stat is None else stat)
 
-    @staticmethod
-    def backward(ctx, grad):
-        Ft, wout, bout, stat = ctx.saved_tensors
-        kind, act, B = ctx.kind, ctx.act, ctx.B
-        nf, H, S = Ft.shape
-        gmode, scale, shift, row_lse = marginal_grad_args(kind, grad, stat, B ** nf, B)
-        bs, bo = _bwd_tiles()
-        G = _programs(triton.cdiv(B, bo), Ft.device)
-        grads = []
+
+def outer_backward(kind, act, Ft, wout, bout, stat, grad, B, distinct=False):
+    """(∂F_0, …, ∂F_{NF−1}, ∂w_out, ∂b_out) of grad·(marginal term), one launch per factor."""
+    nf, H, S = Ft.shape
+    plan = marginal_plan(kind, B, nf, None, distinct)
+    gmode, scale, shift, row_lse = marginal_grad_args(kind, grad, stat, plan.N, B)
+    bs, bo = _bwd_tiles()
+    launch = outer_backward_grid(B, nf, bs, bo, _sm_count(Ft.device))
+    f32 = dict(device=Ft.device, dtype=torch.float32)
+    grads = []
+    with launch_device(Ft):
         for f in range(nf):  # one launch per factor, the w_out / b_out partials in the first
-            dOt = torch.zeros(H, S, device=Ft.device, dtype=torch.float32)
-            gwt = torch.zeros_like(dOt) if f == 0 else dOt
-            gb = torch.empty(G, device=Ft.device, dtype=torch.float32)
-            _outer_bwd_kernel[(G,)](Ft, wout, bout, scale, shift, row_lse, dOt, gwt, gb, B, S, H, NF=nf, OWNED=f,
-                                    GMODE=gmode, PARAM_GRADS=f == 0, ACT=act, BLOCK_S=bs,
-                                    BLOCK_O=bo, num_warps=1 if interpreter_enabled() else 8)
-            grads.append((dOt[:, :B] * wout[:, None]).t())
+            # per-split partials: the kernel writes every element (no zero fill)
+            dOt = torch.empty(launch.splits, H, S, **f32)
+            gwt = torch.empty_like(dOt) if f == 0 else dOt
+            gb = torch.empty(launch.programs, **f32)
+            _outer_bwd_kernel[launch.grid](
+                Ft, wout, bout, scale, shift, row_lse, dOt, gwt, gb, B, S, H,
+                launch.blocks_per_split, NF=nf, OWNED=f, GMODE=gmode, PARAM_GRADS=f == 0,
+                ACT=act, BLOCK_S=bs, BLOCK_O=bo, DISTINCT=distinct, num_warps=1 if interpreter_enabled() else 8)
+            grads.append((_sum_splits(dOt)[:, :B] * wout[:, None]).t())
             if f == 0:
-                g_wout = gwt.sum(1)
+                g_wout = _sum_splits(gwt).sum(1)
                 g_bout = gb.sum().reshape(1)
-        return (None, None, g_wout, g_bout, *grads)
-
-
-def outer_grid_terms(kind, critic, P, b1, wout, bout, act, num_factors):
-    """(joint_term, marginal_term) on a two- or three-factor ``"all"`` grid from the stacked
-    projections P (m × B × H, float32): the joint term (B diagonal samples) in torch, the
-    marginal term with :class:`OuterGridMarginal`.  Factors: F_0 = P_1 + b_1, then P_2, P_3
-    (m = 3), or the candidate sum Σ_{k ≥ 2} P_k (two factors: m = 2, InfoNCE)."""
-    first = P[0] + b1
-    rest = [P[1:].sum(0)] if num_factors == 2 else list(P[1:])
-    factors = [first] + rest
-    t_joint = critic.act(sum(factors)) @ wout + bout
-    joint = (-torch.nn.functional.softplus(-t_joint) if kind == "js" else t_joint).mean()
-    marginal = OuterGridMarginal.apply(kind, act, wout, bout,
-                                       *[f.contiguous() for f in factors])
-    return joint, marginal
+    return (*grads, g_wout, g_bout)

@@ -45,7 +45,7 @@ first layer) — O(B·H), whatever the number of samples.
 
 When it is used: :func:`~mdm_kernels.ops.router.fused_dependency_terms` picks this
 path when the step is small enough for one streaming multiprocessor
-(:func:`single_program_work` ≤ :data:`SINGLE_PROGRAM_MAX_WORK`, m ≤ 4 modalities, hidden
+(:func:`single_program_work` ≤ :data:`SINGLE_PROGRAM_MAX_WORK`, a cost model, m ≤ 4 modalities, hidden
 layers ≤ 512 wide) and falls
 back to the multi-program kernels otherwise.
 """
@@ -59,9 +59,10 @@ import triton
 import triton.language as tl
 
 from .marginal_terms import G_ONE, G_SIGMOID_NEG, MARGINAL_GMODE, MARGINAL_RED
-from .sample_tiles import (marginal_plan, reduce_samples, row_layout, scatter_shared_rows,
-                           store_owned_row, term_grad, tile_backprop, tile_columns, tile_scores)
-from .triton_helpers import DOT_PREC, activation_code, block_size, interpreter_enabled
+from .sample_tiles import (grid_distinct, marginal_plan, reduce_samples, row_layout,
+                           scatter_shared_rows, store_owned_row, term_grad, tile_backprop,
+                           tile_columns, tile_scores)
+from .triton_helpers import DOT_PREC, block_size, interpreter_enabled, launch_device
 
 #: Most modalities the single-program kernels take (one pointer argument each).
 MAX_MODALITIES = 4
@@ -69,25 +70,69 @@ MAX_MODALITIES = 4
 #: multi-program path (whose autotuner prunes tiles that would not fit).
 MAX_HIDDEN = 512
 
-def _max_work_from_env(default: int = 10 ** 8) -> int:
+#: Cost model of the one-program / multi-program switch, for an H100/H200 (SXM):
+#:
+#:   T_one(W)   = L_one·t_launch + W / (F·f)           one SM does all W multiply-adds
+#:   T_multi(W) = L_multi·t_launch + W / (n_SM·F·f)    W spread evenly over every SM
+#:
+#: F = 128 FP32 FMA per clock per SM (4 sub-partitions × 32 FP32 lanes: NVIDIA's H100
+#: whitepaper and Hopper tuning guide; issue 14), f = 1.98 GHz (the H100 SXM / H200 boost
+#: clock), n_SM = 132.  L_one = 9 and L_multi = 58 dispatched ops per step: the launches
+#: and torch ops of a MINE "shuffle" step on each path, counted with a TorchDispatchMode
+#: (docs/triton_backend.md: 2 Triton + 7 torch ops against 4 Triton + 54).  t_launch = 5 µs
+#: per dispatched op: PyTorch eager dispatch plus a CUDA kernel launch typically costs
+#: 3-10 µs of host time per small op, which bounds a step that is host-bound; an estimate
+#: until a GPU run measures it (docs/benchmarks.md).  Both throughputs are peaks, so the
+#: model compares best cases; the one-program path wins while
+#:
+#:   W ≤ W* = (L_multi − L_one)·t_launch·F·f·n_SM / (n_SM − 1)   ≈ 6.3·10⁷ multiply-adds.
+FMA_PER_CLOCK_PER_SM = 128
+SM_CLOCK_HZ = 1.98e9
+NUM_SMS = 132
+LAUNCH_OVERHEAD_S = 5e-6
+SINGLE_PROGRAM_OPS = 9
+MULTI_PROGRAM_OPS = 58
+
+
+def single_program_max_work(num_sms: int = NUM_SMS, clock_hz: float = SM_CLOCK_HZ,
+                            fma_per_clock: int = FMA_PER_CLOCK_PER_SM,
+                            launch_overhead_s: float = LAUNCH_OVERHEAD_S,
+                            single_ops: int = SINGLE_PROGRAM_OPS,
+                            multi_ops: int = MULTI_PROGRAM_OPS) -> int:
+    """W* of the cost model above: the largest :func:`single_program_work` (multiply-adds)
+    for which one program (T_one) is no slower than the multi-program path (T_multi)."""
+    if num_sms < 2:
+        raise ValueError(f"num_sms must be >= 2, got {num_sms}")
+    if clock_hz <= 0 or fma_per_clock <= 0 or launch_overhead_s < 0:
+        raise ValueError("clock_hz and fma_per_clock must be > 0, launch_overhead_s >= 0")
+    saved_s = (multi_ops - single_ops) * launch_overhead_s
+    return int(saved_s * fma_per_clock * clock_hz * num_sms / (num_sms - 1))
+
+
+def _max_work_from_env(default: int) -> int:
+    """``MDM_SINGLE_PROGRAM_MAX_WORK`` (a non-negative number of multiply-adds), else
+    ``default``; ``ValueError`` naming the variable for anything else."""
     raw = os.environ.get("MDM_SINGLE_PROGRAM_MAX_WORK", "")
-    if not raw:
+    if not raw.strip():
         return default
     try:
-        value = int(float(raw))
+        value = float(raw)
+        if not math.isfinite(value):
+            raise ValueError
     except ValueError:
-        raise ValueError(f"MDM_SINGLE_PROGRAM_MAX_WORK must be a number of multiply-adds, "
-                         f"got {raw!r}") from None
+        raise ValueError(f"MDM_SINGLE_PROGRAM_MAX_WORK must be a finite number of "
+                         f"multiply-adds, got {raw!r}") from None
     if value < 0:
         raise ValueError(f"MDM_SINGLE_PROGRAM_MAX_WORK must be >= 0, got {raw!r}")
-    return value
+    return int(value)
 
 
 #: Largest :func:`single_program_work` run by one program; above it the multi-program path
-#: wins.  About 10^8 multiply-adds is ~0.2 ms on one H100/H200 SM (fp32 FMA) — the host cost
-#: the multi-program path pays in launches; an estimate to tune on a GPU.  Override with the
-#: environment variable ``MDM_SINGLE_PROGRAM_MAX_WORK`` (read at import).
-SINGLE_PROGRAM_MAX_WORK = _max_work_from_env()
+#: wins: :func:`single_program_max_work` (the cost model above, ≈ 6.3·10⁷ multiply-adds,
+#: ~0.25 ms of one SM at peak).  Override with the environment variable
+#: ``MDM_SINGLE_PROGRAM_MAX_WORK`` (read at import; the router reads this attribute at each
+#: call).
+SINGLE_PROGRAM_MAX_WORK = _max_work_from_env(single_program_max_work())
 
 KIND_CODES = {"dv": 0, "nwj": 1, "js": 2, "infonce": 3, "wasserstein": 4}
 
@@ -157,7 +202,7 @@ def _single_program_fwd_kernel(
     IDX: tl.constexpr, NF: tl.constexpr,
     GROUPED: tl.constexpr, TWO_LAYERS: tl.constexpr, ACT: tl.constexpr,
     BLOCK_H1: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, DISTINCT: tl.constexpr = False,
 ):
     """One program: the joint and marginal terms; ∂P^J, ∂P^M and the two rows of pg
     (parameter gradients after the first layer, layout [b_1 | w_out | b_out | W_2 | b_2]).
@@ -223,7 +268,7 @@ def _single_program_fwd_kernel(
     acc, run_m, run_s = reduce_samples(P_ptr, b1, perm_ptr, W2_ptr, b2_ptr, wout_ptr, bout,
                                         row_lse_ptr, 0, 1, R, N, ncol, offs, offs_h, hmask, B,
                                         H1, H2, M, IDX, RED_M, NF, GROUPED, TWO_LAYERS, BLOCK_H2,
-                                        BLOCK_N, ACT)
+                                        BLOCK_N, ACT, DISTINCT)
     # value, and the shift / scale of g = ∂M/∂T
     if KIND <= 1:
         mx = tl.max(run_m, axis=0)
@@ -255,6 +300,7 @@ def _single_program_fwd_kernel(
             own = tl.zeros([BLOCK_H1], tl.float32)
             for c0 in range(0, ncol, BLOCK_N):
                 cols, valid = tile_columns(r, c0, offs, N, ncol, BLOCK_N, IDX)
+                valid = grid_distinct(valid, r, cols, B, IDX, NF, f, DISTINCT)
                 z1t, a1, t = tile_scores(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr,
                                           W2_ptr, b2_ptr, wout_ptr, bout, B, H1, H2, M, IDX, NF,
                                           f, GROUPED, TWO_LAYERS, BLOCK_H2, ACT)
@@ -380,103 +426,85 @@ def _four(items, fill):
     return list(items) + [fill] * (MAX_MODALITIES - len(items))
 
 
-class SingleProgramDependencyTerms(torch.autograd.Function):
-    """(joint_term, marginal_term, P) from the raw z's and critic parameters, gradients of both
-    terms computed in the forward launch; backward = one launch combining them.  P (m × B ×
-    H_1, the projections of phase A) is differentiable too, so another op can build on it
-    (the gradient penalty of ``wasserstein_loss``) without projecting again."""
+def param_grad_size(H1, H2, two_layers):
+    """Length of one term's gradient of (b_1, w_out, b_out[, W_2, b_2]), flattened in that
+    order (a row of ``pg``, the layout of the backward's ``gsmall``)."""
+    h_last = H2 if two_layers else H1
+    return H1 + h_last + 1 + ((H2 * H1 + H2) if two_layers else 0)
 
-    @staticmethod
-    def forward(ctx, kind, perms, act, m, *tensors):
-        zs, w1s = tensors[:m], tensors[m:2 * m]
-        b1, wout, bout, W2, b2 = tensors[2 * m:]
-        device = zs[0].device
-        B, H1 = zs[0].shape[0], w1s[0].shape[0]
-        two = W2 is not None
-        H2 = W2.shape[0] if two else 1
-        h_last = H2 if two else H1
-        sp = H1 + h_last + 1 + ((H2 * H1 + H2) if two else 0)
-        plan = marginal_plan(kind, B, m, perms)
-        idx, n, ncol, nf, grouped = plan.idx, plan.N, plan.NCOL, plan.NF, plan.grouped
-        f32 = dict(device=device, dtype=torch.float32)
-        P = torch.empty(m, B, H1, **f32)
-        dPJ = torch.empty(B, H1, **f32)
-        dPM = torch.empty(m, B, H1, **f32)
-        row_lse = torch.empty(B, **f32)
-        pg = torch.empty(2, sp, **f32)
-        joint = torch.empty((), **f32)
-        marginal = torch.empty((), **f32)
-        dims = [z.shape[1] for z in zs]
-        interp = interpreter_enabled()
+
+# ----------------------------------------------------------------------------- op bodies
+# The forward and backward of the ``mdm_kernels::triton_single_*`` custom ops
+# (:mod:`~mdm_kernels.ops.triton_ops` registers them with their autograd formula).
+def single_forward(kind, act, zs, w1s, b1, wout, bout, W2, b2, perms, distinct=False):
+    """(joint_term, marginal_term, P, ∂P^J, ∂P^M, pg) in one launch (module docstring): the
+    terms, the projections P (m × B × H_1), and the gradients of both terms computed in the
+    same pass — ∂P^J (B × H_1), ∂P^M (m × B × H_1) and pg (2 × :func:`param_grad_size`: the
+    joint and the marginal term's gradients of b_1, w_out, b_out[, W_2, b_2])."""
+    m = len(zs)
+    device = zs[0].device
+    # the kernel indexes every operand row-major: a non-contiguous parameter (a transposed
+    # or strided view) is read through a contiguous copy (a no-op when already contiguous)
+    zs, w1s = [z.contiguous() for z in zs], [w.contiguous() for w in w1s]
+    b1, wout, bout = b1.contiguous(), wout.contiguous(), bout.contiguous()
+    W2 = W2.contiguous() if W2 is not None else None
+    b2 = b2.contiguous() if b2 is not None else None
+    B, H1 = zs[0].shape[0], w1s[0].shape[0]
+    two = W2 is not None
+    H2 = W2.shape[0] if two else 1
+    sp = param_grad_size(H1, H2, two)
+    plan = marginal_plan(kind, B, m, perms, distinct)
+    idx, n, ncol, nf, grouped = plan.idx, plan.N, plan.NCOL, plan.NF, plan.grouped
+    f32 = dict(device=device, dtype=torch.float32)
+    P = torch.empty(m, B, H1, **f32)
+    dPJ = torch.empty(B, H1, **f32)
+    dPM = torch.empty(m, B, H1, **f32)
+    row_lse = torch.empty(B, **f32)
+    pg = torch.empty(2, sp, **f32)
+    joint = torch.empty((), **f32)
+    marginal = torch.empty((), **f32)
+    dims = [z.shape[1] for z in zs]
+    interp = interpreter_enabled()
+    with launch_device(zs[0]):
         _single_program_fwd_kernel[(1,)](
             *_four(zs, zs[0]), *_four(w1s, w1s[0]), *_four(dims, 1),
             perms if perms is not None else row_lse, b1, W2 if two else b1,
             b2 if two else b1, wout, bout,
             P, dPJ, dPM, row_lse, pg, joint, marginal,
-            B, n, ncol, H1, H2, sp, math.log(n), math.log(max(ncol, 1)),
+            B, n, ncol, H1, H2, sp, math.log(n), math.log(max(plan.candidates, 1)),
             M=m, KIND=KIND_CODES[kind], RED_M=MARGINAL_RED[kind],
             GMODE_J=G_SIGMOID_NEG if kind == "js" else G_ONE,
             GMODE_M=MARGINAL_GMODE[kind], IDX=idx, NF=nf, GROUPED=grouped, TWO_LAYERS=two,
             ACT=act, BLOCK_H1=block_size(H1), BLOCK_H2=16, BLOCK_N=16,
-            BLOCK_K=32 if (two and not interp) else 16, num_warps=1 if interp else 8)
-        ctx.m, ctx.two, ctx.sp = m, two, sp
-        ctx.param_shapes = [(p.shape, p.dtype) for p in (b1, wout, bout, W2, b2)
-                            if p is not None]
-        ctx.save_for_backward(*zs, *w1s, dPJ, dPM, pg)
-        ctx.set_materialize_grads(False)  # unused outputs: None, not zero-filled buffers
-        return joint, marginal, P
+            BLOCK_K=32 if (two and not interp) else 16, DISTINCT=plan.distinct,
+            num_warps=1 if interp else 8)
+    return joint, marginal, P, dPJ, dPM, pg
 
-    @staticmethod
-    def backward(ctx, g_joint, g_marg, g_proj):
-        m = ctx.m
-        saved = ctx.saved_tensors
-        zs, w1s = saved[:m], saved[m:2 * m]
-        dPJ, dPM, pg = saved[2 * m:]
-        device = dPJ.device
-        B, H1 = dPJ.shape
-        zero = None
-        if g_joint is None or g_marg is None:
-            zero = torch.zeros((), device=device, dtype=torch.float32)
-        g_joint = zero if g_joint is None else g_joint
-        g_marg = zero if g_marg is None else g_marg
-        need_dz = any(ctx.needs_input_grad[4:4 + m])
-        dzs = [torch.empty_like(z) for z in zs] if need_dz else list(zs)
-        dws = [torch.empty_like(w) for w in w1s]
-        gsmall = torch.empty(ctx.sp, device=device, dtype=torch.float32)
-        interp = interpreter_enabled()
-        block_r = 16 if interp else 32  # tiles/warps: no ptxas spills on sm_90 (compile_sm90)
-        nrb, nhb = triton.cdiv(B, block_r), triton.cdiv(H1, block_r)
-        dims = [z.shape[1] for z in zs]
+
+def single_backward(zs, w1s, dPJ, dPM, pg, g_joint, g_marg, g_proj, need_dz):
+    """(∂z_1 … ∂z_m, ∂W_{1,1} … ∂W_{1,m}, gsmall) in one launch: ∂P_j = g_J ∂P^J + g_M ∂P^M_j
+    (+ g_proj_j, the incoming gradient of P, when not ``None``) through the projection GEMMs,
+    and gsmall = g_J pg[0] + g_M pg[1] (flattened b_1, w_out, b_out[, W_2, b_2]).  The ∂z's
+    are left out (an empty list) unless ``need_dz``."""
+    m = len(zs)
+    device = dPJ.device
+    B, H1 = dPJ.shape
+    sp = pg.shape[1]
+    zs, w1s = [z.contiguous() for z in zs], [w.contiguous() for w in w1s]
+    # written row-major by the kernel: plain contiguous buffers
+    dzs = [z.new_empty(z.shape) for z in zs] if need_dz else list(zs)
+    dws = [w.new_empty(w.shape) for w in w1s]
+    gsmall = torch.empty(sp, device=device, dtype=torch.float32)
+    interp = interpreter_enabled()
+    block_r = 16 if interp else 32  # tiles/warps: no ptxas spills on sm_90 (compile_sm90)
+    nrb, nhb = triton.cdiv(B, block_r), triton.cdiv(H1, block_r)
+    dims = [z.shape[1] for z in zs]
+    with launch_device(dPJ):
         _single_program_bwd_kernel[(m * (nrb + nhb) + 1,)](
             *_four(zs, zs[0]), *_four(w1s, w1s[0]), *_four(dims, 1),
             *_four(dzs, dzs[0]), *_four(dws, dws[0]),
             dPJ, dPM, dPM if g_proj is None else g_proj.float().contiguous(), pg, g_joint,
-            g_marg, gsmall, B, H1, ctx.sp, M=m, HAS_GP=g_proj is not None, NRB=nrb, NHB=nhb, NEED_DZ=need_dz, BLOCK_R=block_r,
+            g_marg, gsmall, B, H1, sp, M=m, HAS_GP=g_proj is not None, NRB=nrb, NHB=nhb, NEED_DZ=need_dz, BLOCK_R=block_r,
             BLOCK_K=16, BLOCK_D=min(64, block_size(max(dims))), BLOCK_S=256,
             num_warps=1 if interp else 8)
-        grads, start = [], 0
-        for shape, dtype in ctx.param_shapes:
-            size = math.prod(shape)
-            grads.append(gsmall[start:start + size].view(shape).to(dtype))
-            start += size
-        # gsmall layout [b_1 | w_out | b_out | W_2 | b_2]; inputs (b1, wout, bout, W2, b2)
-        if not ctx.two:
-            grads += [None, None]
-        return (None, None, None, None, *(dzs if need_dz else [None] * m), *dws, *grads)
-
-
-def single_program_dependency_terms(kind, critic, zs, perms, return_projections=False):
-    """(joint_term, marginal_term) of estimator ``kind`` in one forward launch and one
-    backward launch (see the module docstring); ``perms`` is the (K, m, B) int64 index
-    tensor or ``None`` for the "all" grid.  ``return_projections=True`` also returns the
-    differentiable projections P (m × B × H_1, float32).  Call through
-    :func:`~mdm_kernels.ops.router.fused_dependency_terms`, which checks the inputs
-    and decides when this path applies."""
-    tail_w = [layer.weight for layer in critic.hidden_layers]
-    tail_b = [layer.bias for layer in critic.hidden_layers]
-    tensors = [z.contiguous() for z in zs] + [w.contiguous() for w in critic.first_weights]
-    tensors += [critic.first_bias, critic.out.weight, critic.out.bias,
-                tail_w[0] if tail_w else None, tail_b[0] if tail_b else None]
-    joint, marginal, P = SingleProgramDependencyTerms.apply(kind, perms, activation_code(critic),
-                                                            len(zs), *tensors)
-    return (joint, marginal, P) if return_projections else (joint, marginal)
+    return (dzs if need_dz else []), dws, gsmall

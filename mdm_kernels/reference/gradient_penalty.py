@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .._validation import check_zs, compute_dtype
+from .._validation import check_zs, compute_dtype, require_values
 
 
 def interpolation_weights(epsilon, num_rows: int, generator, device, dtype) -> torch.Tensor:
@@ -24,7 +24,10 @@ def interpolation_weights(epsilon, num_rows: int, generator, device, dtype) -> t
     ``generator``; returns it as ``dtype`` on ``device``."""
     if epsilon is None:
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        eps = torch.rand(num_rows, generator=generator, device=gen_device, dtype=torch.float64)
+        # no generator= argument without a generator: that overload of rand takes symbolic
+        # sizes (torch.compile(dynamic=True)), the generator one does not
+        gen = {} if generator is None else {"generator": generator}
+        eps = torch.rand(num_rows, device=gen_device, dtype=torch.float64, **gen)
         return eps.to(device=device, dtype=dtype)
     if not isinstance(epsilon, torch.Tensor) or not epsilon.is_floating_point():
         raise TypeError("epsilon must be a floating tensor of shape (N,)")
@@ -32,8 +35,8 @@ def interpolation_weights(epsilon, num_rows: int, generator, device, dtype) -> t
         raise ValueError(f"epsilon must have shape ({num_rows},), got {tuple(epsilon.shape)}")
     if epsilon.device != torch.device(device):
         raise ValueError(f"epsilon is on {epsilon.device} but the samples are on {device}")
-    if num_rows and (float(epsilon.min()) < 0.0 or float(epsilon.max()) > 1.0):
-        raise ValueError("epsilon must lie in [0, 1]")
+    if num_rows:
+        require_values(((epsilon >= 0.0) & (epsilon <= 1.0)).all(), "epsilon must lie in [0, 1]")
     return epsilon.to(dtype)
 
 
