@@ -345,6 +345,43 @@ def test_four_modalities():
     check("infonce", B=3, dims=(2, 3, 5, 2), hidden=(6,), act="gelu", negatives="all", seed=17)
 
 
+# --- "distinct" negatives: coinciding indices masked inside the tiles ------------------------
+@pytest.mark.parametrize("kind,B,dims,hidden,grid_path", [
+    ("dv", 5, (3, 4), (7,), "outer"),                 # two factors
+    ("infonce", 4, (3, 2, 5), (7,), "outer"),         # anchor × grouped candidate, j ≠ i
+    ("js", 3, (2, 3, 5), (5,), "outer"),              # three factors, B = m
+    ("nwj", 5, (3, 4), (5, 3), "grid"),               # two hidden layers: gathered tiles
+    ("infonce", 3, (3, 4), (5, 3), "grid"),
+    ("wasserstein", 4, (2, 3, 2, 3), (5,), "grid"),   # four factors
+])
+def test_distinct_negatives(kind, B, dims, hidden, grid_path):
+    """"distinct" (pairwise distinct indices; InfoNCE: the B − 1 candidates j ≠ i) on every
+    kernel family against the reference, values and gradients: the one program under
+    "single", the outer sums or the gathered tiles under "grid" (asserted)."""
+    from mdm_kernels.ops.router import execution_path
+    critic, zs = _make(B, dims, hidden, "tanh", torch.float32, 19)
+    samples = resolve_samples(kind, zs, "distinct", None, None)
+    expected = "single" if STRATEGY == "single" else grid_path
+    assert execution_path(kind, critic, zs, samples, strategy=STRATEGY) == expected
+    check(kind, B=B, dims=dims, hidden=hidden, negatives="distinct", seed=19)
+
+
+def test_distinct_public_api_and_wasserstein_loss(strategy):
+    """backend="triton" runs "distinct" (no refusal) and matches the reference, the
+    Wasserstein loss (estimator + gradient penalty at a fresh shuffle) included."""
+    if strategy != "single":
+        pytest.skip("the public API picks its own strategy: run once")
+    critic, zs = _make(5, (3, 4), (7,), "relu", torch.float32, 20)
+    for bound in (mdm_kernels.dv_bound, mdm_kernels.infonce_bound):
+        assert_close(bound(critic, *zs, negatives="distinct", backend="triton"),
+                     bound(critic, *zs, negatives="distinct", backend="reference"),
+                     rtol=1e-5, atol=1e-6)
+    losses = [mdm_kernels.wasserstein_loss(critic, *zs, negatives="distinct", backend=b,
+                                           generator=torch.Generator().manual_seed(0))
+              for b in ("triton", "reference")]
+    assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dims,hidden,expected", [
     ((3, 4), (7,), (1, 2, 0)), ((3, 4, 2), (7,), (1, 3, 0)), ((3, 4), (7, 5), (0, 0, 3))],
     ids=["m2-1layer", "m3-1layer", "m2-2layers"])

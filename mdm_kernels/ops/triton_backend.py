@@ -34,6 +34,7 @@ MAX_HIDDEN_LAYERS = 2
 
 class TritonBackend(Backend):
     name = "triton"
+    supports_distinct_negatives = True  # masked inside the tiles of every kernel family
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if _IMPORT_ERROR is not None:
