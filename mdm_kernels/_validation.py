@@ -95,10 +95,12 @@ def require_values(condition: torch.Tensor, message: str, details=None) -> None:
     bounds) without blocking ``torch.compile``.  Eagerly: one host read, and
     ``ValueError(message)`` — followed by ``": " + details()`` when ``details`` (a callable,
     e.g. quoting the offending values) is given.  While Dynamo traces
-    (``torch.compiler.is_compiling()``): no host synchronisation in the graph, a
-    device-side assertion (``torch._assert_async``) instead, which fails the step with
-    ``message`` when it runs."""
-    if torch.compiler.is_compiling():
+    (``torch.compiler.is_compiling()``) or a CUDA graph is being captured: no host
+    synchronisation (it would break the graph, or the capture), a device-side assertion
+    (``torch._assert_async``) instead, which fails the step with ``message`` (on a GPU: a
+    device-side assert) when it runs."""
+    if torch.compiler.is_compiling() or (condition.is_cuda
+                                         and torch.cuda.is_current_stream_capturing()):
         torch._assert_async(condition, message)
         return
     if not bool(condition):
