@@ -9,6 +9,7 @@ accepts any callable critic.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Sequence
 
 import torch
@@ -94,18 +95,27 @@ class Backend:
         return joint, marginal, gp
 
 
+@torch.compiler.assume_constant_result
+def _import_module(path: str) -> str:
+    """Import ``path``; ``""``, or the ImportError's text.  Dynamo does not trace
+    ``importlib``: marked as a constant result, this runs eagerly even when the first
+    estimator call of a process is inside a ``torch.compile``'d step (no graph break)."""
+    try:
+        importlib.import_module(path)
+    except ImportError as exc:
+        return str(exc)
+    return ""
+
+
 def get_backend(name: str) -> Backend:
     """The backend object called ``name`` (raises :class:`BackendUnavailable` if it failed
     to import)."""
     if name not in _BACKEND_MODULES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
     if name not in _cache:
-        try:
-            module = importlib.import_module(_BACKEND_MODULES[name])
-        except ImportError as exc:
-            _cache[name] = exc
-        else:
-            _cache[name] = module.BACKEND
+        error = _import_module(_BACKEND_MODULES[name])
+        _cache[name] = (ImportError(error) if error
+                        else sys.modules[_BACKEND_MODULES[name]].BACKEND)
     found = _cache[name]
     if isinstance(found, ImportError):
         raise BackendUnavailable(f"backend {name!r} is not available: {found}")

@@ -10,6 +10,9 @@ test of a whole training step runs only where a GPU is present.
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -282,6 +285,31 @@ def test_dynamic_batch_compiles_once():
     # one graph for both batch sizes (a restart of the analysis inside that one compilation,
     # as Dynamo does for the float LR under dynamic=True, is not a second graph)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+FRESH_PROCESS_STEP = """
+import torch
+from mdm_kernels import DependencyPenalty
+penalty = DependencyPenalty("mine", dims=(3, 4), hidden=(8,), backend="triton",
+                            normalize="rms", ema_decay=0.9)
+z1, z2 = torch.randn(6, 3), torch.randn(6, 4)
+step = torch.compile(lambda a, b: penalty.critic_loss(a, b) + penalty(a, b),
+                     fullgraph=True, backend="aot_eager")
+assert torch.isfinite(step(z1, z2))
+print("compiled")
+"""
+
+
+def test_first_call_of_a_process_compiles_fullgraph():
+    """In a fresh process whose first estimator call is compiled (no eager warm-up: the
+    backend modules are not imported yet), ``fullgraph=True`` still holds — the dispatch
+    imports the backend without a graph break; MINE's moving average and the RMS-normalised
+    critic input of :class:`~mdm_kernels.DependencyPenalty` trace too."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS_STEP], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled" in done.stdout
 
 
 def test_compiled_perms_validation_without_host_sync():
