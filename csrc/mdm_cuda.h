@@ -26,9 +26,17 @@ constexpr int kMaxPartials = 1024;           // blocks of a forward reduction
 // float32 workspace the forward needs: partial statistics of the joint and marginal sets.
 constexpr int64_t kWorkspaceFloats = 2 * int64_t(kMaxPartials) * kPartialFloats;
 // Largest chunk of flat sample ids whose dL/dT the backward buffers at once (64 MB floats).
-constexpr int64_t kScoreChunkSamples = int64_t(1) << 24;
+// Both sizes below can be lowered at compile time; the host-emulation tests do, so that small
+// grids take the multi-chunk / multi-row paths.
+#ifndef MDM_SCORE_CHUNK_SAMPLES
+#define MDM_SCORE_CHUNK_SAMPLES (int64_t(1) << 24)
+#endif
+constexpr int64_t kScoreChunkSamples = MDM_SCORE_CHUNK_SAMPLES;
 // Gradient-penalty backward: at most this many per-block partial rows of dw, db1.
-constexpr int64_t kGpMaxPartialRows = 1024;
+#ifndef MDM_GP_MAX_PARTIAL_ROWS
+#define MDM_GP_MAX_PARTIAL_ROWS 1024
+#endif
+constexpr int64_t kGpMaxPartialRows = MDM_GP_MAX_PARTIAL_ROWS;
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // Estimator kinds, in the order of mdm_kernels.reference.estimators.KINDS.

@@ -207,7 +207,8 @@ def test_backward_chunks_cover_large_grids(extension_so):
 
 KERNEL_SOURCES = ("critic_bounds_forward.cu", "critic_bounds_backward.cu", "gradient_penalty.cu")
 PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)'")
-PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+PTXAS_FRAME = re.compile(
+    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 def _ptxas_report(source: str) -> list[tuple[str, int, int]]:

@@ -45,13 +45,21 @@ def missing_tools() -> str | None:
     return None
 
 
+#: Small backward chunks and GP partial rows, so small test grids take the multi-chunk and
+#: multi-row paths (the GPU build uses 2^24 ids and 1024 rows).
+SCORE_CHUNK_SAMPLES = 16
+GP_MAX_PARTIAL_ROWS = 3
+
+
 def build(out_dir: Path):
     """Compile and load the emulated module; returns it (named mdm_emulated._cuda)."""
     import pybind11
     out_dir.mkdir(parents=True, exist_ok=True)
     includes = ["-I", str(CSRC), "-I", str(cuda_include_dir()),
                 "-I", sysconfig.get_paths()["include"], "-I", pybind11.get_include()]
-    common = ["g++", "-std=c++20", "-O1", "-fPIC", "-w", *includes]
+    common = ["g++", "-std=c++20", "-O1", "-fPIC", "-w", *includes,
+              f"-DMDM_SCORE_CHUNK_SAMPLES={SCORE_CHUNK_SAMPLES}",
+              f"-DMDM_GP_MAX_PARTIAL_ROWS={GP_MAX_PARTIAL_ROWS}"]
     kernels = [["-x", "c++", "-include", str(HERE / "emulation.h"), str(src)]
                for src in sorted(CSRC.glob("*.cu"))]
     units = kernels + [[str(CSRC / "bindings.cpp")], [str(HERE / "runtime.cpp")]]
