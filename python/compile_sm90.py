@@ -136,7 +136,7 @@ def main():
                 consts = dict(NF=nf, OWNED=owned, GMODE=gmode, PARAM_GRADS=owned == 0,
                               ACT=act, BLOCK_S=16, BLOCK_O=256)  # _bwd_tiles()
                 kernel, secs = compile_one(ogb._outer_bwd_kernel, consts, 8,
-                                           ints=("B", "S", "H"))
+                                           ints=("B", "S", "H", "SPLIT_BLOCKS"))
                 print(f"outer bwd {kind:11s} nf={nf} owned={owned} act={act}: "
                       f"{ptxas_report(kernel)}  ({secs:.1f}s)", flush=True)
                 n += 1
@@ -147,14 +147,16 @@ def main():
         consts = dict(M=m, IDX=idx, RED=red, NF=nf, GROUPED=grouped, TWO_LAYERS=two, ACT=act,
                       BLOCK_H1=128, BLOCK_H2=32, BLOCK_N=16)  # the MDM_TRITON_AUTOTUNE=0 tile
         kernel, secs = compile_one(gt._bounds_fwd_kernel.fn, consts, 8,
-                                   ints=("B", "N", "NCOL", "H1", "H2"), int_ptrs=("perm_ptr",))
+                                   ints=("B", "N", "NCOL", "H1", "H2", "N_KEY", "NCOL_KEY", "B_KEY"),
+                                   int_ptrs=("perm_ptr",))
         report = ptxas_report(kernel)
         gmode = {0: 0, 1: 1, 2: 2 if grouped else 1, 3: 2}[idx]
         consts = dict(M=m, IDX=idx, GMODE=gmode, NF=nf, OWNER=0, GROUPED=grouped,
                       PARAM_GRADS=True, TWO_LAYERS=two, ACT=act, BLOCK_H1=128, BLOCK_H2=32,
                       BLOCK_N=16)
         kernel, secs = compile_one(gt._bounds_bwd_kernel.fn, consts, 8,
-                                   ints=("B", "N", "NCOL", "H1", "H2"), int_ptrs=("perm_ptr",))
+                                   ints=("B", "N", "NCOL", "H1", "H2", "N_KEY", "NCOL_KEY", "B_KEY"),
+                                   int_ptrs=("perm_ptr",))
         print(f"gathered idx={idx} nf={nf} layers={1 + two} act={act}: fwd {report} | bwd "
               f"{ptxas_report(kernel)}", flush=True)
         n += 2

@@ -64,6 +64,22 @@ def test_size_bucket_is_the_next_power_of_two():
         size_bucket(-1)
 
 
+def test_gathered_tile_autotuners_key_on_buckets():
+    """The gathered-tile kernels' autotune keys are the bucketed sizes: a short last batch
+    (200 of 256) or a 4-GPU gathered one (4 × 200 of 1024) finds the full batch's entry."""
+    from mdm_kernels.ops import gathered_tiles as gt
+    from mdm_kernels.ops.sample_tiles import marginal_plan
+    for kernel in (gt._bounds_fwd_kernel, gt._bounds_bwd_kernel):
+        assert list(kernel.keys) == ["N_KEY", "NCOL_KEY", "H1", "H2", "B_KEY"]
+    for short, full in ((200, 256), (800, 1024)):
+        for kind, K in (("dv", 5), ("infonce", 4), ("dv", None), ("infonce", None)):
+            keys = {gt._autotune_keys(marginal_plan(
+                kind, B, 3, None if K is None else torch.zeros(K, 3, B, dtype=torch.int64)))
+                for B in (short, full)}
+            assert len(keys) == 1, (kind, K, keys)
+    assert gt._autotune_keys(marginal_plan("dv", 300, 3, None))[2] == 512  # the next bucket
+
+
 # --- devices -------------------------------------------------------------------------------
 def test_check_same_device_names_the_argument():
     a = torch.zeros(2)
@@ -75,3 +91,211 @@ def test_check_same_device_names_the_argument():
 def test_launch_device_is_a_no_op_on_cpu():
     with triton_helpers.launch_device(torch.zeros(1)):
         pass
+
+
+# --- outer-sum backward grid (issue 14, item 4) -------------------------------------------
+H200_SMS = 132
+
+
+@pytest.mark.parametrize("B,num_factors", [(256, 3), (257, 3), (1000, 3), (1040, 2),
+                                           (4096, 2), (16384, 2), (65536, 2)])
+def test_outer_backward_grid_fills_the_gpu(B, num_factors):
+    """At least two programs per SM (the paper-scale "all" step, B = 256 with m = 3, was one
+    CTA per launch), every swept block in exactly one split, no empty split."""
+    from mdm_kernels.ops.outer_sums import outer_backward_grid
+    launch = outer_backward_grid(B, num_factors, 16, 256, H200_SMS)
+    assert launch.programs >= 2 * H200_SMS
+    assert launch.grid == (launch.owned_programs, launch.splits)
+    swept_blocks = triton.cdiv(B, 16) * (B if num_factors == 3 else 1)
+    assert (launch.splits - 1) * launch.blocks_per_split < swept_blocks
+    assert launch.splits * launch.blocks_per_split >= swept_blocks
+    assert launch.owned_programs <= triton.cdiv(B, 256)
+    # and not far more than that: the per-split partials cost splits × H × S floats
+    assert launch.programs <= 4 * H200_SMS + launch.owned_programs
+
+
+def test_outer_backward_grid_small_launches_use_every_tile():
+    """Fewer tiles than 2 × SMs (two factors, B = 256: 1 × 16 tiles of 16 × 256): one
+    program per tile; a batch with many owned blocks needs no split."""
+    from mdm_kernels.ops.outer_sums import outer_backward_grid
+    small = outer_backward_grid(256, 2, 16, 256, H200_SMS)
+    assert (small.owned_programs, small.splits, small.blocks_per_split) == (1, 16, 1)
+    big = outer_backward_grid(256 * 300, 2, 16, 256, H200_SMS)
+    assert (big.owned_programs, big.splits) == (2 * H200_SMS, 1)
+    with pytest.raises(ValueError, match="num_factors must be 2 or 3"):
+        outer_backward_grid(256, 4, 16, 256, H200_SMS)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        outer_backward_grid(0, 2, 16, 256, H200_SMS)
+
+
+# --- one program or many: the cost model (issue 14, item 5) -------------------------------
+def test_single_program_threshold_follows_the_cost_model():
+    """W* = (L_multi − L_one)·t_launch·F·f·n/(n − 1): at W* both modelled times are equal."""
+    from mdm_kernels.ops import single_program as sp
+    w_star = sp.single_program_max_work()
+    rate = sp.FMA_PER_CLOCK_PER_SM * sp.SM_CLOCK_HZ
+    t_one = sp.SINGLE_PROGRAM_OPS * sp.LAUNCH_OVERHEAD_S + w_star / rate
+    t_multi = sp.MULTI_PROGRAM_OPS * sp.LAUNCH_OVERHEAD_S + w_star / (sp.NUM_SMS * rate)
+    assert t_one == pytest.approx(t_multi, rel=1e-6)
+    # more SMs or dearer launches favour the one-program path longer, a faster SM too
+    assert sp.single_program_max_work(launch_overhead_s=1e-5) > w_star
+    assert sp.single_program_max_work(clock_hz=1e9) < w_star
+    assert sp.single_program_max_work(launch_overhead_s=0) == 0
+    with pytest.raises(ValueError, match="num_sms must be >= 2"):
+        sp.single_program_max_work(num_sms=1)
+
+
+@pytest.mark.parametrize("raw,expected", [("2e7", 20_000_000), ("0", 0), (" ", "default")])
+def test_single_program_threshold_env_override(monkeypatch, raw, expected):
+    from mdm_kernels.ops import single_program as sp
+    monkeypatch.setenv("MDM_SINGLE_PROGRAM_MAX_WORK", raw)
+    assert sp._max_work_from_env(123) == (123 if expected == "default" else expected)
+
+
+@pytest.mark.parametrize("raw", ["many", "-1", "inf", "nan"])
+def test_single_program_threshold_env_rejects_bad_values(monkeypatch, raw):
+    from mdm_kernels.ops import single_program as sp
+    monkeypatch.setenv("MDM_SINGLE_PROGRAM_MAX_WORK", raw)
+    with pytest.raises(ValueError, match="MDM_SINGLE_PROGRAM_MAX_WORK must be"):
+        sp._max_work_from_env(123)
+
+
+def _path_at(kind, B, dims, hidden, negatives):
+    from mdm_kernels import MLPCritic
+    from mdm_kernels.ops.router import execution_path
+    critic = MLPCritic(dims, hidden).to("meta")
+    zs = [torch.empty(B, d, device="meta") for d in dims]
+    perms = None if negatives == "all" else torch.zeros(negatives, len(dims), B,
+                                                        dtype=torch.int64, device="meta")
+    return execution_path(kind, critic, zs, perms)
+
+
+def test_auto_switch_point_is_the_modelled_one(monkeypatch):
+    """The decision at a few sizes around W*: MINE shuffles (K = 1) with three 64-d
+    modalities and H = 128, whose work grows linearly in B."""
+    from mdm_kernels.ops import single_program as sp
+    monkeypatch.setattr(sp, "SINGLE_PROGRAM_MAX_WORK", sp.single_program_max_work())
+    dims, hidden = (64, 64, 64), (128,)
+
+    def work(B):
+        return sp.single_program_work(B, dims, hidden, B, 1)
+
+    B_star = max(B for B in range(1, 4096) if work(B) <= sp.SINGLE_PROGRAM_MAX_WORK)
+    assert 256 < B_star < 1024  # paper scale (B = 256) runs as one program
+    for B, expected in ((32, "single"), (256, "single"), (B_star, "single"),
+                        (B_star + 1, "grid"), (4 * B_star, "grid")):
+        assert _path_at("dv", B, dims, hidden, 1) == expected, B
+    # "all" at paper scale with m = 3 (2^24 samples) is far above it: the outer sums
+    assert _path_at("dv", 256, dims, hidden, "all") == "outer"
+
+
+# --- devices and layouts (issue 14, item 3) ------------------------------------------------
+def _critic_and_inputs(hidden, B=4, dims=(3, 4), device="cpu", seed=0):
+    from mdm_kernels import MLPCritic
+    torch.manual_seed(seed)
+    critic = MLPCritic(dims, hidden, "tanh").to(device)
+    zs = [torch.randn(B, d, device=device, requires_grad=True) for d in dims]
+    return critic, zs
+
+
+def _matches_reference(kind, critic, zs, perms, strategy):
+    """Fused value and gradients (of joint − marginal) against the float64 reference;
+    ``perms``: a (K, m, B) index tensor, or ``None`` for "all"."""
+    import copy
+
+    from torch.testing import assert_close
+
+    from mdm_kernels.ops.router import fused_dependency_terms
+    from mdm_kernels.reference.estimators import dependency_terms, resolve_samples
+    for t in [*zs, *critic.parameters()]:
+        t.grad = None
+    joint, marg = fused_dependency_terms(kind, critic, zs, perms, strategy=strategy)
+    (joint - marg).backward()
+    critic64 = copy.deepcopy(critic).cpu().double()
+    zs64 = [z.detach().cpu().double().requires_grad_() for z in zs]
+    samples64 = resolve_samples(kind, zs64, "all" if perms is None else None,
+                                None if perms is None else perms.cpu(), None)
+    rj, rm = dependency_terms(kind, critic64, zs64, samples64)
+    (rj - rm).backward()
+    tol = dict(rtol=2e-5, atol=2e-6)
+    assert_close(marg.detach().cpu().double(), rm.detach(), **tol)
+    for z, r in zip(zs, zs64):
+        assert_close(z.grad.cpu().double(), r.grad, **tol)
+    for (name, p), r in zip(critic.named_parameters(), critic64.parameters()):
+        assert_close(p.grad.cpu().double(), r.grad, **tol, msg=lambda s: f"{name}: {s}")
+
+
+def _explicit_shuffles(K, m, B, device="cpu"):
+    gen = torch.Generator().manual_seed(1)
+    return torch.stack([torch.stack([torch.randperm(B, generator=gen) for _ in range(m)])
+                        for _ in range(K)]).to(device)
+
+
+def test_inputs_on_different_devices_are_refused_by_name():
+    from mdm_kernels.ops.router import fused_dependency_terms
+    critic, zs = _critic_and_inputs((6,))
+    with pytest.raises(ValueError, match=r"zs\[1\] is on meta but zs\[0\] is on cpu"):
+        fused_dependency_terms("dv", critic, [zs[0], zs[1].to("meta")], None)
+    critic.out.bias = torch.nn.Parameter(torch.zeros(1, device="meta"))
+    with pytest.raises(ValueError, match=r"critic\.out\.bias is on meta"):
+        fused_dependency_terms("dv", critic, zs, None)
+
+
+@pytest.mark.parametrize("strategy", ["single", "grid"])
+def test_non_contiguous_critic_parameters(strategy):
+    """A transposed W_2, a strided output weight and first bias (as ``load_state_dict`` of
+    a transposed checkpoint or weight tying can leave them): read through contiguous
+    copies, values and gradients as the reference."""
+    critic, zs = _critic_and_inputs((6, 5))
+    layer = critic.hidden_layers[0]
+    layer.weight = torch.nn.Parameter(layer.weight.detach().t().contiguous().t())
+    critic.out.weight = torch.nn.Parameter(
+        torch.stack([critic.out.weight.detach()[0]] * 2, 1)[:, :1].t())
+    critic.first_bias = torch.nn.Parameter(torch.stack([critic.first_bias.detach()] * 2, 1)[:, 0])
+    assert not any(p.is_contiguous() for p in (layer.weight, critic.out.weight,
+                                               critic.first_bias))
+    _matches_reference("dv", critic, zs, _explicit_shuffles(2, 2, 4), strategy)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("strategy,hidden,negatives", [
+    ("single", (16,), "shuffles"), ("grid", (16,), "all"), ("grid", (16, 8), "shuffles")],
+    ids=["one-program", "outer-sum", "gathered-tiles"])
+def test_inputs_on_the_second_gpu_while_the_first_is_current(strategy, hidden, negatives):
+    """Every launch runs under its inputs' device (cuda:1 here while cuda:0 is current)."""
+    critic, zs = _critic_and_inputs(hidden, B=37, dims=(5, 7), device="cuda:1")
+    perms = None if negatives == "all" else _explicit_shuffles(2, 2, 37, "cuda:1")
+    with torch.cuda.device(0):
+        _matches_reference("dv", critic, zs, perms, strategy)
+        assert torch.cuda.current_device() == 0
+
+
+# --- buffers (issue 14, item 6) ------------------------------------------------------------
+def test_all_grid_backward_zero_fills_only_what_atomics_need(monkeypatch):
+    """"all" over 3 modalities, two hidden layers, on the gathered tiles: the backward's ∂P
+    is zero-filled once (the joint term's atomic scatter), not once per owner launch, and
+    the per-program W_2 slices exist only for the launches that make parameter gradients
+    (the joint term and owner 0), not for owners 1 and 2."""
+    critic, zs = _critic_and_inputs((6, 5), dims=(3, 4, 2))
+    from mdm_kernels.ops.router import fused_dependency_terms
+    joint, marg = fused_dependency_terms("dv", critic, zs, None, strategy="grid")
+    fills = []
+    zeros, zeros_like = torch.zeros, torch.zeros_like
+
+    def spy_zeros(*args, **kwargs):
+        out = zeros(*args, **kwargs)
+        fills.append(tuple(out.shape))
+        return out
+
+    def spy_zeros_like(*args, **kwargs):
+        out = zeros_like(*args, **kwargs)
+        fills.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch, "zeros", spy_zeros)
+    monkeypatch.setattr(torch, "zeros_like", spy_zeros_like)
+    (joint - marg).backward()
+    m, B, H1, H2 = 3, 4, 6, 5
+    assert fills.count((m, B, H1)) == 1
+    assert len([s for s in fills if s[1:] == (H2, H1)]) == 2
+    assert all(z.grad is not None and torch.isfinite(z.grad).all() for z in zs)

@@ -123,11 +123,14 @@ def _launch_grid(plan, device):
 
 
 def _autotune_keys(plan) -> tuple[int, int, int]:
-    """(N_KEY, NCOL_KEY, B_KEY): the launch's sizes bucketed to powers of two
-    (:func:`~mdm_kernels.ops.triton_helpers.size_bucket`), the autotuners' keys in place of
-    the exact N, NCOL and B, so a short last batch or a DDP-gathered batch reuses the tuned
-    tile instead of benchmarking again.  Kernel arguments used only as keys."""
-    return size_bucket(plan.N), size_bucket(plan.NCOL), size_bucket(plan.B)
+    """(N_KEY, NCOL_KEY, B_KEY), the autotuners' keys in place of the exact N, NCOL and B
+    (kernel arguments used only as keys): B and the samples per batch row N/B (K shuffles,
+    K + 1 InfoNCE candidates, B^{m−1} grid columns) and NCOL rounded up to powers of two
+    (:func:`~mdm_kernels.ops.triton_helpers.size_bucket`), N_KEY = bucket(B)·bucket(⌈N/B⌉).
+    So every batch size in a bucket — a short last batch, a DDP-gathered batch — shares the
+    tuned config instead of benchmarking again."""
+    b = size_bucket(plan.B)
+    return (b * size_bucket(triton.cdiv(plan.N, max(plan.B, 1))), size_bucket(plan.NCOL), b)
 
 
 @triton.jit
