@@ -17,7 +17,7 @@ import torch
 
 from cuda_emulation.build import GP_MAX_PARTIAL_ROWS, SCORE_CHUNK_SAMPLES, build, missing_tools
 from mdm_kernels.ops import cuda_ops
-from mdm_kernels.ops.cuda_backend import fused_dependency_terms
+from mdm_kernels.ops.cuda_backend import critic_params, fused_dependency_terms, projections
 from mdm_kernels.reference.estimators import KINDS, dependency_terms, resolve_samples
 from test_cuda_backend import (ACTS, MODES, assert_match, both, compare_gradient_penalty,
                                make_case, mode_args)
@@ -115,3 +115,22 @@ def test_gradient_penalty(emulated, act):
         critic.out.weight.mul_(3.0)
     eps = torch.rand(8, generator=torch.Generator().manual_seed(2))
     compare_gradient_penalty(critic, joint, marginal, eps, False, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,mode", [("dv", "perms"), ("js", "all"), ("infonce", "distinct")])
+def test_ops_bitwise_reproducible(emulated, kind, mode):
+    """H = 31 (eight sample groups per backward block), m = 4, several chunks: two runs of the
+    forward and backward ops are bitwise equal under OS-thread scheduling (a race on a shared
+    accumulator would show here)."""
+    critic, zs = make_case(dims=(2, 3, 2, 2), hidden=31, batch=5, act="gelu", seed=23)
+    _, perms = mode_args(mode, kind, 5, 4, "cpu")
+    P = [p.detach() for p in projections(critic, zs)]
+    b1, w, bo = (t.detach() for t in critic_params(critic))
+    args = (P, b1, w, bo, perms, cuda_ops.KIND_CODES[kind], 4, cuda_ops.NEGATIVES_CODES[mode])
+    runs = []
+    for _ in range(2):
+        terms, stats = cuda_ops.bounds_fwd(*args)
+        runs.append([terms, stats, *cuda_ops.bounds_bwd(*args, torch.tensor([0.7, -1.3]),
+                                                        terms, stats)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
