@@ -1,6 +1,7 @@
 """Small driver for compute-sanitizer (memcheck, racecheck) over every CUDA kernel of
-mdm_kernels._cuda: each estimator × negatives mode × dtype, forward + backward, and the
-gradient-penalty ops, on small odd shapes.  Run by python/check_cuda.sh; exits non-zero on a
+mdm_kernels._cuda: each estimator × negatives mode ("distinct" included) × dtype, forward +
+backward (tanh, H = 37; relu, H = 300 in float32), and the gradient-penalty ops, on small odd
+shapes (80 bound runs, 4 GP runs).  Run by python/check_cuda.sh; exits non-zero on a
 Python-level failure (the sanitizer reports memory errors and races itself).
 """
 from __future__ import annotations
@@ -24,9 +25,11 @@ def main() -> int:
     torch.manual_seed(0)
     dims, batch = (5, 3, 6), 7
     runs = 0
-    for act in ("tanh", "relu"):
-        critic = mk.MLPCritic(dims, hidden=(37,), activation=act).cuda()
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    # hidden 37: four sample groups per backward block; 300: one group, two units per thread
+    all_dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    for act, hidden, dtypes in (("tanh", 37, all_dtypes), ("relu", 300, (torch.float32,))):
+        critic = mk.MLPCritic(dims, hidden=(hidden,), activation=act).cuda()
+        for dtype in dtypes:
             zs = [torch.randn(batch, d, device="cuda", dtype=dtype, requires_grad=True)
                   for d in dims]
             for kind in KINDS:
