@@ -59,15 +59,17 @@ def _opcheck(op, args):
 
 
 # ----------------------------------------------------------------------------- opcheck
-TILE_CASES = [  # kind, hidden, activation, K shuffles (None: the "all" grid)
-    ("dv", (8,), "tanh", 2),
-    ("infonce", (8, 6), "gelu", None),
-    ("js", (5,), "relu", 1),
+TILE_CASES = [  # kind, hidden, activation, K shuffles (None: the "all" grid), "distinct"
+    ("dv", (8,), "tanh", 2, False),
+    ("infonce", (8, 6), "gelu", None, False),
+    ("js", (5,), "relu", 1, False),
+    ("nwj", (6,), "softplus", None, True),
 ]
 
 
-@pytest.mark.parametrize("kind,hidden,act,K", TILE_CASES, ids=[c[0] for c in TILE_CASES])
-def test_opcheck_gathered_tiles(kind, hidden, act, K):
+@pytest.mark.parametrize("kind,hidden,act,K,distinct", TILE_CASES,
+                         ids=[c[0] + ("-distinct" if c[4] else "") for c in TILE_CASES])
+def test_opcheck_gathered_tiles(kind, hidden, act, K, distinct):
     critic = _critic((3, 4), hidden, act, 0)
     B = 5
     zs = [_randn(B, d, seed=k) for k, d in enumerate((3, 4))]
@@ -76,39 +78,44 @@ def test_opcheck_gathered_tiles(kind, hidden, act, K):
     W2, b2 = (_leaf(ws[0]), _leaf(bs[0])) if ws else (None, None)
     perms = None if K is None else _perms(kind, B, 2, K, 1)
     args = (P, _leaf(critic.first_bias), _leaf(wout), _leaf(bout), W2, b2, perms, kind,
-            activation_code(critic), False)
+            activation_code(critic), distinct)
     _opcheck(triton_ops.tiles_fwd, args)
     _, _, stat = triton_ops.tiles_fwd(*args)
     grads = (torch.tensor(0.7, device=DEVICE), torch.tensor(-1.3, device=DEVICE))
     _opcheck(triton_ops.tiles_bwd, (*[a.detach() if isinstance(a, torch.Tensor) else a
-                                      for a in args[:7]], stat, *grads, kind, args[8], False))
+                                      for a in args[:7]], stat, *grads, kind, args[8],
+                                    distinct))
 
 
-OUTER_CASES = [("dv", 2, "tanh"), ("infonce", 2, "relu"), ("wasserstein", 3, "gelu")]
+OUTER_CASES = [  # kind, factors, activation, "distinct"
+    ("dv", 2, "tanh", False), ("infonce", 2, "relu", False), ("wasserstein", 3, "gelu", False),
+    ("js", 2, "tanh", True)]
 
 
-@pytest.mark.parametrize("kind,nf,act", OUTER_CASES, ids=[c[0] for c in OUTER_CASES])
-def test_opcheck_outer_sums(kind, nf, act):
+@pytest.mark.parametrize("kind,nf,act,distinct", OUTER_CASES,
+                         ids=[c[0] + ("-distinct" if c[3] else "") for c in OUTER_CASES])
+def test_opcheck_outer_sums(kind, nf, act, distinct):
     B, H = (5 if nf == 2 else 3), 6
     factors = [_randn(B, H, seed=f) for f in range(nf)]
     wout, bout = _randn(H, seed=10), _randn(1, seed=11)
     code = activation_code(_critic((2, 2), (H,), act, 0))
-    _opcheck(triton_ops.outer_fwd, (factors, wout, bout, kind, code, False))
-    _, Ft, stat = triton_ops.outer_fwd(factors, wout, bout, kind, code, False)
+    _opcheck(triton_ops.outer_fwd, (factors, wout, bout, kind, code, distinct))
+    _, Ft, stat = triton_ops.outer_fwd(factors, wout, bout, kind, code, distinct)
     _opcheck(triton_ops.outer_bwd, (Ft, wout.detach(), bout.detach(), stat,
-                                    torch.tensor(0.9, device=DEVICE), B, kind, code, False))
+                                    torch.tensor(0.9, device=DEVICE), B, kind, code, distinct))
 
 
-SINGLE_CASES = [  # kind, dims, hidden, activation, K (None: "all")
-    ("dv", (3, 4), (8,), "tanh", 2),
-    ("infonce", (3, 4), (8, 6), "relu", None),
-    ("nwj", (2, 3, 2), (6,), "gelu", None),
+SINGLE_CASES = [  # kind, dims, hidden, activation, K (None: "all"), "distinct"
+    ("dv", (3, 4), (8,), "tanh", 2, False),
+    ("infonce", (3, 4), (8, 6), "relu", None, False),
+    ("nwj", (2, 3, 2), (6,), "gelu", None, False),
+    ("infonce", (3, 4), (6,), "tanh", None, True),
 ]
 
 
-@pytest.mark.parametrize("kind,dims,hidden,act,K", SINGLE_CASES,
-                         ids=[c[0] for c in SINGLE_CASES])
-def test_opcheck_single_program(kind, dims, hidden, act, K):
+@pytest.mark.parametrize("kind,dims,hidden,act,K,distinct", SINGLE_CASES,
+                         ids=[c[0] + ("-distinct" if c[5] else "") for c in SINGLE_CASES])
+def test_opcheck_single_program(kind, dims, hidden, act, K, distinct):
     critic = _critic(dims, hidden, act, 0)
     B = 4
     zs = [_randn(B, d, seed=k) for k, d in enumerate(dims)]
@@ -117,7 +124,7 @@ def test_opcheck_single_program(kind, dims, hidden, act, K):
     W2, b2 = tail[0] if tail else (None, None)
     perms = None if K is None else _perms(kind, B, len(dims), K, 2)
     args = (zs, w1s, _leaf(critic.first_bias), _leaf(critic.out.weight),
-            _leaf(critic.out.bias), W2, b2, perms, kind, activation_code(critic), False)
+            _leaf(critic.out.bias), W2, b2, perms, kind, activation_code(critic), distinct)
     _opcheck(triton_ops.single_fwd, args)
     _, _, P, dPJ, dPM, pg = triton_ops.single_fwd(*args)
     plain = ([z.detach() for z in zs], [w.detach() for w in w1s], dPJ, dPM, pg,

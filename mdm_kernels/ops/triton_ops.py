@@ -83,12 +83,13 @@ def tiles_fwd(P: Tensor, b1: Tensor, wout: Tensor, bout: Tensor, W2: Optional[Te
     """(joint_term, marginal_term, stat) on the gathered-tile kernels from the stacked
     projections P (m × B × H_1, float32), b_1 (H_1,), w_out (H_last,), b_out (1,), the second
     hidden layer W_2 (H_2 × H_1) / b_2 (H_2,) or ``None``, and ``perms`` (K, m, B) int64 or
-    ``None`` for the ``"all"`` grid (:func:`~mdm_kernels.ops.gathered_tiles.tiles_forward`)."""
+    ``None`` for a grid: ``"all"``, or ``"distinct"`` when ``distinct``
+    (:func:`~mdm_kernels.ops.gathered_tiles.tiles_forward`)."""
     return tiles_forward(kind, act, P, b1, wout, bout, W2, b2, perms, distinct)
 
 
 @tiles_fwd.register_fake
-def _tiles_fwd_fake(P, b1, wout, bout, W2, b2, perms, kind, act, distinct=False):
+def _tiles_fwd_fake(P, b1, wout, bout, W2, b2, perms, kind, act, distinct):
     f32 = torch.float32
     return (P.new_empty((), dtype=f32), P.new_empty((), dtype=f32),
             _stat_like(kind, P, P.shape[1]))
@@ -110,7 +111,7 @@ def tiles_bwd(P: Tensor, b1: Tensor, wout: Tensor, bout: Tensor, W2: Optional[Te
 
 @tiles_bwd.register_fake
 def _tiles_bwd_fake(P, b1, wout, bout, W2, b2, perms, stat, g_joint, g_marg, kind, act,
-                    distinct=False):
+                    distinct):
     f32 = torch.float32
     two = W2 is not None
     return (torch.empty_like(P), b1.new_empty(b1.shape, dtype=f32),
@@ -161,7 +162,7 @@ def outer_fwd(factors: list[Tensor], wout: Tensor, bout: Tensor, kind: str, act:
 
 
 @outer_fwd.register_fake
-def _outer_fwd_fake(factors, wout, bout, kind, act, distinct=False):
+def _outer_fwd_fake(factors, wout, bout, kind, act, distinct):
     B, H = factors[0].shape
     ref = factors[0]
     return (ref.new_empty((), dtype=torch.float32),
@@ -180,7 +181,7 @@ def outer_bwd(Ft: Tensor, wout: Tensor, bout: Tensor, stat: Tensor, grad: Tensor
 
 
 @outer_bwd.register_fake
-def _outer_bwd_fake(Ft, wout, bout, stat, grad, batch_size, kind, act, distinct=False):
+def _outer_bwd_fake(Ft, wout, bout, stat, grad, batch_size, kind, act, distinct):
     nf, H, _ = Ft.shape
     # each ∂F_f is the transpose of a contiguous (H × B) buffer, as the kernels leave it
     return ([Ft.new_empty((H, batch_size)).t() for _ in range(nf)],
@@ -237,7 +238,7 @@ def single_fwd(zs: list[Tensor], w1s: list[Tensor], b1: Tensor, wout: Tensor, bo
 
 
 @single_fwd.register_fake
-def _single_fwd_fake(zs, w1s, b1, wout, bout, W2, b2, perms, kind, act, distinct=False):
+def _single_fwd_fake(zs, w1s, b1, wout, bout, W2, b2, perms, kind, act, distinct):
     m, (B, H1) = len(zs), (zs[0].shape[0], w1s[0].shape[0])
     two = W2 is not None
     sp = param_grad_size(H1, W2.shape[0] if two else 1, two)
