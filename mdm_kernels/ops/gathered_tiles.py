@@ -69,9 +69,20 @@ _MIN_BLOCK_N = 16  # smallest BLOCK_N of any config: sizes the per-program buffe
 #: layer's ``tl.dot`` reads whole (BLOCK_N × H_1) and (BLOCK_H2 × H_1) operands through shared
 #: memory, which grows with H_1 (Triton 3.9: 393 KB per block at H_1 = 1,024) — wider
 #: critics are refused (router / TritonBackend.unsupported_reason).
-GATHERED_MAX_HIDDEN = 512
+GATHERED_MAX_HIDDEN = 256
 #: ... and with one hidden layer (no tl.dot; the (BLOCK_N × H_1) tiles live in registers).
 GATHERED_MAX_HIDDEN_ONE_LAYER = 1024
+
+
+def gathered_fit_reason(hidden) -> str | None:
+    """Why these hidden widths exceed what the gathered tiles take on a GPU, or ``None``."""
+    two = len(hidden) == 2
+    cap = GATHERED_MAX_HIDDEN if two else GATHERED_MAX_HIDDEN_ONE_LAYER
+    if hidden[0] > cap:
+        return (f"the gathered-tile kernels hold the first hidden layer in one tile: at most "
+                f"{cap} units with {len(hidden)} hidden layer(s) (shared memory / registers "
+                f"of an sm_80 or sm_90 block), the critic has {hidden[0]}")
+    return None
 
 
 def gathered_block_h2(h2: int) -> int:
@@ -97,6 +108,10 @@ def _prune_configs(configs, named_args, **kwargs):
     """The autotuner's prune: only the configs :func:`gathered_configs` keeps."""
     h1 = kwargs.get("BLOCK_H1", named_args.get("BLOCK_H1", 128))
     two = kwargs.get("TWO_LAYERS", named_args.get("TWO_LAYERS", False))
+    # the last guard before a launch (the router refuses these widths first)
+    reason = gathered_fit_reason([named_args["H1"]] + ([named_args["H2"]] if two else []))
+    if reason is not None:
+        raise ValueError(reason)
     fits = {(c.kwargs["BLOCK_N"], c.num_warps) for c in gathered_configs(h1, two)}
     return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps) in fits] or configs[:1]
 
@@ -237,7 +252,7 @@ def _common_meta(P, W2, two_layers, act):
     H1 = P.shape[2]
     H2 = W2.shape[0] if two_layers else 1
     return dict(M=P.shape[0], TWO_LAYERS=two_layers, ACT=act, BLOCK_H1=block_size(H1),
-                BLOCK_H2=min(32, block_size(H2)) if two_layers else 16), H1, H2
+                BLOCK_H2=gathered_block_h2(H2) if two_layers else 16), H1, H2
 
 
 def _launch_fwd(plan, red, P, perms, b1, W2, b2, wout, bout, act):

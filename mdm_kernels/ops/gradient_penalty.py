@@ -83,7 +83,7 @@ _INTERP_CHUNK = 16
 #: (BLOCK_N × H_1) live in registers, and the per-program weight-gradient partials
 #: (H_1 × H_1 + H_2 × H_1 floats) in global memory.  ``python/compile_sm90.py`` /
 #: ``tests/test_gpu_resources.py`` compile every variant at this width for sm_80 and sm_90.
-GP_MAX_HIDDEN = 512
+GP_MAX_HIDDEN = 256
 #: Rows of the chunks of G / W_1 / W_2 that one ``tl.dot`` reads on a GPU (the matrices are
 #: never whole ``tl.dot`` operands: flash-attention-style loops over these chunks).
 GP_CHUNK = 32
@@ -320,7 +320,7 @@ _FIXED_CONFIG = triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=1)
 #: Fit table: the widest hidden layer (max of H_1, H_2, padded to a power of two) at which
 #: each BLOCK_N fits on sm_80 and sm_90 — shared memory within the per-block limit, spills
 #: within the gate's budget — as compiled by tests/test_gpu_resources.py.
-GP_CONFIG_MAX_HIDDEN = {16: GP_MAX_HIDDEN, 32: GP_MAX_HIDDEN}
+GP_CONFIG_MAX_HIDDEN = {16: 256, 32: 128}
 
 
 def gp_configs(h1: int, h2: int | None) -> list:
@@ -342,6 +342,15 @@ _gp_kernel_tuned = triton.autotune(
     reset_to_zero=["part_ptr", "dsj_ptr", "dsm_ptr"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_gp_kernel)
+
+
+def gp_fit_reason(hidden) -> str | None:
+    """Why the fused penalty cannot take these hidden widths on a GPU, or ``None``."""
+    if max(hidden) > GP_MAX_HIDDEN:
+        return (f"the fused gradient penalty holds whole hidden layers per row tile: at most "
+                f"{GP_MAX_HIDDEN} units per layer (shared memory / registers of an sm_80 or "
+                f"sm_90 block), the critic has {max(hidden)}")
+    return None
 
 
 def gp_block_sizes(h1: int, h2: int | None, k: int, gram: bool, chunk: int = GP_CHUNK):
@@ -436,6 +445,9 @@ def _critic_weights(critic, w1=None):
     (``w1``: :func:`_first_weight`, when the caller already has it)."""
     if len(critic.hidden) > 2:
         raise ValueError("the fused gradient penalty supports 1 or 2 hidden layers")
+    reason = gp_fit_reason(critic.hidden)
+    if reason is not None:      # the backend refuses these first: never launch them
+        raise ValueError(reason)
     ws, bs, wout, _ = critic_tail(critic)
     w1 = _first_weight(critic) if w1 is None else w1                    # H1 × D
     gram = sum(critic.dims) > critic.hidden[0]
@@ -448,4 +460,4 @@ def _critic_weights(critic, w1=None):
 # The op around these launches (``mdm_kernels::triton_gradient_penalty``) and the entries
 # ``fused_gradient_penalty`` / ``fused_penalty_from_projections`` are in
 # :mod:`~mdm_kernels.ops.triton_ops`.
-__all__ = ["gp_block_sizes"]
+__all__ = ["GP_MAX_HIDDEN", "gp_block_sizes", "gp_configs", "gp_fit_reason"]

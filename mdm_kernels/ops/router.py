@@ -62,6 +62,12 @@ def is_distinct(samples) -> bool:
 STRATEGIES = ("auto", "single", "grid")
 
 
+#: Widest hidden layer the one-program step takes with two hidden layers (fit table, verified
+#: by tests/test_gpu_resources.py; Triton 3.9 at H = 512: 160 KB of shared memory and 80 kB
+#: of register spills per thread) — wider two-layer critics take the gathered tiles.
+SINGLE_PROGRAM_MAX_HIDDEN_TWO_LAYERS = 128
+
+
 def single_program_reason(critic, zs) -> str | None:
     """Why the one-program step (:mod:`~mdm_kernels.ops.single_program`) cannot run
     these inputs, or ``None``."""
@@ -69,6 +75,10 @@ def single_program_reason(critic, zs) -> str | None:
         return f"it takes at most {MAX_MODALITIES} modalities, got {len(zs)}"
     if max(critic.hidden) > MAX_HIDDEN:
         return (f"it holds a whole hidden layer per tile: at most {MAX_HIDDEN} units, "
+                f"the critic has {max(critic.hidden)}")
+    if len(critic.hidden) == 2 and max(critic.hidden) > SINGLE_PROGRAM_MAX_HIDDEN_TWO_LAYERS:
+        return (f"with two hidden layers it takes at most "
+                f"{SINGLE_PROGRAM_MAX_HIDDEN_TWO_LAYERS} units per layer (GPU resources), "
                 f"the critic has {max(critic.hidden)}")
     if any(p.dtype != torch.float32 for p in critic.parameters()):
         return "it takes a float32 critic"

@@ -48,7 +48,10 @@ class TritonBackend(Backend):
                 f"before importing mdm_kernels to run them in the CPU interpreter")
 
     def unsupported_reason(self, op, critic, zs, samples=None) -> str | None:
-        return self.fused_critic_reason(critic, zs, MAX_HIDDEN_LAYERS)
+        reason = self.fused_critic_reason(critic, zs, MAX_HIDDEN_LAYERS)
+        if reason is None and _IMPORT_ERROR is None:
+            reason = resource_fit_reason(op, critic, samples)
+        return reason
 
     def dependency_terms(self, kind, critic, zs, samples):
         from .router import fused_dependency_terms
@@ -61,6 +64,40 @@ class TritonBackend(Backend):
     def wasserstein_terms(self, critic, zs, samples, gp_perms, eps, one_sided):
         from .router import fused_wasserstein_terms
         return fused_wasserstein_terms(critic, zs, samples, gp_perms, eps, one_sided)
+
+
+def _is_outer_grid(op, critic, samples) -> bool:
+    """Whether the router sends this estimator call to the outer sums (one hidden layer,
+    the "all" grid of two or three factors; InfoNCE's grid has two), whose tiles do not
+    depend on the hidden width."""
+    if len(critic.hidden) != 1 or getattr(samples, "perms", None) is not None \
+            or isinstance(samples, torch.Tensor):
+        return False
+    return op == "infonce" or len(critic.dims) in (2, 3)
+
+
+def resource_fit_reason(op, critic, samples=None) -> str | None:
+    """Why no fused kernel family can run ``op`` for this critic within a GPU's per-block
+    resources, or ``None`` — the fit table (docs/triton_backend.md, "GPU resources"),
+    verified for sm_80 and sm_90 by ``tests/test_gpu_resources.py``:
+
+    * gradient penalty (``gradient_penalty``; ``wasserstein``, whose loss adds it): every
+      hidden layer ≤ ``GP_MAX_HIDDEN``;
+    * estimators: the gathered tiles take H_1 ≤ ``GATHERED_MAX_HIDDEN_ONE_LAYER`` (one
+      hidden layer) / ``GATHERED_MAX_HIDDEN`` (two), the outer sums any width ("all" with
+      one hidden layer), and the one-program step (≤ ``MAX_HIDDEN``, two layers ≤
+      ``SINGLE_PROGRAM_MAX_HIDDEN_TWO_LAYERS``) only what the gathered tiles take too —
+      so whichever family the router picks for the step's size, it fits.
+    """
+    from .gathered_tiles import gathered_fit_reason
+    from .gradient_penalty import gp_fit_reason
+    if op in ("gradient_penalty", "wasserstein"):
+        reason = gp_fit_reason(critic.hidden)
+        if reason is not None:
+            return reason
+    if op == "gradient_penalty" or _is_outer_grid(op, critic, samples):
+        return None
+    return gathered_fit_reason(critic.hidden)
 
 
 BACKEND = TritonBackend()

@@ -1,0 +1,229 @@
+"""The static GPU-resource gate (``mdm_kernels.gpu_resources``, ``python/compile_sm90.py``)
+and the fit decisions that rest on it (router and ``TritonBackend.unsupported_reason``).
+
+``test_every_routable_variant_fits`` compiles, without a GPU, every kernel variant and tile
+config the router can launch at the edges of what it accepts, for sm_80 and sm_90, and
+fails when one needs more shared memory than a block may use or spills more than the stated
+budget.  It needs ptxas (Triton's bundled one) and runs in a fresh process with the
+interpreter off; measurements are cached by kernel-source hash (the committed table
+``tests/gpu_resources_table.json`` plus the on-disk cache), so only changed kernels compile.
+The other tests are the decisions, on CPU in milliseconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mdm_kernels import estimators
+from mdm_kernels import gpu_resources as gr
+from mdm_kernels.critic import MLPCritic
+from mdm_kernels.dispatch import BackendUnavailable, get_backend
+from mdm_kernels.negatives import product_of_marginals
+
+ROOT = Path(__file__).resolve().parent.parent
+
+gp_ops = pytest.importorskip("mdm_kernels.ops.gradient_penalty")
+gt = pytest.importorskip("mdm_kernels.ops.gathered_tiles")
+router = pytest.importorskip("mdm_kernels.ops.router")
+triton_backend = pytest.importorskip("mdm_kernels.ops.triton_backend")
+
+
+# ----------------------------------------------------------------------------- the gate
+def test_every_routable_variant_fits(tmp_path):
+    if gr.ptxas_available() is None:
+        pytest.skip("no ptxas (Triton's bundled one or CUDA's): the gate cannot compile")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "records.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "python" / "compile_sm90.py"),
+                           "--quiet", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = json.loads(out.read_text())
+    bad = gr.problems(records)
+    assert not bad, "variants over the GPU limits:\n" + "\n".join(bad)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {r["family"] for r in records} == set(gr.FAMILIES)
+    assert {r["arch"] for r in records} == set(gr.ARCHS)
+    # the edges of the fit tables are among them
+    labels = {r["label"] for r in records}
+    assert any(f"H={gp_ops.GP_MAX_HIDDEN} BN=16" in lab for lab in labels)
+    assert any(f"L2 gelu H1={gt.GATHERED_MAX_HIDDEN} " in lab for lab in labels)
+    assert any(f"L1 gelu H1={gt.GATHERED_MAX_HIDDEN_ONE_LAYER} " in lab for lab in labels)
+
+
+def test_launch_like_specialisation():
+    """Integers that are multiples of 16 get tt.divisibility, an integer 1 is a constant,
+    pointers are aligned, floats are plain: what a launch at these values compiles."""
+    import inspect
+    names = list(inspect.signature(gp_ops._gp_kernel.fn).parameters)
+    variant = next(v for v in gr.gradient_penalty_variants() if not v.constexprs["TWO_LAYERS"])
+    variant.ints = dict(variant.ints, JB=1000, H2=1)
+    sig, consts, attrs = variant.signature()
+    index = {name: i for i, name in enumerate(names)}
+    assert sig["H1"] == "i32" and attrs[(index["H1"],)] == [["tt.divisibility", 16]]
+    assert sig["JB"] == "i32" and (index["JB"],) not in attrs
+    assert sig["H2"] == "constexpr" and consts["H2"] == 1
+    assert sig["inv_n"] == "fp32" and (index["inv_n"],) not in attrs
+    assert sig["mi_ptr"] == "*i32" and attrs[(index["mi_ptr"],)] == [["tt.divisibility", 16]]
+    assert sig["sj_ptr"] == "*fp32"
+
+
+_KEYS_SCRIPT = """
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+from mdm_kernels import gpu_resources as gr
+v = gr.gradient_penalty_variants()[0]
+other = gr.Variant(v.family, v.label, v.kernel, dict(v.constexprs, ACT=3), v.ints, v.floats,
+                   v.ptr_types, v.num_warps, v.num_stages)
+print(json.dumps([gr.variant_key(v, 90, "x"), gr.variant_key(v, 90, "x"),
+                  gr.variant_key(v, 80, "x"), gr.variant_key(v, 90, "y"),
+                  gr.variant_key(other, 90, "x")]))
+"""
+
+
+def test_cache_key_follows_what_is_compiled():
+    """Keys (Triton's source hash + signature + target + options + versions): equal for the
+    same compile, different when the target, ptxas or a constexpr differs.  In a fresh
+    process: the keys need compiled (not interpreted) kernels."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _KEYS_SCRIPT], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    same, again, arch, ptxas, const = json.loads(out.stdout.strip().splitlines()[-1])
+    assert same == again
+    assert len({same, arch, ptxas, const}) == 4
+
+
+def test_problems_flags_each_limit():
+    ok = dict(family="f", label="v", arch=90, limit=gr.SHARED_LIMITS[90], shared=1000,
+              spill_stores=0)
+    assert gr.problems([ok]) == []
+    assert "shared memory" in gr.problems([dict(ok, shared=gr.SHARED_LIMITS[90] + 1)])[0]
+    assert "spill" in gr.problems([dict(ok, spill_stores=gr.SPILL_BUDGET + 4)])[0]
+    assert "boom" in gr.problems([dict(ok, error="boom")])[0]
+
+
+def test_variants_cover_every_family_axis():
+    variants = gr.all_variants()
+    fams = {v.family for v in variants}
+    assert fams == set(gr.FAMILIES)
+    gp = [v.constexprs for v in variants if v.family == "gradient_penalty"]
+    assert {(c["GATHER"], c["GRAM"], c["TWO_LAYERS"], c["BLOCK_N"]) for c in gp} == {
+        (g, r, t, bn) for g in (False, True) for r in (False, True) for t in (False, True)
+        for bn in gp_ops.GP_CONFIG_MAX_HIDDEN}
+    assert {c["ACT"] for c in gp} == set(range(5))
+    tiles = [v.constexprs for v in variants if v.family == "gathered_tiles"]
+    assert {c["ACT"] for c in tiles} == set(range(5))
+    assert {(c["IDX"], c["NF"]) for c in tiles} >= {(0, 0), (1, 0), (3, 0), (2, 2), (2, 3),
+                                                     (2, 4)}
+    assert any(c["DISTINCT"] for c in tiles) and any(c["TWO_LAYERS"] for c in tiles)
+
+
+def test_nothing_in_the_package_imports_the_gate():
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from test_import_layers import import_graph
+    finally:
+        sys.path.pop(0)
+    importers = [m for m, targets in import_graph().items()
+                 if "mdm_kernels.gpu_resources" in targets]
+    assert importers == []
+
+
+def test_gate_refuses_to_run_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        gr.run(["outer_sums"])
+
+
+# ----------------------------------------------------------------------------- fit tables
+def test_gradient_penalty_fit_table():
+    assert {c.kwargs["BLOCK_N"] for c in gp_ops.gp_configs(100, None)} == {16, 32}
+    assert {c.kwargs["BLOCK_N"] for c in gp_ops.gp_configs(100, 200)} == {16}
+    assert {c.kwargs["BLOCK_N"] for c in gp_ops.gp_configs(gp_ops.GP_MAX_HIDDEN, None)} == {16}
+    assert gp_ops.gp_fit_reason((gp_ops.GP_MAX_HIDDEN,)) is None
+    reason = gp_ops.gp_fit_reason((64, gp_ops.GP_MAX_HIDDEN + 1))
+    assert reason is not None and str(gp_ops.GP_MAX_HIDDEN) in reason
+
+
+def test_gathered_fit_table():
+    two = gt.gathered_configs(gt.GATHERED_MAX_HIDDEN, True)
+    assert [(c.kwargs["BLOCK_N"], c.num_warps) for c in two] == [(16, 8)]
+    assert len(gt.gathered_configs(128, False)) == 3
+    assert gt.gathered_fit_reason((gt.GATHERED_MAX_HIDDEN, 4096)) is None  # H_2 is chunked
+    assert gt.gathered_fit_reason((gt.GATHERED_MAX_HIDDEN + 1, 8)) is not None
+    assert gt.gathered_fit_reason((gt.GATHERED_MAX_HIDDEN_ONE_LAYER,)) is None
+    assert "1024" in gt.gathered_fit_reason((gt.GATHERED_MAX_HIDDEN_ONE_LAYER + 1,))
+
+
+# ----------------------------------------------------------------------------- decisions
+def _critic(hidden, dims=(3, 4)):
+    return MLPCritic(dims, hidden, "relu")
+
+
+def _zs(dims=(3, 4), b=4):
+    return [torch.randn(b, d) for d in dims]
+
+
+@pytest.mark.parametrize("op,hidden,samples,fits", [
+    ("gradient_penalty", (256,), None, True),
+    ("gradient_penalty", (257,), None, False),
+    ("gradient_penalty", (64, 300), None, False),
+    ("wasserstein", (300,), "shuffle", False),       # wasserstein_loss adds the penalty
+    ("dv", (1024,), "shuffle", True),
+    ("dv", (1025,), "shuffle", False),
+    ("dv", (2000,), "all", True),                     # outer sums: any width
+    ("infonce", (2000,), "all", True),
+    ("dv", (256, 512), "shuffle", True),              # gathered tiles: H_1 only
+    ("js", (300, 16), "all", False),                  # two layers never take the outer sums
+])
+def test_backend_refuses_what_no_family_fits(op, hidden, samples, fits):
+    critic, zs = _critic(hidden), _zs()
+    if samples == "shuffle":
+        samples = product_of_marginals(4, 2, 2)
+    elif samples == "all":
+        samples = product_of_marginals(4, 2, "all")
+    reason = get_backend("triton").unsupported_reason(op, critic, zs, samples)
+    assert (reason is None) == fits, reason
+
+
+def test_explicit_triton_gradient_penalty_too_wide_raises_with_the_reason():
+    critic = _critic((gp_ops.GP_MAX_HIDDEN + 8,))
+    joint, marginal = _zs(), _zs()
+    with pytest.raises(BackendUnavailable, match="at most 256 units"):
+        estimators.gradient_penalty(critic, joint, marginal, backend="triton")
+    # the reference computes it
+    gp = estimators.gradient_penalty(critic, joint, marginal, backend="reference")
+    assert torch.isfinite(gp)
+
+
+def test_explicit_triton_estimator_too_wide_raises_with_the_reason():
+    critic = _critic((gt.GATHERED_MAX_HIDDEN + 1, 8))
+    with pytest.raises(BackendUnavailable, match="gathered-tile kernels"):
+        estimators.mine_loss(critic, *_zs(), backend="triton")
+
+
+def test_two_layer_critics_beyond_the_one_program_table_take_the_gathered_tiles():
+    zs = _zs()
+    wide = _critic((router.SINGLE_PROGRAM_MAX_HIDDEN_TWO_LAYERS + 1, 8))
+    assert "two hidden layers" in router.single_program_reason(wide, zs)
+    assert router.execution_path("dv", wide, zs, None) == "grid"
+    narrow = _critic((router.SINGLE_PROGRAM_MAX_HIDDEN_TWO_LAYERS, 8))
+    assert router.single_program_reason(narrow, zs) is None
+    assert router.execution_path("dv", narrow, zs, None) == "single"
+
+
+def test_kernels_refuse_what_does_not_fit_before_launching():
+    """Direct callers below the backend get a ValueError, never a launch."""
+    critic = _critic((gp_ops.GP_MAX_HIDDEN + 1,))
+    with pytest.raises(ValueError, match="fused gradient penalty"):
+        gp_ops._critic_weights(critic)
+    with pytest.raises(ValueError, match="gathered-tile kernels"):
+        gt._prune_configs(gt._GPU_CONFIGS, dict(H1=gt.GATHERED_MAX_HIDDEN + 1, H2=4),
+                          BLOCK_H1=512, TWO_LAYERS=True)
