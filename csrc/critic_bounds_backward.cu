@@ -16,7 +16,8 @@
 //
 // Kernels, per sample set (joint, then marginal) and per chunk of its flat ids:
 //   score_grad_kernel  one warp per sample: γ_n into a chunk buffer (masked ids: 0);
-//   owner_grad_kernel  one block per (owner class, row r) sums dL/dpre over S_k(r) in a fixed
+//   owner_grad_kernel  one block per (owner class, row r) — for grids, the lead-digit class
+//                      only over the chunk's lead rows — sums dL/dpre over S_k(r) in a fixed
 //                      order (sample_sets.cuh: owner_range) and adds it to dP_k[r] for every
 //                      modality k of the class — each output row has exactly one writer per
 //                      launch, so plain read-add-write replaces the former m·H global atomics
@@ -92,13 +93,14 @@ template <typename T, int M>
 __global__ void __launch_bounds__(kThreads)
 owner_grad_kernel(Critic<T, M> c, SampleSet s, OwnerLists lists,
                   int role, const float* __restrict__ grad_terms,
-                  const float* __restrict__ gamma, Chunk ch, GradRows out) {
+                  const float* __restrict__ gamma, Chunk ch, int64_t row0, int class0,
+                  GradRows out) {
   MDM_DYNAMIC_SHARED(float, smem);  // 2 · groups · H: Σ dL/dpre and Σ γ σ(pre) per group
   __shared__ int s_idx[kTile * M];
   __shared__ float s_gamma[kTile];
   if (grad_terms[role] == 0.0f) return;
-  const int cls = blockIdx.y;
-  const int64_t r = blockIdx.x;
+  const int cls = class0 + int(blockIdx.y);
+  const int64_t r = row0 + blockIdx.x;
   const OwnerRange o = owner_range(s, lists, cls, r, ch);
   if (o.count == 0) return;  // block-uniform
   const uint32_t members = owner_members(s, cls);
@@ -177,9 +179,18 @@ void backward_impl(const CriticArgs& a, const SampleArgs& s, const float* grad_t
       MDM_LAUNCH(score_grid(ch.n1 - ch.n0), kThreads, 0, st, score_grad_kernel<T, M>)(
           c, set, role, s.kind, grad_terms, terms, stats, inv_n, ch, gamma);
       MDM_CUDA_CHECK(cudaGetLastError());
-      const dim3 grid(unsigned(a.B), unsigned(owner_class_count(set)));
-      MDM_LAUNCH(grid, kThreads, smem, st, owner_grad_kernel<T, M>)(
-          c, set, set_lists, role, grad_terms, gamma, ch, out);
+      // Grids: only the chunk's lead rows own samples of the lead-digit class, so that class
+      // gets its own launch over those rows (no empty blocks); the others span all B rows.
+      const int classes = owner_class_count(set), lead_class = is_grid(set) ? 1 : 0;
+      if (lead_class == 1) {
+        MDM_LAUNCH(dim3(unsigned(ch.lead1 - ch.lead0), 1u), kThreads, smem, st,
+                   owner_grad_kernel<T, M>)(c, set, set_lists, role, grad_terms, gamma, ch,
+                                            ch.lead0, 0, out);
+        MDM_CUDA_CHECK(cudaGetLastError());
+      }
+      MDM_LAUNCH(dim3(unsigned(a.B), unsigned(classes - lead_class)), kThreads, smem, st,
+                 owner_grad_kernel<T, M>)(c, set, set_lists, role, grad_terms, gamma, ch, 0,
+                                          lead_class, out);
       MDM_CUDA_CHECK(cudaGetLastError());
     }
   }
