@@ -97,35 +97,43 @@ def test_launch_device_is_a_no_op_on_cpu():
 H200_SMS = 132
 
 
-@pytest.mark.parametrize("B,num_factors", [(256, 3), (257, 3), (1000, 3), (1040, 2),
-                                           (4096, 2), (16384, 2), (65536, 2)])
+@pytest.mark.parametrize("B,num_factors", [(256, 2), (256, 3), (257, 3), (300, 2), (1000, 3),
+                                           (1040, 2), (4096, 2), (16384, 2), (65536, 2)])
 def test_outer_backward_grid_fills_the_gpu(B, num_factors):
-    """At least two programs per SM (the paper-scale "all" step, B = 256 with m = 3, was one
-    CTA per launch), every swept block in exactly one split, no empty split."""
-    from mdm_kernels.ops.outer_sums import outer_backward_grid
-    launch = outer_backward_grid(B, num_factors, 16, 256, H200_SMS)
+    """At every B ≥ 256 at least two programs per SM (the paper-scale "all" step, B = 256
+    with m = 3, was one CTA per launch; two factors at B = 256 have only 16 tiles of
+    16 × 256, so they take smaller tiles), every swept block in exactly one split, no empty
+    split, and not many more programs than needed (each split costs H × S floats)."""
+    from mdm_kernels.ops.outer_sums import OUTER_BACKWARD_TILES, outer_backward_grid
+    launch = outer_backward_grid(B, num_factors, H200_SMS)
+    assert (launch.block_swept, launch.block_owned) in OUTER_BACKWARD_TILES
+    assert launch.num_warps == launch.block_owned // 32
     assert launch.programs >= 2 * H200_SMS
+    assert launch.programs <= 4 * H200_SMS + launch.owned_programs
     assert launch.grid == (launch.owned_programs, launch.splits)
-    swept_blocks = triton.cdiv(B, 16) * (B if num_factors == 3 else 1)
+    swept_blocks = triton.cdiv(B, launch.block_swept) * (B if num_factors == 3 else 1)
     assert (launch.splits - 1) * launch.blocks_per_split < swept_blocks
     assert launch.splits * launch.blocks_per_split >= swept_blocks
-    assert launch.owned_programs <= triton.cdiv(B, 256)
-    # and not far more than that: the per-split partials cost splits × H × S floats
-    assert launch.programs <= 4 * H200_SMS + launch.owned_programs
+    assert launch.owned_programs <= triton.cdiv(B, launch.block_owned)
 
 
-def test_outer_backward_grid_small_launches_use_every_tile():
-    """Fewer tiles than 2 × SMs (two factors, B = 256: 1 × 16 tiles of 16 × 256): one
-    program per tile; a batch with many owned blocks needs no split."""
+def test_outer_backward_grid_tile_choice():
+    """The largest tile with enough tiles: 16 × 256 when there are plenty; smaller ones
+    only for small launches; a launch with many owned blocks needs no split; with one
+    allowed tile (the interpreter's) every tile is a program when there are few."""
     from mdm_kernels.ops.outer_sums import outer_backward_grid
-    small = outer_backward_grid(256, 2, 16, 256, H200_SMS)
-    assert (small.owned_programs, small.splits, small.blocks_per_split) == (1, 16, 1)
-    big = outer_backward_grid(256 * 300, 2, 16, 256, H200_SMS)
-    assert (big.owned_programs, big.splits) == (2 * H200_SMS, 1)
+    big = outer_backward_grid(4096, 2, H200_SMS)
+    assert (big.block_swept, big.block_owned, big.num_warps) == (16, 256, 8)
+    assert (outer_backward_grid(256, 3, H200_SMS).block_owned,
+            outer_backward_grid(256, 2, H200_SMS).block_owned) == (256, 32)
+    many = outer_backward_grid(256 * 300, 2, H200_SMS)
+    assert (many.owned_programs, many.splits) == (2 * H200_SMS, 1)
+    fixed = outer_backward_grid(256, 2, H200_SMS, tiles=((16, 256),))
+    assert (fixed.owned_programs, fixed.splits, fixed.blocks_per_split) == (1, 16, 1)
     with pytest.raises(ValueError, match="num_factors must be 2 or 3"):
-        outer_backward_grid(256, 4, 16, 256, H200_SMS)
+        outer_backward_grid(256, 4, H200_SMS)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        outer_backward_grid(0, 2, 16, 256, H200_SMS)
+        outer_backward_grid(0, 2, H200_SMS)
 
 
 # --- one program or many: the cost model (issue 14, item 5) -------------------------------

@@ -28,10 +28,11 @@ Backward, from g = ∂term/∂T (the φ of :mod:`~mdm_kernels.ops.marginal_terms
 
 in one launch per factor, without atomics (deterministic): a program owns a block of that
 factor's indices, one per thread, and sweeps one contiguous split of the combinations of the
-other factors in blocks.  The grid is (owned blocks) × (splits), sized by
-:func:`outer_backward_grid` to at least 2 programs per SM whenever there are that many
-tiles (B = 256 with three factors: one owned block, 274 splits on an H200 instead of one
-CTA); the splits' partial ∂Fᵀ are summed in split order by :func:`_sum_splits_kernel`,
+other factors in blocks.  The tile and the grid (owned blocks) × (splits) come from
+:func:`outer_backward_grid`: at least 2 programs per SM at every B ≥ 256 (three factors at
+B = 256: one owned block, 274 splits on an H200 instead of one CTA; two factors at B = 256
+take 4 × 32 tiles, :data:`OUTER_BACKWARD_TILES`); the splits' partial ∂Fᵀ are summed in
+split order by :func:`_sum_splits_kernel`,
 so the result is bitwise the same run to run on a given GPU model (the split count depends
 on B and the SM count).  Per tile it recomputes T with the forward's own loop — every launch sums z in the
 canonical order ((F_0 + F_1) + F_2), so the scores are bitwise the forward's and e^{T − LSE}
@@ -275,8 +276,9 @@ def _fwd_tiles() -> tuple[int, int]:
 
 
 def _bwd_tiles() -> tuple[int, int]:
-    """Backward (BLOCK_S swept, BLOCK_O owned) = 16 × 256 at 8 warps: one owned index and 16
-    swept ones per thread.  PTX of the h loops: T 84 instructions per 16 pairs, the ∂C sums
+    """Backward (BLOCK_S swept, BLOCK_O owned) = 16 × 256 at 8 warps (the largest of
+    :data:`OUTER_BACKWARD_TILES`; smaller ones for launches with few tiles): one owned index
+    and 16 swept ones per thread.  PTX of the h loops: T 84 instructions per 16 pairs, the ∂C sums
     102 (the ∂A pass, with the w_out partials, 139).  32 swept per thread would halve the
     read-modify-write traffic but the compiler then packs the σ' masks into 16-bit words
     (289 instructions per 32 pairs)."""
@@ -302,11 +304,24 @@ def _programs(blocks: int, device) -> int:
     return max(1, min(blocks, 4 * _sm_count(device)))
 
 
+#: Backward tiles (BLOCK_S swept, BLOCK_O owned) a GPU launch may take, largest first, at
+#: BLOCK_O / 32 warps (one owned index per thread).  16 × 256 is the tile of the PTX figures
+#: (:func:`_bwd_tiles`); a launch with fewer of them than two programs per SM takes the first
+#: smaller tile that has enough (:func:`outer_backward_grid`) — down to 4 × 32, so that two
+#: factors at B = 256 (only 16 tiles of 16 × 256) still fill an H200.  Every size divides
+#: the padded batch :func:`outer_stride`.
+OUTER_BACKWARD_TILES = ((16, 256), (16, 128), (16, 64), (16, 32), (8, 32), (4, 32))
+
+
 @dataclass(frozen=True)
 class OuterBackwardGrid:
-    """Grid of one outer-sum backward launch: ``owned_programs`` × ``splits`` programs;
-    program (p, q) takes the owned blocks p, p + owned_programs, … and the swept blocks
-    [q·blocks_per_split, (q + 1)·blocks_per_split) (the last split may hold fewer)."""
+    """One outer-sum backward launch: tiles of ``block_swept`` × ``block_owned`` indices at
+    ``num_warps``; ``owned_programs`` × ``splits`` programs, program (p, q) taking the owned
+    blocks p, p + owned_programs, … and the swept blocks [q·blocks_per_split,
+    (q + 1)·blocks_per_split) (the last split may hold fewer)."""
+    block_swept: int
+    block_owned: int
+    num_warps: int
     owned_programs: int
     splits: int
     blocks_per_split: int
@@ -320,33 +335,40 @@ class OuterBackwardGrid:
         return self.owned_programs * self.splits
 
 
-def outer_backward_grid(batch_size: int, num_factors: int, block_swept: int,
-                        block_owned: int, num_sms: int) -> OuterBackwardGrid:
-    """The grid of an outer-sum backward launch (pure Python; unit-tested without a GPU).
+def outer_backward_grid(batch_size: int, num_factors: int, num_sms: int,
+                        tiles=OUTER_BACKWARD_TILES) -> OuterBackwardGrid:
+    """Tile and grid of an outer-sum backward launch (pure Python; unit-tested without a GPU).
 
-    The owned factor has n_o = ⌈B / block_owned⌉ blocks, the swept side n_s =
-    ⌈B / block_swept⌉ (two factors) or B·⌈B / block_swept⌉ (three) blocks: n_o·n_s tiles.
-    Target: 2 × ``num_sms`` programs, two CTAs per SM (one owned block alone — B = 256,
-    the paper scale — would otherwise be one CTA on one SM).  The owned blocks go to
+    With a tile (b_s, b_o) the owned factor has n_o = ⌈B / b_o⌉ blocks and the swept side
+    n_s = ⌈B / b_s⌉ (two factors) or B·⌈B / b_s⌉ (three) blocks: n_o·n_s tiles.  Target:
+    2 × ``num_sms`` programs, two CTAs per SM (one owned block alone — B = 256, the paper
+    scale — would otherwise be one CTA on one SM).  The tile is the first of ``tiles`` (largest
+    first) with at least that many tiles, else the last.  The owned blocks go to
     min(n_o, target) persistent programs; the swept blocks are cut into ⌈target / programs⌉
     contiguous splits of ⌊n_s / that⌋ blocks (so a few more splits, never fewer; at most
     n_s), whose partial sums are reduced in a fixed order afterwards.  Hence programs ≥
-    min(2·num_sms, n_o·n_s): below 2·num_sms tiles, every tile is a program.
+    min(2·num_sms, n_o·n_s) — with :data:`OUTER_BACKWARD_TILES`, ≥ 2·num_sms for every
+    B ≥ 256 (two factors: B²/128 tiles of 4 × 32) up to 256 SMs.
     """
-    for name, value in (("batch_size", batch_size), ("block_swept", block_swept),
-                        ("block_owned", block_owned), ("num_sms", num_sms)):
+    for name, value in (("batch_size", batch_size), ("num_sms", num_sms)):
         if int(value) < 1:
             raise ValueError(f"outer_backward_grid: {name} must be >= 1, got {value}")
     if num_factors not in (2, 3):
         raise ValueError(f"outer_backward_grid: num_factors must be 2 or 3, got {num_factors}")
-    owned_blocks = triton.cdiv(batch_size, block_owned)
-    swept_blocks = triton.cdiv(batch_size, block_swept)
-    if num_factors == 3:
-        swept_blocks *= batch_size
+    if not tiles:
+        raise ValueError("outer_backward_grid: tiles must name at least one tile")
     target = 2 * num_sms
+    for block_swept, block_owned in tiles:
+        owned_blocks = triton.cdiv(batch_size, block_owned)
+        swept_blocks = triton.cdiv(batch_size, block_swept)
+        if num_factors == 3:
+            swept_blocks *= batch_size
+        if owned_blocks * swept_blocks >= target:
+            break
     owned_programs = min(owned_blocks, target)
     per_split = max(1, swept_blocks // triton.cdiv(target, owned_programs))
-    return OuterBackwardGrid(owned_programs, triton.cdiv(swept_blocks, per_split), per_split)
+    return OuterBackwardGrid(block_swept, block_owned, max(1, block_owned // 32),
+                             owned_programs, triton.cdiv(swept_blocks, per_split), per_split)
 
 
 def _sum_splits(parts: torch.Tensor) -> torch.Tensor:
@@ -401,8 +423,9 @@ def outer_backward(kind, act, Ft, wout, bout, stat, grad, B, distinct=False):
     nf, H, S = Ft.shape
     plan = marginal_plan(kind, B, nf, None, distinct)
     gmode, scale, shift, row_lse = marginal_grad_args(kind, grad, stat, plan.N, B)
-    bs, bo = _bwd_tiles()
-    launch = outer_backward_grid(B, nf, bs, bo, _sm_count(Ft.device))
+    interp = interpreter_enabled()
+    launch = outer_backward_grid(B, nf, _sm_count(Ft.device),
+                                 (_bwd_tiles(),) if interp else OUTER_BACKWARD_TILES)
     f32 = dict(device=Ft.device, dtype=torch.float32)
     grads = []
     with launch_device(Ft):
@@ -414,7 +437,8 @@ def outer_backward(kind, act, Ft, wout, bout, stat, grad, B, distinct=False):
             _outer_bwd_kernel[launch.grid](
                 Ft, wout, bout, scale, shift, row_lse, dOt, gwt, gb, B, S, H,
                 launch.blocks_per_split, NF=nf, OWNED=f, GMODE=gmode, PARAM_GRADS=f == 0,
-                ACT=act, BLOCK_S=bs, BLOCK_O=bo, DISTINCT=distinct, num_warps=1 if interpreter_enabled() else 8)
+                ACT=act, BLOCK_S=launch.block_swept, BLOCK_O=launch.block_owned,
+                DISTINCT=distinct, num_warps=1 if interp else launch.num_warps)
             grads.append((_sum_splits(dOt)[:, :B] * wout[:, None]).t())
             if f == 0:
                 g_wout = _sum_splits(gwt).sum(1)
