@@ -19,6 +19,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch import nn
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
@@ -163,6 +164,38 @@ def test_opcheck_gradient_penalty(dims, hidden, act, gather):
     _opcheck(triton_ops.gradient_penalty_op,
              (*[t.detach() if t is not None else None for t in tensors], eps, mi, B, gram,
               True, code, gather, False))
+
+
+class _OpNames(TorchDispatchMode):
+    """The names of the ops dispatched inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("strategy", ["single", "grid"])
+def test_eager_calls_bypass_the_dispatcher(strategy, monkeypatch):
+    """Eagerly, a fused step runs the ops' bodies and autograd formulas directly (the
+    custom-op layer costs more host time than the one-program step's launches); the ops
+    themselves are what compiled graphs and direct calls see."""
+    if strategy == "grid":
+        monkeypatch.setattr(single_program, "SINGLE_PROGRAM_MAX_WORK", 0)
+    critic = _critic((3, 4), (8,), "tanh", 0)
+    zs = [_randn(5, d, seed=k) for k, d in enumerate((3, 4))]
+    with _OpNames() as seen:
+        loss = (mdm_kernels.mine_loss(critic, *zs, backend="triton")
+                + mdm_kernels.wasserstein_loss(critic, *zs, backend="triton"))
+        loss.backward()
+    assert not {n for n in seen.names if n.startswith("mdm_kernels.")}
+    factors = [_randn(4, 6, seed=f) for f in range(2)]
+    with _OpNames() as seen:
+        triton_ops.outer_fwd(factors, _randn(6, seed=3), _randn(1, seed=4), "dv", 2, False)
+    assert "mdm_kernels.triton_outer_fwd" in seen.names
 
 
 # ----------------------------------------------------------------------------- compiled steps

@@ -75,8 +75,117 @@ def _none_if_empty(t: Tensor, present: bool) -> Optional[Tensor]:
     return t if present else None
 
 
+# ------------------------------------------------------------------ registration, eager calls
+#: op → its body (the function ``custom_op`` wraps) and (setup_context, backward) formula.
+_BODIES: dict = {}
+_FORMULAS: dict = {}
+
+
+def _op(name: str):
+    """``torch.library.custom_op(name)`` that also remembers the body for :func:`_call`."""
+    def register(body):
+        op = torch.library.custom_op(name, mutates_args=())(body)
+        _BODIES[op] = body
+        return op
+    return register
+
+
+def _register_autograd(op, backward, setup_context) -> None:
+    op.register_autograd(backward, setup_context=setup_context)
+    _FORMULAS[op] = (setup_context, backward)
+
+
+#: :func:`_flatten` layout entry of a single tensor (a tensor list has its length).
+_TENSOR = -1
+
+
+def _flatten(values) -> tuple[list, list]:
+    """(tensors, layout) of a call's arguments or outputs: per value, ``_TENSOR`` for a
+    tensor, the length of a tensor list, ``None`` for anything else (``None``, str, int,
+    bool)."""
+    tensors, layout = [], []
+    for v in values:
+        if isinstance(v, Tensor):
+            tensors.append(v)
+            layout.append(_TENSOR)
+        elif isinstance(v, (list, tuple)):
+            tensors.extend(v)
+            layout.append(len(v))
+        else:
+            layout.append(None)
+    return tensors, layout
+
+
+def _unflatten(tensors, layout, template) -> list:
+    """Inverse of :func:`_flatten`; ``template`` supplies the values that are no tensors."""
+    out, k = [], 0
+    for v, n in zip(template, layout):
+        if n is None:
+            out.append(v)
+        elif n == _TENSOR:
+            out.append(tensors[k])
+            k += 1
+        else:
+            out.append(list(tensors[k:k + n]))
+            k += n
+    return out
+
+
+class _EagerOp(torch.autograd.Function):
+    """An eager call of a registered op: its body, ``setup_context`` and backward formula —
+    the very functions the op registers — without the dispatcher's custom-op layer, whose
+    Python machinery costs about 40 µs a call and 150 µs per forward + backward on CI's CPU
+    (twice the cost of the whole autograd.Function).  Tensor lists are flattened."""
+
+    @staticmethod
+    def forward(ctx, op, template, layout, box, *tensors):
+        args = tuple(_unflatten(tensors, layout, template))
+        out = _BODIES[op](*args)
+        setup_context, ctx.formula = _FORMULAS[op]
+        ctx.eager = True           # the formula then runs the backward op's body directly
+        setup_context(ctx, args, out)
+        flat_out, ctx.out_layout = _flatten(out)
+        box["layout"], ctx.in_layout = ctx.out_layout, layout
+        ctx.out_template = [None] * len(ctx.out_layout)
+        return tuple(flat_out)
+
+    @staticmethod
+    def backward(ctx, *flat_grads):
+        grads = _unflatten(flat_grads, ctx.out_layout, ctx.out_template)
+        result = ctx.formula(ctx, *grads)
+        flat = [None, None, None, None]      # op, template, layout, box
+        for g, n in zip(result, ctx.in_layout):
+            if n == _TENSOR:
+                flat.append(g)
+            elif n is not None:
+                flat.extend([None] * n if g is None else g)
+        return tuple(flat)
+
+
+def _call(op, *args):
+    """Call registered op ``op``.  While ``torch.compile`` traces: the op itself, one opaque
+    node with its fake kernel and autograd formula.  Eagerly: its body, directly when no
+    gradient is needed, else through :class:`_EagerOp` (same body, same formula)."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    tensors, layout = _flatten(args)
+    if op not in _FORMULAS or not (torch.is_grad_enabled()
+                                   and any(t.requires_grad for t in tensors)):
+        return _BODIES[op](*args)
+    box = {}
+    flat_out = _EagerOp.apply(op, args, layout, box, *tensors)
+    out = _unflatten(flat_out, box["layout"], [None] * len(box["layout"]))
+    return tuple(out)
+
+
+def _backward_call(ctx, op, *args):
+    """A backward op from an autograd formula: its body when the forward ran eagerly
+    (:class:`_EagerOp`), else the op (compiled graphs, ``opcheck``)."""
+    return _BODIES[op](*args) if getattr(ctx, "eager", False) else op(*args)
+
+
 # ------------------------------------------------------------------ gathered tiles
-@torch.library.custom_op("mdm_kernels::triton_tiles_fwd", mutates_args=())
+@_op("mdm_kernels::triton_tiles_fwd")
 def tiles_fwd(P: Tensor, b1: Tensor, wout: Tensor, bout: Tensor, W2: Optional[Tensor],
               b2: Optional[Tensor], perms: Optional[Tensor], kind: str, act: int,
               distinct: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -95,7 +204,7 @@ def _tiles_fwd_fake(P, b1, wout, bout, W2, b2, perms, kind, act, distinct):
             _stat_like(kind, P, P.shape[1]))
 
 
-@torch.library.custom_op("mdm_kernels::triton_tiles_bwd", mutates_args=())
+@_op("mdm_kernels::triton_tiles_bwd")
 def tiles_bwd(P: Tensor, b1: Tensor, wout: Tensor, bout: Tensor, W2: Optional[Tensor],
               b2: Optional[Tensor], perms: Optional[Tensor], stat: Tensor, g_joint: Tensor,
               g_marg: Tensor, kind: str, act: int, distinct: bool
@@ -128,16 +237,15 @@ def _tiles_setup_context(ctx, inputs, output):
 
 def _tiles_backward(ctx, g_joint, g_marg, _g_stat):
     P, b1, wout, bout, W2, b2, perms, stat = ctx.saved_tensors
-    dP, gb1, gwout, gbout, gW2, gb2 = tiles_bwd(
-        P, b1, wout, bout, W2, b2, perms, stat, _zero_if_none(g_joint, P),
+    dP, gb1, gwout, gbout, gW2, gb2 = _backward_call(
+        ctx, tiles_bwd, P, b1, wout, bout, W2, b2, perms, stat, _zero_if_none(g_joint, P),
         _zero_if_none(g_marg, P), ctx.kind, ctx.act, ctx.distinct)
     two = W2 is not None
     return (dP, gb1, gwout, gbout, _none_if_empty(gW2, two), _none_if_empty(gb2, two),
             None, None, None, None)
 
 
-torch.library.register_autograd("mdm_kernels::triton_tiles_fwd", _tiles_backward,
-                                setup_context=_tiles_setup_context)
+_register_autograd(tiles_fwd, _tiles_backward, _tiles_setup_context)
 
 
 def gathered_tile_terms(kind, critic, P, perms, distinct=False):
@@ -146,14 +254,14 @@ def gathered_tile_terms(kind, critic, P, perms, distinct=False):
     ``"distinct"`` with ``distinct``)."""
     ws, bs, wout, bout = critic_tail(critic)
     b1 = critic.first_bias.float().contiguous()
-    joint, marginal, _ = tiles_fwd(P, b1, wout, bout, ws[0] if ws else None,
-                                   bs[0] if bs else None, perms, kind, activation_code(critic),
-                                   bool(distinct))
+    joint, marginal, _ = _call(tiles_fwd, P, b1, wout, bout, ws[0] if ws else None,
+                               bs[0] if bs else None, perms, kind, activation_code(critic),
+                               bool(distinct))
     return joint, marginal
 
 
 # ------------------------------------------------------------------ outer sums
-@torch.library.custom_op("mdm_kernels::triton_outer_fwd", mutates_args=())
+@_op("mdm_kernels::triton_outer_fwd")
 def outer_fwd(factors: list[Tensor], wout: Tensor, bout: Tensor, kind: str, act: int,
               distinct: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(marginal_term, Fᵀ, stat) of the ``"all"`` grid over 2 or 3 factors (B × H, float32)
@@ -170,7 +278,7 @@ def _outer_fwd_fake(factors, wout, bout, kind, act, distinct):
             _stat_like(kind, ref, B))
 
 
-@torch.library.custom_op("mdm_kernels::triton_outer_bwd", mutates_args=())
+@_op("mdm_kernels::triton_outer_bwd")
 def outer_bwd(Ft: Tensor, wout: Tensor, bout: Tensor, stat: Tensor, grad: Tensor,
               batch_size: int, kind: str, act: int, distinct: bool
               ) -> tuple[list[Tensor], Tensor, Tensor]:
@@ -200,13 +308,13 @@ def _outer_setup_context(ctx, inputs, output):
 
 def _outer_backward(ctx, grad, _g_ft, _g_stat):
     Ft, wout, bout, stat = ctx.saved_tensors
-    dfactors, g_wout, g_bout = outer_bwd(Ft, wout, bout, stat, _zero_if_none(grad, Ft),
-                                         ctx.batch_size, ctx.kind, ctx.act, ctx.distinct)
+    dfactors, g_wout, g_bout = _backward_call(
+        ctx, outer_bwd, Ft, wout, bout, stat, _zero_if_none(grad, Ft), ctx.batch_size,
+        ctx.kind, ctx.act, ctx.distinct)
     return list(dfactors), g_wout, g_bout, None, None, None
 
 
-torch.library.register_autograd("mdm_kernels::triton_outer_fwd", _outer_backward,
-                                setup_context=_outer_setup_context)
+_register_autograd(outer_fwd, _outer_backward, _outer_setup_context)
 
 
 def outer_grid_terms(kind, critic, P, b1, wout, bout, act, num_factors, distinct=False):
@@ -220,13 +328,13 @@ def outer_grid_terms(kind, critic, P, b1, wout, bout, act, num_factors, distinct
     factors = [first] + rest
     t_joint = critic.act(sum(factors)) @ wout + bout
     joint = (-torch.nn.functional.softplus(-t_joint) if kind == "js" else t_joint).mean()
-    marginal, _, _ = outer_fwd([f.contiguous() for f in factors], wout, bout, kind, act,
-                               bool(distinct))
+    marginal, _, _ = _call(outer_fwd, [f.contiguous() for f in factors], wout, bout, kind,
+                           act, bool(distinct))
     return joint, marginal
 
 
 # ------------------------------------------------------------------ one program
-@torch.library.custom_op("mdm_kernels::triton_single_fwd", mutates_args=())
+@_op("mdm_kernels::triton_single_fwd")
 def single_fwd(zs: list[Tensor], w1s: list[Tensor], b1: Tensor, wout: Tensor, bout: Tensor,
                W2: Optional[Tensor], b2: Optional[Tensor], perms: Optional[Tensor], kind: str,
                act: int, distinct: bool
@@ -246,7 +354,7 @@ def _single_fwd_fake(zs, w1s, b1, wout, bout, W2, b2, perms, kind, act, distinct
     return new(), new(), new(m, B, H1), new(B, H1), new(m, B, H1), new(2, sp)
 
 
-@torch.library.custom_op("mdm_kernels::triton_single_bwd", mutates_args=())
+@_op("mdm_kernels::triton_single_bwd")
 def single_bwd(zs: list[Tensor], w1s: list[Tensor], dPJ: Tensor, dPM: Tensor, pg: Tensor,
                g_joint: Tensor, g_marg: Tensor, g_proj: Optional[Tensor], need_dz: bool
                ) -> tuple[list[Tensor], list[Tensor], Tensor]:
@@ -280,8 +388,9 @@ def _single_backward(ctx, g_joint, g_marg, g_proj, *_unused):
     saved = ctx.saved_tensors
     zs, w1s = list(saved[:m]), list(saved[m:2 * m])
     dPJ, dPM, pg = saved[2 * m:]
-    dzs, dws, gsmall = single_bwd(zs, w1s, dPJ, dPM, pg, _zero_if_none(g_joint, dPJ),
-                                  _zero_if_none(g_marg, dPJ), g_proj, ctx.need_dz)
+    dzs, dws, gsmall = _backward_call(
+        ctx, single_bwd, zs, w1s, dPJ, dPM, pg, _zero_if_none(g_joint, dPJ),
+        _zero_if_none(g_marg, dPJ), g_proj, ctx.need_dz)
     # gsmall layout [b_1 | w_out | b_out | W_2 | b_2]; inputs (b1, wout, bout, W2, b2)
     grads, start = [], 0
     for shape, dtype in ctx.param_shapes:
@@ -293,8 +402,7 @@ def _single_backward(ctx, g_joint, g_marg, g_proj, *_unused):
     return (list(dzs) if ctx.need_dz else [None] * m), list(dws), *grads, None, None, None, None
 
 
-torch.library.register_autograd("mdm_kernels::triton_single_fwd", _single_backward,
-                                setup_context=_single_setup_context)
+_register_autograd(single_fwd, _single_backward, _single_setup_context)
 
 
 def single_program_dependency_terms(kind, critic, zs, perms, return_projections=False,
@@ -308,7 +416,8 @@ def single_program_dependency_terms(kind, critic, zs, perms, return_projections=
     decides when this path applies."""
     tail_w = [layer.weight for layer in critic.hidden_layers]
     tail_b = [layer.bias for layer in critic.hidden_layers]
-    joint, marginal, P, _, _, _ = single_fwd(
+    joint, marginal, P, _, _, _ = _call(
+        single_fwd,
         [z.contiguous() for z in zs], [w.contiguous() for w in critic.first_weights],
         critic.first_bias, critic.out.weight, critic.out.bias,
         tail_w[0] if tail_w else None, tail_b[0] if tail_b else None, perms, kind,
@@ -333,7 +442,7 @@ def _gp_grads_present(act: int, two_layers: bool, compute_grad: bool) -> list[bo
     return [curved, curved, curved, True, two_layers, two_layers and curved, True]
 
 
-@torch.library.custom_op("mdm_kernels::triton_gradient_penalty", mutates_args=())
+@_op("mdm_kernels::triton_gradient_penalty")
 def gradient_penalty_op(sj: Tensor, sm: Tensor, b1: Tensor, wmat: Tensor, w2: Optional[Tensor],
                         b2: Optional[Tensor], wout: Tensor, eps: Tensor, mi: Optional[Tensor],
                         jb: int, gram: bool, one_sided: bool, act: int, atomic: bool,
@@ -382,8 +491,7 @@ def _gp_backward(ctx, g_gp, _g_grads):
     return (*grads, *[None] * 8)
 
 
-torch.library.register_autograd("mdm_kernels::triton_gradient_penalty", _gp_backward,
-                                setup_context=_gp_setup_context)
+_register_autograd(gradient_penalty_op, _gp_backward, _gp_setup_context)
 
 
 def _penalty(critic, sj, sm, mi, eps, jb, one_sided, atomic, w1=None):
@@ -394,9 +502,9 @@ def _penalty(critic, sj, sm, mi, eps, jb, one_sided, atomic, w1=None):
     inputs = (sj, sm, b1, wmat, w2, b2, wout)
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in inputs)
-    gp, _ = gradient_penalty_op(sj.contiguous(), sm.contiguous(), b1, wmat, w2, b2, wout, eps,
-                                mi, jb, gram, bool(one_sided), activation_code(critic), atomic,
-                                compute_grad)
+    gp, _ = _call(gradient_penalty_op, sj.contiguous(), sm.contiguous(), b1, wmat, w2, b2,
+                  wout, eps, mi, jb, gram, bool(one_sided), activation_code(critic), atomic,
+                  compute_grad)
     return gp
 
 
