@@ -99,9 +99,14 @@ class Variant:
                         attrs[(i,)] = [["tt.divisibility", 16]]
             elif name in self.floats:
                 sig[name] = "fp32"
-            else:
+            elif name in self.ptr_types or name.endswith("_ptr") \
+                    or re.fullmatch(r"d?[zw]\d", name):
                 sig[name] = self.ptr_types.get(name, "*fp32")
                 attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                raise ValueError(f"{fn.fn.__name__}: no value for the argument {name!r} "
+                                 f"(variant {self.label}): add it to the variant's ints, "
+                                 f"floats or ptr_types")
         return sig, consts, attrs
 
 
@@ -390,9 +395,11 @@ _FULL_LAYOUT = "all m=3"
 
 
 def _edge_ints(B: int, h1: int, h2: int | None, nf: int) -> dict:
-    """Integer arguments of a launch at batch size B and hidden widths h1 / h2."""
-    return dict(B=B, N=B ** nf if nf else 8 * B, NCOL=B ** max(nf - 1, 1), H1=h1,
-                H2=h2 if h2 else 1)
+    """Integer arguments of a launch at batch size B and hidden widths h1 / h2 (with the
+    gathered tiles' power-of-two autotune keys)."""
+    n, ncol = (B ** nf if nf else 8 * B), B ** max(nf - 1, 1)
+    return dict(B=B, N=n, NCOL=ncol, H1=h1, H2=h2 if h2 else 1, N_KEY=n, NCOL_KEY=ncol,
+                B_KEY=B)
 
 
 def gathered_variants() -> list[Variant]:
