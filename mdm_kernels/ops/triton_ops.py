@@ -19,7 +19,14 @@ No op adds compute: each forward returns, beside the terms, what its backward ne
 log-sum-exp statistic (the marginal LSE, 0-dim, for DV/NWJ; the B row LSEs for InfoNCE; an
 empty (0,) tensor otherwise), the transposed factors of the outer sums, and for the
 one-program step and the gradient penalty (which compute their gradients in the forward
-pass) those gradient buffers.  These extra outputs are marked non-differentiable.
+pass) those gradient buffers.  These extra outputs are marked non-differentiable.  (One
+copy remains: outputs may not alias each other, so the penalty's parameter gradients —
+slices of one reduced buffer — are copied out; parameter-sized.)
+
+Eager calls (outside ``torch.compile`` tracing) skip the dispatcher's custom-op layer, whose
+Python machinery costs more host time than a paper-scale step's launches (:func:`_call`):
+the entries run each op's body, ``setup_context`` and backward formula — the functions
+registered with the op — through one ``autograd.Function`` (:class:`_EagerOp`).
 
 ==============================  ===============================================  ============
 op                              returns                                          backward
@@ -38,9 +45,11 @@ router (:mod:`~mdm_kernels.ops.router`) picks which one runs.
 Why ``custom_op`` rather than ``triton_op`` + ``wrap_triton``: the kernels' launches carry
 host logic that Inductor's user-defined-kernel path does not take (autotuners with
 ``prune_configs_by``/``restore_value``/``reset_to_zero``, grids computed from the autotuned
-``BLOCK_N``), and CI runs them on CPU tensors in Triton's interpreter, where Inductor cannot
-emit Triton launches; an opaque custom op runs the same code in eager, in compiled graphs
-and in CUDA graphs (every buffer is allocated in the op with torch, no host sync inside).
+``BLOCK_N``), and under Triton's interpreter (how CI runs them, on CPU tensors) a
+``triton_op`` does not trace at all: with torch 2.13 / triton 3.9 the wrapped kernel runs on
+the fake tensors ("Cannot access data pointer of Tensor") for every backend, aot_eager
+included.  An opaque custom op runs the same code eagerly, in compiled graphs and in CUDA
+graphs (every buffer is allocated in the op with torch, no host sync inside).
 """
 from __future__ import annotations
 
