@@ -22,8 +22,9 @@ Notation (one interpolated row n, dropped below; x = [x_1; ...; x_m], D = Σ d_k
     ν   = √s,  gap = ν − 1  (one-sided: max(0, ν − 1)),  GP = (1/N) Σ_n gap_n²
 
 The kernel never builds x̂: P_J / P_M are first pre-activations computed before it — for
-:func:`fused_gradient_penalty` one GEMM of the concatenated joint and marginal rows with
-W_1 = [W_{1,1} … W_{1,m}]; for :func:`fused_wasserstein_terms` the per-modality projections
+:func:`~mdm_kernels.ops.triton_ops.fused_gradient_penalty` one GEMM of the concatenated
+joint and marginal rows with W_1 = [W_{1,1} … W_{1,m}]; for
+:func:`~mdm_kernels.ops.router.fused_wasserstein_terms` the per-modality projections
 P_k = z_k W_{1,k}ᵀ the estimator uses too, gathered by row index.  ‖g‖² is taken through the Gram matrix when D > H_1 (an H_1-wide
 product per row instead of a D-wide one), else through g = W_1ᵀ u directly.
 
