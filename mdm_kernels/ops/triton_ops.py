@@ -159,6 +159,7 @@ class _EagerOp(torch.autograd.Function):
         return tuple(flat_out)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the formulas are first-order only
     def backward(ctx, *flat_grads):
         grads = _unflatten(flat_grads, ctx.out_layout, ctx.out_template)
         result = ctx.formula(ctx, *grads)
