@@ -15,6 +15,8 @@ task loss − λ·bound.  With this module both stages are one line each::
 """
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import torch
@@ -68,12 +70,15 @@ class DependencyPenalty(nn.Module):
             estimate is invariant to a rescaling of z and the critic's inputs stay on a sphere.
             Without it a deterministic encoder can raise any of these bounds without limit by
             inflating the scale of its z's (docs/training.md, "Bounded dependency").
+        cap: bound on the model's term: ``None`` (default), ``"log_batch"`` (log B) or a
+            number; the model term becomes −λ·min(bound, cap) (see :meth:`model_cap`).
     """
 
     def __init__(self, kind: str, dims: Sequence[int], hidden=(128,), activation="relu",
                  weight: float = 0.1, negatives=None, gp_weight: float = 10.0,
                  one_sided: bool = False, ema_decay: float | None = None,
-                 backend: str = "auto", group=None, normalize: str | None = None):
+                 backend: str = "auto", group=None, normalize: str | None = None,
+                 cap: float | str | None = None):
         super().__init__()
         if kind not in PENALTY_BOUNDS:
             raise ValueError(f"kind must be one of {sorted(PENALTY_BOUNDS)}, got {kind!r}")
@@ -86,6 +91,11 @@ class DependencyPenalty(nn.Module):
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {list(NORMALIZATIONS)}, got {normalize!r}")
         self.normalize = normalize
+        if not (cap is None or cap == "log_batch" or (isinstance(cap, (int, float)) and not isinstance(cap, bool)
+                                                       and cap > 0)):
+            raise ValueError(f"cap must be None, 'log_batch' or a positive number, got {cap!r}")
+        self.cap = cap
+        self.last_bound = None
         self.kind = kind
         self.weight = float(weight)
         self.negatives = negatives
@@ -112,8 +122,23 @@ class DependencyPenalty(nn.Module):
         return PENALTY_BOUNDS[self.kind](self.critic, *self.critic_inputs(zs), **self._options(generator, perms))
 
     def forward(self, *zs, generator=None, perms=None) -> torch.Tensor:
-        """Model term −λ·bound (add it to the task loss)."""
-        return -self.weight * self.bound(*zs, generator=generator, perms=perms)
+        """Model term −λ·bound (add it to the task loss); with ``cap``, −λ·min(bound, cap):
+        no gradient pushes the model once the batch estimate exceeds the cap.  The uncapped
+        value is kept in ``last_bound`` (detached) for logging."""
+        b = self.bound(*zs, generator=generator, perms=perms)
+        self.last_bound = b.detach()
+        cap = self.model_cap(zs[0].shape[0])
+        if cap is not None:
+            b = torch.clamp(b, max=cap)
+        return -self.weight * b
+
+    def model_cap(self, batch: int) -> float | None:
+        """The cap of the model's term for a batch of ``batch`` rows: ``cap="log_batch"``
+        gives log B, the most any distribution-free lower bound on mutual information can
+        certify from B samples (McAllester & Stratos, AISTATS 2020); a number is used as is."""
+        if self.cap is None:
+            return None
+        return math.log(batch) if self.cap == "log_batch" else float(self.cap)
 
     def critic_loss(self, *zs, generator=None, perms=None) -> torch.Tensor:
         """Loss of the critic's step on detached z's: −bound (+ gp_weight·GP for

@@ -4,6 +4,7 @@ can raise the raw-input bounds without limit by inflating the scale of its z's; 
 z / rms(z) and nothing is gained by rescaling."""
 import contextlib
 import io
+import math
 
 import pytest
 import torch
@@ -103,3 +104,45 @@ def test_skip_test_never_evaluates_the_test_split(tmp_path):
         res = train(cfg)
     assert "acc2" not in res and res["best_val_mae"] > 0
     assert res["config"]["critic_input"] == "rms"
+
+
+def test_capped_model_term_stops_the_push_and_logs_the_uncapped_bound():
+    zs = _zs(seed=1, b=32)
+    torch.manual_seed(0)
+    pen = DependencyPenalty("nwj", (5, 3, 4), hidden=(16,), backend="reference", normalize="rms",
+                            negatives="shuffle", weight=0.5)
+    opt = torch.optim.Adam(pen.critic.parameters(), 1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):  # a critic that finds the dependency: bound > 0
+        opt.zero_grad()
+        pen.critic_loss(*zs, generator=g).backward()
+        opt.step()
+    p = torch.stack([torch.arange(32)] + [torch.randperm(32, generator=g) for _ in range(2)])[None]
+    free = [z.clone().requires_grad_(True) for z in zs]
+    term = pen(*free, perms=p)
+    bound = float(pen.last_bound)
+    assert bound > 0.05 and float(term.detach()) == pytest.approx(-0.5 * bound, rel=1e-6)
+    term.backward()
+    assert any(z.grad.abs().sum() > 0 for z in free)
+    pen.cap = 0.05
+    capped = [z.clone().requires_grad_(True) for z in zs]
+    term = pen(*capped, perms=p)
+    assert float(term.detach()) == pytest.approx(-0.5 * 0.05) and float(pen.last_bound) == pytest.approx(bound)
+    term.backward()
+    assert all(z.grad is None or torch.all(z.grad == 0) for z in capped)  # no push above the cap
+    pen.cap = "log_batch"
+    assert pen.model_cap(32) == pytest.approx(math.log(32))
+    with pytest.raises(ValueError, match="cap"):
+        DependencyPenalty("nwj", (4, 4, 4), cap=-1.0)
+
+
+def test_dependency_cap_option():
+    assert validate(TrainConfig(dependency_cap="log_batch")).dependency_cap == "log_batch"
+    assert validate(TrainConfig(dependency_cap="2.5")).dependency_cap == 2.5
+    assert validate(TrainConfig(dependency_cap="none")).dependency_cap is None
+    assert parse_args(["--dependency-cap", "log_batch"]).dependency_cap == "log_batch"
+    with pytest.raises(ValueError, match="--dependency-cap"):
+        validate(TrainConfig(dependency_cap="huge"))
+    pen = build_penalty(validate(TrainConfig(penalty="mine", dependency_cap="log_batch")), (4, 4, 4),
+                        torch.device("cpu"))
+    assert pen.cap == "log_batch"

@@ -26,6 +26,7 @@ class TrainConfig:
     critic_lr: float = 1e-3
     gp_weight: float = 10.0
     critic_input: str = "rms"
+    dependency_cap: str | float | None = None
     dataset: str = "mosi"
     data_dir: str | None = None
     text_features: str = "both"
@@ -68,6 +69,8 @@ HELP = {
     "critic_input": "what the critic reads: rms (each z rescaled to unit root-mean-square, so the "
                     "dependency cannot grow by inflating the scale of z; default) or raw (the z's "
                     "as they are: the objective before issue 16, unbounded in long runs)",
+    "dependency_cap": "bound the model's term at -lambda * min(bound, CAP): none (default), log_batch "
+                      "(log of the batch size) or a positive number; the logged dependency is uncapped",
     "dataset": "mosi (embedded real CMU-MOSI, bc-LSTM split) or synthetic (known dependency "
                "structure, for tests) (default: mosi)",
     "data_dir": "read MOSI from this directory instead of the embedded file: a directory with "
@@ -113,6 +116,20 @@ def _negatives(v) -> str | int | None:
     return k
 
 
+def _dependency_cap(v) -> str | float | None:
+    if v is None or v == "none":
+        return None
+    if v == "log_batch":
+        return v
+    try:
+        cap = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"--dependency-cap must be none, log_batch or a positive number, got {v!r}") from None
+    if not cap > 0:
+        raise ValueError(f"--dependency-cap must be none, log_batch or a positive number, got {v!r}")
+    return cap
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     def choice(name, allowed):
         v = getattr(cfg, name)
@@ -123,6 +140,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     choice("backend", BACKENDS)
     choice("dataset", ("mosi", "synthetic"))
     choice("critic_input", CRITIC_INPUTS)
+    cfg.dependency_cap = _dependency_cap(cfg.dependency_cap)
     choice("text_features", ("glove", "utterance", "both"))
     cfg.negatives = _negatives(cfg.negatives)
     for name in ("epochs", "batch_size", "critic_steps", "critic_hidden"):
@@ -195,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--critic-lr", type=float, default=S, help=HELP["critic_lr"])
     p.add_argument("--gp-weight", type=float, default=S, help=HELP["gp_weight"])
     p.add_argument("--critic-input", choices=tuple(CRITIC_INPUTS), default=S, help=HELP["critic_input"])
+    p.add_argument("--dependency-cap", default=S, metavar="{none,log_batch,C}", help=HELP["dependency_cap"])
     p.add_argument("--dataset", choices=("mosi", "synthetic"), default=S, help=HELP["dataset"])
     p.add_argument("--data-dir", default=S, metavar="DIR", help=HELP["data_dir"])
     p.add_argument("--text-features", choices=("glove", "utterance", "both"), default=S, help=HELP["text_features"])

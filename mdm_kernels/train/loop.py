@@ -53,6 +53,7 @@ def build_penalty(cfg: TrainConfig, dims, device, group=None):
     pen = DependencyPenalty(cfg.penalty, tuple(dims), hidden=(cfg.critic_hidden,), weight=cfg.weight,
                             negatives=cfg.negatives, gp_weight=cfg.gp_weight, ema_decay=cfg.ema_decay,
                             backend=cfg.backend, normalize=CRITIC_INPUTS[cfg.critic_input],
+                            cap=cfg.dependency_cap,
                             **({"group": group} if group is not None else {}))
     if isinstance(pen, nn.Module):
         pen = pen.to(device)
@@ -224,7 +225,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
                 # stage 2: model step on task - lambda * dependency
                 term = penalty(*zs, generator=gens["penalty"])
                 loss = task + term
-                dep = (-float(term.detach()) / cfg.weight if cfg.weight > 0
+                dep = (float(penalty.last_bound) if cfg.weight > 0
                        else float(penalty.estimate(*zs, generator=gens["penalty"])))
                 sums["dep"] += dep
             opt.zero_grad(set_to_none=True)
