@@ -134,9 +134,12 @@ class DependencyPenalty(nn.Module):
 
     def model_cap(self, batch: int) -> float | None:
         """The cap of the model's term for a batch of ``batch`` rows: ``cap="log_batch"``
-        gives log B, the most any distribution-free lower bound on mutual information can
-        certify from B samples (McAllester & Stratos, AISTATS 2020); a number is used as is."""
-        if self.cap is None:
+        gives log B for the mutual-information bounds, the most any distribution-free lower
+        bound on mutual information can certify from B samples (McAllester & Stratos, AISTATS
+        2020), and no cap for ``"wasserstein"`` (not an MI estimate; with ``normalize="rms"``
+        it is bounded by the critic's Lipschitz constant times the input diameter); a number
+        is used as is for every kind."""
+        if self.cap is None or (self.cap == "log_batch" and self.kind == "wasserstein"):
             return None
         return math.log(batch) if self.cap == "log_batch" else float(self.cap)
 

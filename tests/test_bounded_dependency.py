@@ -132,6 +132,8 @@ def test_capped_model_term_stops_the_push_and_logs_the_uncapped_bound():
     assert all(z.grad is None or torch.all(z.grad == 0) for z in capped)  # no push above the cap
     pen.cap = "log_batch"
     assert pen.model_cap(32) == pytest.approx(math.log(32))
+    w = DependencyPenalty("wasserstein", (4, 4, 4), cap="log_batch")
+    assert w.model_cap(32) is None and DependencyPenalty("wasserstein", (4, 4, 4), cap=2.0).model_cap(32) == 2.0
     with pytest.raises(ValueError, match="cap"):
         DependencyPenalty("nwj", (4, 4, 4), cap=-1.0)
 
