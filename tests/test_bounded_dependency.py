@@ -85,7 +85,7 @@ def test_short_run_dependency_stays_bounded_with_rms_input_and_not_without():
 
 def test_training_config_default_and_option():
     cfg = validate(TrainConfig())
-    assert cfg.critic_input == "rms"
+    assert cfg.critic_input == "rms" and cfg.dependency_cap == "log_batch"
     pen = build_penalty(validate(TrainConfig(penalty="nwj")), (4, 4, 4), torch.device("cpu"))
     assert pen.normalize == "rms"
     old = build_penalty(validate(TrainConfig(penalty="nwj", critic_input="raw")), (4, 4, 4), torch.device("cpu"))

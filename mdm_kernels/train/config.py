@@ -26,7 +26,7 @@ class TrainConfig:
     critic_lr: float = 1e-3
     gp_weight: float = 10.0
     critic_input: str = "rms"
-    dependency_cap: str | float | None = None
+    dependency_cap: str | float | None = "log_batch"
     dataset: str = "mosi"
     data_dir: str | None = None
     text_features: str = "both"
@@ -69,8 +69,10 @@ HELP = {
     "critic_input": "what the critic reads: rms (each z rescaled to unit root-mean-square, so the "
                     "dependency cannot grow by inflating the scale of z; default) or raw (the z's "
                     "as they are: the objective before issue 16, unbounded in long runs)",
-    "dependency_cap": "bound the model's term at -lambda * min(bound, CAP): none (default), log_batch "
-                      "(log of the batch size) or a positive number; the logged dependency is uncapped",
+    "dependency_cap": "bound the model's term at -lambda * min(bound, CAP): log_batch (default: log of "
+                      "the batch size, for the mutual-information penalties; wasserstein uncapped), a "
+                      "positive number (every penalty) or none (the objective before issue 16); the logged "
+                      "dependency is uncapped",
     "dataset": "mosi (embedded real CMU-MOSI, bc-LSTM split) or synthetic (known dependency "
                "structure, for tests) (default: mosi)",
     "data_dir": "read MOSI from this directory instead of the embedded file: a directory with "
