@@ -149,7 +149,7 @@ def _robustness_cached(run_dir: Path, cfg: TrainConfig, data_cache: dict) -> dic
     want = json.loads(json.dumps(cfg.to_dict(), default=str))
     if path.is_file():
         old = json.loads(path.read_text())
-        if old.get("config") == want:
+        if _configs_agree(old.get("config", {}), want):
             return old
     from .analysis import load_run
     key = (cfg.dataset, cfg.data_dir, cfg.text_features, cfg.seed if cfg.dataset == "synthetic" else None)
@@ -369,9 +369,14 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
 def _same_config(mpath: Path, cfg: TrainConfig) -> bool:
     """The run in ``mpath`` was trained with ``cfg`` (``out`` aside; options added to
     TrainConfig after the run finished are ignored)."""
-    old = json.loads(mpath.read_text()).get("config", {})
-    new = json.loads(json.dumps(cfg.to_dict(), default=str))
-    return all(old[k] == new[k] for k in old.keys() & new.keys() if k != "out")
+    return _configs_agree(json.loads(mpath.read_text()).get("config", {}),
+                          json.loads(json.dumps(cfg.to_dict(), default=str)))
+
+
+def _configs_agree(old: dict, new: dict) -> bool:
+    """Equal on every option both record (``out`` aside): options added to TrainConfig after a
+    run finished do not invalidate it."""
+    return bool(old) and all(old[k] == new[k] for k in old.keys() & new.keys() if k != "out")
 
 
 # --------------------------------------------------------------------------- comparisons
