@@ -30,6 +30,7 @@ fresh process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -177,13 +178,52 @@ def _source(variant: Variant):
     return ASTSource(variant.kernel, sig, constexprs=consts, attrs=attrs)
 
 
+def _jit_functions():
+    """Every ``@triton.jit`` function of the kernel modules (the ones a kernel can call)."""
+    from triton.runtime.jit import JITFunction
+    from .ops import (gathered_tiles, gradient_penalty, marginal_terms, outer_sums,
+                      sample_tiles, single_program, triton_helpers)
+    found = {}
+    for module in (triton_helpers, marginal_terms, sample_tiles, gathered_tiles, outer_sums,
+                   single_program, gradient_penalty):
+        for value in vars(module).values():
+            value = getattr(value, "fn", value) if not isinstance(value, JITFunction) else value
+            if isinstance(value, JITFunction):
+                found[id(value)] = value
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def line_free_hashes():
+    """Within it, Triton's source hashes of the kernel functions ignore line numbers
+    (moving code around a file changes no binary's resources); restored after."""
+    saved = [(fn, fn.starting_line_number) for fn in _jit_functions()]
+    try:
+        for fn, _ in saved:
+            fn.starting_line_number, fn.hash = 0, None
+        yield
+    finally:
+        for fn, line in saved:
+            fn.starting_line_number, fn.hash = line, None
+
+
 def variant_key(variant: Variant, arch: int, ptxas_version: str) -> str:
-    """Cache key: source + callees (Triton's hash), signature, constants, attributes,
-    target, options, Triton and ptxas versions."""
+    """Cache key: the source of the kernel and of every function it calls (Triton's
+    dependency hash, taken inside :func:`line_free_hashes`), the signature, constants,
+    attributes, target, options and the Triton and ptxas versions."""
+    return variant_keys([(variant, arch)], ptxas_version)[0]
+
+
+def variant_keys(pairs, ptxas_version: str) -> list[str]:
+    """:func:`variant_key` of every (variant, arch) pair, hashing the sources once."""
     import triton
-    text = "|".join([_source(variant).hash(), str(arch), str(variant.num_warps),
-                     str(variant.num_stages), triton.__version__, ptxas_version])
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    keys = []
+    with line_free_hashes():
+        for variant, arch in pairs:
+            text = "|".join([_source(variant).hash(), str(arch), str(variant.num_warps),
+                             str(variant.num_stages), triton.__version__, ptxas_version])
+            keys.append(hashlib.sha256(text.encode()).hexdigest()[:32])
+    return keys
 
 
 def _parse_ptxas(text: str) -> dict | None:
@@ -247,8 +287,8 @@ def measure(variants: list[Variant], archs=ARCHS, jobs: int | None = None,
     cache.mkdir(parents=True, exist_ok=True)
     version = _ptxas_version()
     records, todo, seen = [], {}, {}
-    for variant, arch in itertools.product(variants, archs):
-        key = variant_key(variant, arch, version)
+    pairs = list(itertools.product(variants, archs))
+    for (variant, arch), key in zip(pairs, variant_keys(pairs, version)):
         rec = dict(family=variant.family, label=variant.label, arch=arch,
                    limit=SHARED_LIMITS[arch], key=key)
         path = cache / f"{key}.json"
@@ -501,31 +541,50 @@ def single_program_variants() -> list[Variant]:
 def outer_sum_variants() -> list[Variant]:
     """The outer-sum kernels of :mod:`~mdm_kernels.ops.outer_sums` (one hidden layer; H is a
     loop bound, so their resources do not depend on it): two and three factors × each
-    reduction / score-gradient mode × each owned factor, at the GPU tiles; every activation
-    on three factors."""
+    reduction / score-gradient mode × each owned factor, at the GPU forward tile and the
+    first backward tile; every backward tile of
+    :data:`~mdm_kernels.ops.outer_sums.OUTER_BACKWARD_TILES` (BLOCK_O / 32 warps); the
+    "distinct" grid; every activation on three factors; the split-sum kernel."""
     from .ops import marginal_terms as mt
     from .ops import outer_sums as osm
     out = []
-    br, bc = 16, 256       # outer_sums._fwd_tiles() / _bwd_tiles() on a GPU
+    br, bc = 16, 256       # outer_sums._fwd_tiles() on a GPU
+    first = osm.OUTER_BACKWARD_TILES[0]
+    ints = dict(B=256, S=256, H=512, SPLIT_BLOCKS=16)
+
+    def bwd(nf, gmode, owned, act_name, act, tile=first, distinct=False):
+        bs, bo = tile
+        label = f"bwd nf={nf} g={gmode} owned={owned} {act_name}"
+        label += (f" tile={bs}x{bo}" if tile != first else "") + \
+            (" distinct" if distinct else "")
+        return Variant("outer_sums", label, osm._outer_bwd_kernel,
+                       dict(NF=nf, OWNED=owned, GMODE=gmode, PARAM_GRADS=owned == 0, ACT=act,
+                            BLOCK_S=bs, BLOCK_O=bo, DISTINCT=distinct), ints,
+                       num_warps=max(1, bo // 32))
+
     for nf in (2, 3):
         kinds = ("dv", "js", "wasserstein") + (("infonce",) if nf == 2 else ())
-        ints = dict(B=256, S=256, H=512, SPLIT_BLOCKS=16)
+        reds = sorted({mt.MARGINAL_RED[k] for k in kinds})
+        gmodes = sorted({mt.MARGINAL_GMODE[k] for k in kinds})
         for act_name, act in _activations(None if nf == 3 else _ONE_ACT).items():
             every = act_name == "gelu"          # every mode and owner once, with gelu
-            reds = sorted({mt.MARGINAL_RED[k] for k in kinds})
-            gmodes = sorted({mt.MARGINAL_GMODE[k] for k in kinds})
             for red in reds if every else reds[:1]:
                 out.append(Variant("outer_sums", f"fwd nf={nf} red={red} {act_name}",
                                    osm._outer_fwd_kernel,
                                    dict(NF=nf, RED=red, ACT=act, BLOCK_R=br, BLOCK_C=bc), ints))
             for gmode, owned in itertools.product(gmodes if every else gmodes[:1],
                                                   range(nf) if every else (0,)):
-                out.append(Variant("outer_sums",
-                                   f"bwd nf={nf} g={gmode} owned={owned} {act_name}",
-                                   osm._outer_bwd_kernel,
-                                   dict(NF=nf, OWNED=owned, GMODE=gmode,
-                                        PARAM_GRADS=owned == 0, ACT=act, BLOCK_S=16,
-                                        BLOCK_O=256), ints))
+                out.append(bwd(nf, gmode, owned, act_name, act))
+        gelu = _activations(_ONE_ACT)["gelu"]
+        for tile in osm.OUTER_BACKWARD_TILES[1:]:
+            out.append(bwd(nf, gmodes[0], 0, "gelu", gelu, tile))
+        out.append(Variant("outer_sums", f"fwd nf={nf} red={reds[0]} gelu distinct",
+                           osm._outer_fwd_kernel, dict(NF=nf, RED=reds[0], ACT=gelu,
+                                                       BLOCK_R=br, BLOCK_C=bc, DISTINCT=True),
+                           ints))
+        out.append(bwd(nf, gmodes[0], 0, "gelu", gelu, distinct=True))
+    out.append(Variant("outer_sums", "split sums", osm._sum_splits_kernel, dict(BLOCK=1024),
+                       dict(n=256 * 512, NSPLIT=8), num_warps=4))
     return out
 
 
