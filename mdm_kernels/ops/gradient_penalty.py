@@ -116,6 +116,17 @@ def _accumulate_vector(ptr, offs, n, value):
 
 
 @triton.jit
+def _layer2_chunk(h1, w2_ptr, b2_ptr, wout_ptr, c0, cc, c1, H1, H2, DOT_PREC: tl.constexpr):
+    """Second-layer units c0 … c0 + BC of a row tile: (W_2[c] (BC × BH1, zero-padded),
+    a_2[:, c] = h_1 W_2[c]ᵀ + b_2[c], w_out[c])."""
+    w2c = _load_matrix(w2_ptr + c0 * H1, cc, c1, H2 - c0, H1)
+    cmask = c0 + cc < H2
+    a2c = tl.dot(h1, tl.trans(w2c), input_precision=DOT_PREC) \
+        + tl.load(b2_ptr + c0 + cc, mask=cmask, other=0.0)[None, :]
+    return w2c, a2c, tl.load(wout_ptr + c0 + cc, mask=cmask, other=0.0)
+
+
+@triton.jit
 def _gp_kernel(
     sj_ptr, sm_ptr, mi_ptr, eps_ptr, b1_ptr, wmat_ptr, w2_ptr, b2_ptr, wout_ptr,
     part_ptr, scr_ptr, dsj_ptr, dsm_ptr,
@@ -194,11 +205,8 @@ def _gp_kernel(
             h1 = activation(a1, ACT)
             q = tl.zeros([BLOCK_N, BH1], dtype=tl.float32)              # W_2ᵀ v
             for c0 in range(0, H2, BC):
-                w2c = _load_matrix(w2_ptr + c0 * H1, cc, c1, H2 - c0, H1)
-                cmask = c0 + cc < H2
-                a2c = tl.dot(h1, tl.trans(w2c), input_precision=DOT_PREC) \
-                    + tl.load(b2_ptr + c0 + cc, mask=cmask, other=0.0)[None, :]
-                woc = tl.load(wout_ptr + c0 + cc, mask=cmask, other=0.0)
+                w2c, a2c, woc = _layer2_chunk(h1, w2_ptr, b2_ptr, wout_ptr, c0, cc, c1, H1,
+                                              H2, DOT_PREC)
                 q += tl.dot(woc[None, :] * activation_grad(a2c, ACT), w2c,
                             input_precision=DOT_PREC)
             u = q * d1
@@ -256,11 +264,8 @@ def _gp_kernel(
                 if CURVED:
                     back1 = tl.zeros([BLOCK_N, BH1], dtype=tl.float32)  # W_2ᵀ δ_2
                 for c0 in range(0, H2, BC):
-                    w2c = _load_matrix(w2_ptr + c0 * H1, cc, c1, H2 - c0, H1)
-                    cmask = c0 + cc < H2
-                    a2c = tl.dot(h1, tl.trans(w2c), input_precision=DOT_PREC) \
-                        + tl.load(b2_ptr + c0 + cc, mask=cmask, other=0.0)[None, :]
-                    woc = tl.load(wout_ptr + c0 + cc, mask=cmask, other=0.0)
+                    w2c, a2c, woc = _layer2_chunk(h1, w2_ptr, b2_ptr, wout_ptr, c0, cc, c1,
+                                                  H1, H2, DOT_PREC)
                     d2c = activation_grad(a2c, ACT)
                     dvc = tl.dot(dq, tl.trans(w2c), input_precision=DOT_PREC)  # W_2 dq
                     _accumulate_vector(o_wout + c0, cc, H2 - c0, tl.sum(dvc * d2c, axis=0))
