@@ -44,9 +44,9 @@ import triton.language as tl
 from .marginal_terms import (G_ONE, G_SIGMOID_NEG, MARGINAL_RED, NEG_BIG_VALUE,
                              RED_LSE, RED_LSE_ROW, RED_NEG_SOFTPLUS_NEG, RED_SUM,
                              marginal_grad_args, marginal_value)
-from .sample_tiles import (IDX_GRID, IDX_JOINT, SamplePlan, grid_distinct, marginal_plan,
+from .sample_tiles import (IDX_GRID, IDX_JOINT, SamplePlan, marginal_plan,
                            reduce_samples, row_layout, scatter_shared_rows, store_owned_row,
-                           term_grad, tile_backprop, tile_columns, tile_scores)
+                           tile_backprop, tile_score_grads)
 from .triton_helpers import (block_size, interpreter_enabled, launch_device, size_bucket,
                              tile_configs)
 
@@ -220,13 +220,10 @@ def _bounds_bwd_kernel(
     for r in range(pid, R, G):
         own = tl.zeros([BLOCK_H1], tl.float32)  # gradient of the owner row
         for c0 in range(0, ncol, BLOCK_N):
-            cols, valid = tile_columns(r, c0, offs, N, ncol, BLOCK_N, IDX)
-            valid = grid_distinct(valid, r, cols, B, IDX, NF, owner, DISTINCT)
-            z1, a1, t = tile_scores(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr,
-                                     W2_ptr, b2_ptr, wout_ptr, bout, B, H1, H2, M, IDX, NF,
-                                     owner, GROUPED, TWO_LAYERS, BLOCK_H2, ACT)
-            g = term_grad(t, valid, r, cols, scale, shift, row_lse_ptr, perm_ptr, B, M, IDX,
-                           NF, owner, GROUPED, GMODE)
+            cols, valid, z1, a1, g = tile_score_grads(
+                P_ptr, b1, r, c0, offs, N, ncol, offs_h, hmask, perm_ptr, W2_ptr, b2_ptr,
+                wout_ptr, bout, scale, shift, row_lse_ptr, B, H1, H2, M, IDX, NF, owner,
+                GROUPED, TWO_LAYERS, BLOCK_H2, ACT, GMODE, DISTINCT, BLOCK_N)
             if PARAM_GRADS:
                 gbout += g
             d1, gw_inc = tile_backprop(g, z1, a1, valid, W2_ptr, b2_ptr, wout_ptr, offs_h,

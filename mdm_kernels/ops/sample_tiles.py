@@ -267,6 +267,27 @@ def term_grad(t, valid, r, cols, scale, shift, row_lse_ptr, perm_ptr, B, M: tl.c
 
 
 @triton.jit
+def tile_score_grads(P_ptr, b1, r, c0, offs, N, ncol, offs_h, hmask, perm_ptr, W2_ptr, b2_ptr,
+                     wout_ptr, bout, scale, shift, row_lse_ptr, B, H1, H2, M: tl.constexpr,
+                     IDX: tl.constexpr, NF: tl.constexpr, OWNER: tl.constexpr,
+                     GROUPED: tl.constexpr, TWO_LAYERS: tl.constexpr, BLOCK_H2: tl.constexpr,
+                     ACT: tl.constexpr, GMODE: tl.constexpr, DISTINCT: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """The recomputation step of every backward over sample tiles: the tile of columns
+    c0.. of row r (:func:`tile_columns`, masked by :func:`grid_distinct`), its scores
+    (:func:`tile_scores`) and g = ∂term/∂T (:func:`term_grad`).  Returns
+    (cols, valid, z1, a1, g) for :func:`tile_backprop`."""
+    cols, valid = tile_columns(r, c0, offs, N, ncol, BLOCK_N, IDX)
+    valid = grid_distinct(valid, r, cols, B, IDX, NF, OWNER, DISTINCT)
+    z1, a1, t = tile_scores(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr, W2_ptr, b2_ptr,
+                            wout_ptr, bout, B, H1, H2, M, IDX, NF, OWNER, GROUPED, TWO_LAYERS,
+                            BLOCK_H2, ACT)
+    g = term_grad(t, valid, r, cols, scale, shift, row_lse_ptr, perm_ptr, B, M, IDX, NF, OWNER,
+                  GROUPED, GMODE)
+    return cols, valid, z1, a1, g
+
+
+@triton.jit
 def tile_backprop(g, z1, a1, valid, W2_ptr, b2_ptr, wout_ptr, offs_h, hmask, offs_c, H1, H2,
                    gW2_ptr, gb2_ptr, gwout_ptr, TWO_LAYERS: tl.constexpr,
                    PARAM_GRADS: tl.constexpr, BLOCK_H2: tl.constexpr, ACT: tl.constexpr):

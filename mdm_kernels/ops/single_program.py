@@ -59,9 +59,9 @@ import triton
 import triton.language as tl
 
 from .marginal_terms import G_ONE, G_SIGMOID_NEG, MARGINAL_GMODE, MARGINAL_RED
-from .sample_tiles import (grid_distinct, marginal_plan, reduce_samples, row_layout,
+from .sample_tiles import (marginal_plan, reduce_samples, row_layout,
                            scatter_shared_rows, store_owned_row, term_grad, tile_backprop,
-                           tile_columns, tile_scores)
+                           tile_columns, tile_score_grads, tile_scores)
 from .triton_helpers import DOT_PREC, block_size, interpreter_enabled, launch_device
 
 #: Most modalities the single-program kernels take (one pointer argument each).
@@ -299,13 +299,10 @@ def _single_program_fwd_kernel(
         for r in range(0, R):
             own = tl.zeros([BLOCK_H1], tl.float32)
             for c0 in range(0, ncol, BLOCK_N):
-                cols, valid = tile_columns(r, c0, offs, N, ncol, BLOCK_N, IDX)
-                valid = grid_distinct(valid, r, cols, B, IDX, NF, f, DISTINCT)
-                z1t, a1, t = tile_scores(P_ptr, b1, r, cols, valid, offs_h, hmask, perm_ptr,
-                                          W2_ptr, b2_ptr, wout_ptr, bout, B, H1, H2, M, IDX, NF,
-                                          f, GROUPED, TWO_LAYERS, BLOCK_H2, ACT)
-                g = term_grad(t, valid, r, cols, scale, shift, row_lse_ptr, perm_ptr, B, M,
-                               IDX, NF, f, GROUPED, GMODE_M)
+                cols, valid, z1t, a1, g = tile_score_grads(
+                    P_ptr, b1, r, c0, offs, N, ncol, offs_h, hmask, perm_ptr, W2_ptr, b2_ptr,
+                    wout_ptr, bout, scale, shift, row_lse_ptr, B, H1, H2, M, IDX, NF, f,
+                    GROUPED, TWO_LAYERS, BLOCK_H2, ACT, GMODE_M, DISTINCT, BLOCK_N)
                 d1, gw_inc = tile_backprop(g, z1t, a1, valid, W2_ptr, b2_ptr, wout_ptr, offs_h,
                                             hmask, offs_c, H1, H2, pg_ptr + SP + o_w2,
                                             pg_ptr + SP + o_b2, pg_ptr + SP + o_wout,
