@@ -278,11 +278,26 @@ def _work(i: int) -> dict:
     return compile_variant(variant, arch)
 
 
+def spread_subset(keys_by_family: dict[str, list[str]], budget: int) -> set[str]:
+    """At most ``budget`` keys taken round-robin over the families (each family's keys in
+    their listed order): a bounded compile still covers every family."""
+    chosen: list[str] = []
+    queues = [list(keys) for keys in keys_by_family.values()]
+    while len(chosen) < budget and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < budget:
+                chosen.append(queue.pop(0))
+    return set(chosen)
+
+
 def measure(variants: list[Variant], archs=ARCHS, jobs: int | None = None,
-            cache: Path | None = None, log=None) -> list[dict]:
+            cache: Path | None = None, log=None, max_compiles: int | None = None) -> list[dict]:
     """Compile every (variant, arch) not in the cache — in parallel, identical compilations
     once — and return one record per pair: family, label, arch, limit, key, cached and the
-    measurements of :func:`compile_variant`."""
+    measurements of :func:`compile_variant`.  With ``max_compiles``, at most that many
+    compilations run (:func:`spread_subset` over the families); the pairs left out are
+    records with ``skipped=True`` and no measurements (a cold cache — a new Triton or ptxas
+    release — would otherwise cost hours of CPU on a small machine)."""
     cache = cache_dir() if cache is None else cache
     cache.mkdir(parents=True, exist_ok=True)
     version = _ptxas_version()
@@ -298,6 +313,16 @@ def measure(variants: list[Variant], archs=ARCHS, jobs: int | None = None,
             seen[key] = len(todo)
             todo[key] = (variant, arch)
         records.append(rec)
+    if max_compiles is not None and len(todo) > max_compiles:
+        by_family: dict[str, list[str]] = {}
+        for key, (variant, _) in todo.items():
+            by_family.setdefault(variant.family, []).append(key)
+        keep = spread_subset(by_family, max_compiles)
+        left_out = [k for k in todo if k not in keep]
+        todo = {k: v for k, v in todo.items() if k in keep}
+        for rec in records:
+            if rec["key"] in left_out:
+                rec["skipped"] = True
     global _JOBS
     _JOBS = list(todo.values())
     keys = list(todo)
@@ -316,17 +341,20 @@ def measure(variants: list[Variant], archs=ARCHS, jobs: int | None = None,
                                            arch=arch, limit=SHARED_LIMITS[arch], **res)))
     _JOBS = []
     for rec in records:
-        if "cached" not in rec:
+        if "cached" not in rec and not rec.get("skipped"):
             rec.update(results[rec["key"]], cached=False)
     return records
 
 
 def problems(records: list[dict], spill_budget: int = SPILL_BUDGET) -> list[str]:
     """The records that fail the gate: compile errors, shared memory above the target's
-    limit, spill stores above ``spill_budget``."""
+    limit, spill stores above ``spill_budget`` (records ``skipped`` by a compile budget are
+    not measured and not judged)."""
     bad = []
     for rec in records:
         where = f"{rec['family']} {rec['label']} sm_{rec['arch']}"
+        if rec.get("skipped"):
+            continue
         if "error" in rec:
             bad.append(f"{where}: {rec['error']}")
         elif rec["shared"] > rec["limit"]:
@@ -612,7 +640,7 @@ def read_table(path: Path = TABLE) -> dict:
 
 
 def run(families=None, archs=ARCHS, jobs=None, cache=None, table: Path | None = TABLE,
-        log=None) -> list[dict]:
+        log=None, max_compiles: int | None = None) -> list[dict]:
     """Measure every variant of ``families`` for ``archs``: the committed ``table``'s
     results first, then the on-disk cache, then compiles (seeding the cache from the table).
     Must run with Triton's interpreter off (see the module docstring)."""
@@ -625,7 +653,7 @@ def run(families=None, archs=ARCHS, jobs=None, cache=None, table: Path | None = 
         path = cache / f"{key}.json"
         if not path.exists():
             path.write_text(json.dumps(result))
-    return measure(all_variants(families), archs, jobs, cache, log)
+    return measure(all_variants(families), archs, jobs, cache, log, max_compiles)
 
 
 def write_table(records: list[dict], path: Path = TABLE) -> None:
@@ -652,9 +680,14 @@ def main(argv=None) -> int:
     ap.add_argument("--write-table", action="store_true",
                     help=f"store the measurements in {TABLE} for CI")
     ap.add_argument("--quiet", action="store_true", help="print only failures and a summary")
+    ap.add_argument("--max-compiles", type=int, default=None,
+                    help="compile at most this many uncached variants, spread over the "
+                         "families; the rest are reported as skipped (default: no limit)")
     args = ap.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         ap.error("--jobs must be >= 1")
+    if args.max_compiles is not None and args.max_compiles < 0:
+        ap.error("--max-compiles must be >= 0")
     if ptxas_available() is None:
         print("compile_sm90.py: error: no ptxas found (Triton's bundled one or CUDA's)",
               file=sys.stderr)
@@ -662,16 +695,19 @@ def main(argv=None) -> int:
     t0 = time.time()
     log = None if args.quiet else (lambda line: print(line, flush=True))
     records = run(args.family, tuple(args.arch or ARCHS), args.jobs,
-                  table=None if args.no_table else TABLE, log=log)
+                  table=None if args.no_table else TABLE, log=log,
+                  max_compiles=args.max_compiles)
     if log is not None:
         for rec in records:
             if rec.get("cached"):
                 log(format_record(rec))
     bad = problems(records)
     import triton
-    compiled = sum(not r.get("cached") for r in records)
+    skipped = sum(bool(r.get("skipped")) for r in records)
+    compiled = sum(not r.get("cached") and not r.get("skipped") for r in records)
     print(f"{len(records)} variant compilations (triton {triton.__version__}; {compiled} "
-          f"compiled, {len(records) - compiled} cached) in {time.time() - t0:.0f} s; "
+          f"compiled, {len(records) - compiled - skipped} cached, {skipped} skipped by "
+          f"--max-compiles) in {time.time() - t0:.0f} s; "
           f"{len(bad)} over the limits (shared memory per block: "
           + ", ".join(f"sm_{a} {SHARED_LIMITS[a]} B" for a in sorted(SHARED_LIMITS))
           + f"; spill stores: {SPILL_BUDGET} B per thread)")
@@ -680,5 +716,9 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(records, indent=1))
     if args.write_table:
+        if skipped:
+            print("compile_sm90.py: error: --write-table needs every variant measured "
+                  "(drop --max-compiles)", file=sys.stderr)
+            return 2
         write_table(records)
     return 1 if bad else 0

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,10 @@ from mdm_kernels.dispatch import BackendUnavailable, get_backend
 from mdm_kernels.negatives import product_of_marginals
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Most uncached compilations the gate runs in CI (about 10-20 CPU-seconds each): a warm
+#: table compiles none; a new Triton or ptxas release compiles this many, spread over the
+#: kernel families, and warns about the rest instead of running for hours.
+GATE_MAX_COMPILES = int(os.environ.get("MDM_GATE_MAX_COMPILES", "48"))
 
 gp_ops = pytest.importorskip("mdm_kernels.ops.gradient_penalty")
 gt = pytest.importorskip("mdm_kernels.ops.gathered_tiles")
@@ -41,12 +46,19 @@ def test_every_routable_variant_fits(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "records.json"
     proc = subprocess.run([sys.executable, str(ROOT / "python" / "compile_sm90.py"),
-                           "--quiet", "--json", str(out)],
+                           "--quiet", "--json", str(out), "--max-compiles", str(GATE_MAX_COMPILES)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     records = json.loads(out.read_text())
     bad = gr.problems(records)
     assert not bad, "variants over the GPU limits:\n" + "\n".join(bad)
+    skipped = [r for r in records if r.get("skipped")]
+    if skipped:  # a cold cache (new Triton/ptxas, or kernels changed without --write-table)
+        warnings.warn(f"GPU-resource gate: {len(skipped)} of {len(records)} compilations "
+                      f"skipped by the budget of {GATE_MAX_COMPILES} "
+                      f"(MDM_GATE_MAX_COMPILES); run `python python/compile_sm90.py "
+                      f"--write-table` and commit tests/gpu_resources_table.json")
+    assert len(skipped) < len(records)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {r["family"] for r in records} == set(gr.FAMILIES)
     assert {r["arch"] for r in records} == set(gr.ARCHS)
@@ -226,3 +238,14 @@ def test_kernels_refuse_what_does_not_fit_before_launching():
     with pytest.raises(ValueError, match="gathered-tile kernels"):
         gt._prune_configs(gt._GPU_CONFIGS, dict(H1=gt.GATHERED_MAX_HIDDEN + 1, H2=4),
                           BLOCK_H1=512, TWO_LAYERS=True)
+
+
+def test_compile_budget_spreads_over_families_and_is_not_judged():
+    keys = {"gp": ["g1", "g2", "g3"], "tiles": ["t1"], "outer": ["o1", "o2"]}
+    assert gr.spread_subset(keys, 4) == {"g1", "t1", "o1", "g2"}
+    assert gr.spread_subset(keys, 0) == set()
+    assert gr.spread_subset(keys, 99) == {"g1", "g2", "g3", "t1", "o1", "o2"}
+    skipped = dict(family="gp", label="x", arch=90, limit=1, key="k", skipped=True)
+    over = dict(family="gp", label="y", arch=90, limit=1, key="k2", shared=2)
+    assert gr.problems([skipped]) == []
+    assert len(gr.problems([skipped, over])) == 1
