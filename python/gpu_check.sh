@@ -52,8 +52,8 @@ if [ "$PART" != bench ]; then
          "tests/test_triton_bounds.py -k 'single and not $big'"
          "tests/test_triton_bounds.py -k 'not single and $big'"
          "tests/test_triton_bounds.py -k 'not single and not $big'"
-         "tests/test_triton_gradient_penalty.py"
-         "tests/test_backend_integration.py")
+         "tests/test_triton_gradient_penalty.py tests/test_triton_launch.py"
+         "tests/test_backend_integration.py tests/test_distinct_negatives.py tests/test_triton_custom_ops.py")
   pids=()
   for i in "${!parts[@]}"; do
     eval "timeout 330 \"\$PY\" -m pytest -q -rs ${parts[$i]}" > "$OUT_DIR/pytest-$((i + 1)).log" 2>&1 &
