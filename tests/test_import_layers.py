@@ -15,7 +15,7 @@ PACKAGE_DIR = Path(mdm_kernels.__file__).parent
 #: Layers of ``mdm_kernels/ops`` (Triton side), lowest first; a module may import only
 #: modules of strictly lower layers.
 OPS_LAYERS = [
-    {"runtime_flags"},
+    {"runtime_flags", "launch_context"},
     {"triton_helpers"},
     {"marginal_terms"},
     {"sample_tiles"},

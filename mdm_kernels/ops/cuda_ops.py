@@ -24,10 +24,11 @@ Ops (namespace ``mdm_kernels``; ``kind``, ``act``, ``negatives`` are the integer
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import torch
+
+from .launch_context import launch_device
 
 try:
     from .. import _cuda  # built by setup.py from csrc/
@@ -66,12 +67,6 @@ def _launch_ctx(t: torch.Tensor) -> tuple[int, int]:
     if t.device.type == "cuda":
         return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
     return 0, 0  # only reachable with a host-memory stand-in extension (CPU tests of the glue)
-
-
-def _on_device(t: torch.Tensor):
-    """Context in which t's device is torch's current device, the caller's restored on exit
-    (the extension's DeviceGuard restores it too; this keeps torch's view consistent)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _ptrs(tensors: Sequence[torch.Tensor]) -> list[int]:
@@ -205,7 +200,7 @@ def bounds_fwd(P: list[torch.Tensor], b1: torch.Tensor, w: torch.Tensor, b_out: 
     stats = torch.zeros(b + 1, dtype=torch.float32, device=dev)  # [:B] written by InfoNCE only
     workspace = torch.empty(WORKSPACE_FLOATS, dtype=torch.float32, device=dev)
     index, stream = _launch_ctx(P[0])
-    with _on_device(P[0]):
+    with launch_device(P[0]):
         ext.bounds_forward(_ptrs(P), b, h, DTYPE_CODES[P[0].dtype], b1.data_ptr(),
                            w.data_ptr(), b_out.data_ptr(), act, kind, negatives,
                            0 if perms is None else perms.data_ptr(),
@@ -245,7 +240,7 @@ def bounds_bwd(P: list[torch.Tensor], b1: torch.Tensor, w: torch.Tensor, b_out: 
     if perms is not None:
         order, offsets = owner_lists(perms, kind, b)
     index, stream = _launch_ctx(P[0])
-    with _on_device(P[0]):
+    with launch_device(P[0]):
         ext.bounds_backward(_ptrs(P), b, h, DTYPE_CODES[P[0].dtype], b1.data_ptr(),
                             w.data_ptr(), b_out.data_ptr(), act, kind, negatives,
                             0 if perms is None else perms.data_ptr(), k,
@@ -303,7 +298,7 @@ def gp_hidden(Q: torch.Tensor, b1: torch.Tensor, w: torch.Tensor, act: int) -> t
     n, h = Q.shape
     U = torch.empty_like(Q)
     index, stream = _launch_ctx(Q)
-    with _on_device(Q):
+    with launch_device(Q):
         ext.gp_hidden_forward(Q.data_ptr(), n, h, b1.data_ptr(), w.data_ptr(), act,
                               U.data_ptr(), index, stream)
     return U
@@ -326,7 +321,7 @@ def gp_hidden_bwd(Q: torch.Tensor, b1: torch.Tensor, w: torch.Tensor, act: int,
     dw_part = torch.empty(rows, h, dtype=torch.float32, device=Q.device)
     db1_part = torch.empty(rows, h, dtype=torch.float32, device=Q.device)
     index, stream = _launch_ctx(Q)
-    with _on_device(Q):
+    with launch_device(Q):
         ext.gp_hidden_backward(Q.data_ptr(), n, h, b1.data_ptr(), w.data_ptr(), act,
                                dU.data_ptr(), dQ.data_ptr(), rows, dw_part.data_ptr(),
                                db1_part.data_ptr(), index, stream)

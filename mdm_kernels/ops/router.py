@@ -42,7 +42,7 @@ def check_input_devices(critic, zs, projections=None):
     """``ValueError`` naming the first input (``zs[k]``, ``critic.<parameter>``,
     ``projections[k]``) on another device than ``zs[0]``: a kernel launch reads every
     operand on one device (each launch runs under that device,
-    :func:`~mdm_kernels.ops.triton_helpers.launch_device`)."""
+    :func:`~mdm_kernels.ops.launch_context.launch_device`)."""
     named = {f"zs[{k}]": z for k, z in enumerate(zs)}
     named.update((f"critic.{name}", p) for name, p in critic.named_parameters())
     named.update((f"projections[{k}]", p) for k, p in enumerate(projections or ()))

@@ -30,7 +30,6 @@ bounds the compiled tanh by about 1.5e-6 relative.  The former 1 − 2/(e^{2x} +
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Mapping, Sequence
 
 import torch
@@ -38,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ..critic import LEAKY_RELU_SLOPE
+from .launch_context import launch_device  # noqa: F401  (re-exported for the kernel families)
 from .runtime_flags import autotune_enabled, interpreter_enabled
 
 #: fp32 ``tl.dot`` precision on GPU: 3×TF32 keeps about fp32 accuracy (error ~1e-6 relative)
@@ -175,15 +175,6 @@ def size_bucket(n: int) -> int:
     if n < 0:
         raise ValueError(f"size_bucket: n must be >= 0, got {n}")
     return 1 if n <= 1 else triton.next_power_of_2(n)
-
-
-def launch_device(tensor: torch.Tensor):
-    """Context manager that makes ``tensor``'s CUDA device current, so a Triton launch
-    (which runs on the current device and stream) runs where its operands live — e.g.
-    tensors on cuda:1 while cuda:0 is current.  A no-op for CPU tensors (interpreter)."""
-    if tensor.device.type == "cuda":
-        return torch.cuda.device(tensor.device)
-    return contextlib.nullcontext()
 
 
 def check_same_device(named: Mapping[str, torch.Tensor | None]) -> torch.device:
