@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .analysis import METRIC_NAMES, _clean, _mean_std, _write_json, summarise, sweep_table, train_cached
+from .analysis import METRIC_NAMES, _mean_std, _write_json, summarise, sweep_table, train_cached
 from .config import TrainConfig, validate
 from .metrics import KEYS, sentiment_metrics
 
@@ -458,7 +458,7 @@ def paper_layout_table(runs, models, penalties) -> str:
         lines.append(f"| {PAPER_BACKBONE.get(m, m)} | ours ({len(seeds)} seed{'s' if len(seeds) != 1 else ''}) | "
                      + " | ".join(_cell(runs, m, p) for p in penalties) + " |")
         if m in PAPER:
-            lines.append(f"| | paper | " + " | ".join(
+            lines.append("| | paper | " + " | ".join(
                 " / ".join(f"{v:.1f}" if i < 2 else f"{v:.2f}" for i, v in enumerate(PAPER[m][p])) if p in PAPER[m] else "–"
                 for p in penalties) + " |")
     return "\n".join(lines)
