@@ -174,7 +174,7 @@ def size_bucket(n: int) -> int:
     n = int(n)
     if n < 0:
         raise ValueError(f"size_bucket: n must be >= 0, got {n}")
-    return 1 if n <= 1 else triton.next_power_of_2(n)
+    return block_size(n, lo=1)
 
 
 def check_same_device(named: Mapping[str, torch.Tensor | None]) -> torch.device:
