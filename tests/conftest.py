@@ -13,6 +13,10 @@ else:
     # would dominate the GPU test run (benchmarks keep autotuning on)
     os.environ.setdefault("MDM_TRITON_AUTOTUNE", "0")
 
+# every buffer the library allocates uninitialised is NaN-filled (runtime_flags.fresh_empty),
+# as a GPU's fresh memory may hold anything: a read of an unwritten element fails a test
+os.environ.setdefault("MDM_POISON_EMPTY", "1")
+
 import pytest  # noqa: E402
 
 

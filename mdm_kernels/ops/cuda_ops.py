@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from .launch_context import launch_device
+from .runtime_flags import fresh_empty
 
 try:
     from .. import _cuda  # built by setup.py from csrc/
@@ -196,9 +197,9 @@ def bounds_fwd(P: list[torch.Tensor], b1: torch.Tensor, w: torch.Tensor, b_out: 
     check_bounds_inputs(P, b1, w, b_out, perms, kind, act, negatives)
     b, h = P[0].shape
     dev = P[0].device
-    terms = torch.empty(2, dtype=torch.float32, device=dev)
+    terms = fresh_empty(2, dtype=torch.float32, device=dev)
     stats = torch.zeros(b + 1, dtype=torch.float32, device=dev)  # [:B] written by InfoNCE only
-    workspace = torch.empty(WORKSPACE_FLOATS, dtype=torch.float32, device=dev)
+    workspace = fresh_empty(WORKSPACE_FLOATS, dtype=torch.float32, device=dev)
     index, stream = _launch_ctx(P[0])
     with launch_device(P[0]):
         ext.bounds_forward(_ptrs(P), b, h, DTYPE_CODES[P[0].dtype], b1.data_ptr(),
@@ -234,7 +235,7 @@ def bounds_bwd(P: list[torch.Tensor], b1: torch.Tensor, w: torch.Tensor, b_out: 
     dP = torch.zeros(m, b, h, dtype=torch.float32, device=dev)
     dw_rows = torch.zeros(b, h, dtype=torch.float32, device=dev)
     db_out_rows = torch.zeros(b, dtype=torch.float32, device=dev)
-    gamma = torch.empty(ext.backward_buffer_floats(b, m, kind, negatives, k),
+    gamma = fresh_empty(ext.backward_buffer_floats(b, m, kind, negatives, k),
                         dtype=torch.float32, device=dev)
     order = offsets = None
     if perms is not None:
@@ -296,7 +297,7 @@ def gp_hidden(Q: torch.Tensor, b1: torch.Tensor, w: torch.Tensor, act: int) -> t
     ext = extension()
     check_gp_inputs(Q, b1, w, act)
     n, h = Q.shape
-    U = torch.empty_like(Q)
+    U = fresh_empty(Q.shape, dtype=Q.dtype, device=Q.device)
     index, stream = _launch_ctx(Q)
     with launch_device(Q):
         ext.gp_hidden_forward(Q.data_ptr(), n, h, b1.data_ptr(), w.data_ptr(), act,
@@ -316,10 +317,10 @@ def gp_hidden_bwd(Q: torch.Tensor, b1: torch.Tensor, w: torch.Tensor, act: int,
     check_gp_inputs(Q, b1, w, act, dU)
     n, h = Q.shape
     dU = dU.to(torch.float32).contiguous()
-    dQ = torch.empty_like(Q)
+    dQ = fresh_empty(Q.shape, dtype=Q.dtype, device=Q.device)
     rows = min(n, ext.GP_MAX_PARTIAL_ROWS)
-    dw_part = torch.empty(rows, h, dtype=torch.float32, device=Q.device)
-    db1_part = torch.empty(rows, h, dtype=torch.float32, device=Q.device)
+    dw_part = fresh_empty(rows, h, dtype=torch.float32, device=Q.device)
+    db1_part = fresh_empty(rows, h, dtype=torch.float32, device=Q.device)
     index, stream = _launch_ctx(Q)
     with launch_device(Q):
         ext.gp_hidden_backward(Q.data_ptr(), n, h, b1.data_ptr(), w.data_ptr(), act,

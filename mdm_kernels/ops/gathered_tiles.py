@@ -47,8 +47,9 @@ from .marginal_terms import (G_ONE, G_SIGMOID_NEG, MARGINAL_RED, NEG_BIG_VALUE,
 from .sample_tiles import (IDX_GRID, IDX_JOINT, SamplePlan, marginal_plan,
                            reduce_samples, row_layout, scatter_shared_rows, store_owned_row,
                            tile_backprop, tile_score_grads)
-from .triton_helpers import (block_size, interpreter_enabled, launch_device, size_bucket,
-                             tile_configs)
+from .runtime_flags import fresh_empty, sm_count, uses_gpu_launches
+from .triton_helpers import (block_size, interpreter_enabled, launch_device, launch_tuned,
+                             size_bucket, tile_configs)
 
 # ptxas for sm_90 at H_1 = 128 (python/compile_sm90.py's method): one hidden layer spills
 # nothing at (16, 4 warps), (16, 8) and (32, 8) but 0.5-3.4 kB per thread at (32, 4) and
@@ -120,10 +121,11 @@ _PRUNE = {"early_config_prune": _prune_configs}
 
 
 def _max_programs(device) -> int:
-    """Cap on the persistent grid."""
-    if interpreter_enabled() or device.type != "cuda":
+    """Cap on the persistent grid: 4 programs per SM of the GPU (or of the emulated one,
+    :func:`~mdm_kernels.ops.runtime_flags.emulate_gpu`); 4 in the plain interpreter."""
+    if not uses_gpu_launches(device):
         return 4
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * sm_count(device)
 
 
 def _num_programs(plan, device) -> int:
@@ -135,6 +137,15 @@ def _launch_grid(plan, device):
     """The launch grid, as a function of the autotuned BLOCK_N."""
     cap = _num_programs(plan, device)
     return lambda meta: (max(1, min(cap, plan.rows(meta["BLOCK_N"]))),)
+
+
+def _candidates(meta, device) -> list:
+    """The configs a launch with these meta-parameters may run (what the autotuner's prune
+    keeps): the fit table's (:func:`gathered_configs`) on a GPU or under emulation, else
+    the one fixed config of the interpreter."""
+    if uses_gpu_launches(device):
+        return gathered_configs(meta["BLOCK_H1"], meta["TWO_LAYERS"])
+    return [_FIXED_CONFIG]
 
 
 def _autotune_keys(plan) -> tuple[int, int, int]:
@@ -158,8 +169,20 @@ def _prologue(b1_ptr, bout_ptr, H1, BLOCK_H1: tl.constexpr, BLOCK_N: tl.constexp
             tl.load(b1_ptr + offs_h, mask=hmask, other=0.0), tl.load(bout_ptr))
 
 
+#: Autotune keys: the size buckets (:func:`_autotune_keys`), the widths and every constexpr
+#: that changes the work per sample (index mode, reduction or gradient mode, factors,
+#: grouping, distinct mask, activation, modalities, depth).  Not keyed: ``OWNER`` and
+#: ``PARAM_GRADS`` of the backward — the ``"all"`` grid's owner launches share one ∂P
+#: buffer (:func:`_run_bwd`), and a later owner that benchmarked would zero it through
+#: ``reset_to_zero``; the owners do the same work per tile, so the first one's choice fits.
+_FWD_KEYS = ["N_KEY", "NCOL_KEY", "H1", "H2", "B_KEY", "M", "IDX", "RED", "NF", "GROUPED",
+             "DISTINCT", "TWO_LAYERS", "ACT"]
+_BWD_KEYS = ["N_KEY", "NCOL_KEY", "H1", "H2", "B_KEY", "M", "IDX", "GMODE", "NF", "GROUPED",
+             "DISTINCT", "TWO_LAYERS", "ACT"]
+
+
 @triton.autotune(configs=tile_configs(_GPU_CONFIGS, _FIXED_CONFIG),
-                 key=["N_KEY", "NCOL_KEY", "H1", "H2", "B_KEY"], prune_configs_by=_PRUNE,
+                 key=_FWD_KEYS, prune_configs_by=_PRUNE,
                  restore_value=["stats_ptr"])  # unused program slots must keep their init
 @triton.jit
 def _bounds_fwd_kernel(
@@ -187,7 +210,7 @@ def _bounds_fwd_kernel(
 
 
 @triton.autotune(configs=tile_configs(_GPU_CONFIGS, _FIXED_CONFIG),
-                 key=["N_KEY", "NCOL_KEY", "H1", "H2", "B_KEY"], prune_configs_by=_PRUNE,
+                 key=_BWD_KEYS, prune_configs_by=_PRUNE,
                  reset_to_zero=["dP_ptr", "gb1_ptr", "gW2_ptr", "gb2_ptr", "gwout_ptr",
                                 "gbout_ptr"])
 @triton.jit
@@ -245,6 +268,14 @@ def _bounds_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- launches
+def _tuning_key(args, meta, keys) -> tuple:
+    """The tuning case of a launch: the values of the autotuner's ``keys`` (the kernels'
+    argument names, from the positional ``args`` and the constexpr ``meta``)."""
+    named = dict(zip(_bounds_fwd_kernel.arg_names if keys is _FWD_KEYS
+                     else _bounds_bwd_kernel.arg_names, args), **meta)
+    return tuple(named[k] for k in keys)
+
+
 def _common_meta(P, W2, two_layers, act):
     H1 = P.shape[2]
     H2 = W2.shape[0] if two_layers else 1
@@ -259,16 +290,17 @@ def _launch_fwd(plan, red, P, perms, b1, W2, b2, wout, bout, act):
     stats = torch.zeros(G, 2, device=device, dtype=torch.float32)
     if red == RED_LSE:
         stats[:, 0] = NEG_BIG_VALUE
-    row_lse = torch.empty(plan.B if red == RED_LSE_ROW else 1, device=device,
+    row_lse = fresh_empty(plan.B if red == RED_LSE_ROW else 1, device=device,
                           dtype=torch.float32)
     dummy = b1
-    with launch_device(P):
-        _bounds_fwd_kernel[_launch_grid(plan, device)](
-            P, perms if perms is not None else b1, b1,
+    args = (P, perms if perms is not None else b1, b1,
             W2 if W2 is not None else dummy, b2 if b2 is not None else dummy, wout, bout,
-            stats, row_lse, plan.B, plan.N, plan.NCOL, H1, H2, *_autotune_keys(plan),
-            IDX=plan.idx, RED=red, NF=plan.NF, GROUPED=plan.grouped, DISTINCT=plan.distinct,
-            **meta)
+            stats, row_lse, plan.B, plan.N, plan.NCOL, H1, H2, *_autotune_keys(plan))
+    meta.update(IDX=plan.idx, RED=red, NF=plan.NF, GROUPED=plan.grouped,
+                DISTINCT=plan.distinct)
+    with launch_device(P):
+        launch_tuned(_bounds_fwd_kernel, _launch_grid(plan, device), args, meta,
+                     _candidates(meta, device), _tuning_key(args, meta, _FWD_KEYS))
     return stats, row_lse
 
 
@@ -283,12 +315,13 @@ def _backward_buffers(plan, P, G, H1, H2, two, param_grads, dP=None):
     programs (the autotuned BLOCK_N).  Returns (dP, gb1, gW2, gb2, gwout, gbout)."""
     f32 = dict(device=P.device, dtype=torch.float32)
     if dP is None:
-        dP = torch.empty_like(P) if plan.idx == IDX_GRID else torch.zeros_like(P)
+        dP = (fresh_empty(P.shape, device=P.device, dtype=torch.float32)
+              if plan.idx == IDX_GRID else torch.zeros_like(P))
     if not param_grads:
-        unused = torch.empty(1, **f32)  # never written with PARAM_GRADS=False
+        unused = fresh_empty(1, **f32)  # never written with PARAM_GRADS=False
         return dP, unused, unused, unused, unused, unused
-    gW2 = torch.zeros(G, H2, H1, **f32) if two else torch.empty(1, **f32)
-    gb2 = torch.zeros(G, H2, **f32) if two else torch.empty(1, **f32)
+    gW2 = torch.zeros(G, H2, H1, **f32) if two else fresh_empty(1, **f32)
+    gb2 = torch.zeros(G, H2, **f32) if two else fresh_empty(1, **f32)
     return (dP, torch.zeros(G, H1, **f32), gW2, gb2, torch.zeros(G, H2 if two else H1, **f32),
             torch.zeros(G, **f32))
 
@@ -302,15 +335,16 @@ def _launch_bwd(plan, gmode, scale, shift, row_lse, P, perms, b1, W2, b2, wout, 
     G = _num_programs(plan, device)
     dP, gb1, gW2, gb2, gwout, gbout = _backward_buffers(plan, P, G, H1, H2, two, param_grads,
                                                         dP)
-    with launch_device(P):
-        _bounds_bwd_kernel[_launch_grid(plan, device)](
-            P, perms if perms is not None else b1, b1,
+    args = (P, perms if perms is not None else b1, b1,
             W2 if two else b1, b2 if two else b1, wout, bout,
             scale, shift, row_lse,
             dP, gb1, gW2, gb2, gwout, gbout,
-            plan.B, plan.N, plan.NCOL, H1, H2, *_autotune_keys(plan),
-            IDX=plan.idx, GMODE=gmode, NF=plan.NF, OWNER=owner, GROUPED=plan.grouped,
-            DISTINCT=plan.distinct, PARAM_GRADS=param_grads, **meta)
+            plan.B, plan.N, plan.NCOL, H1, H2, *_autotune_keys(plan))
+    meta.update(IDX=plan.idx, GMODE=gmode, NF=plan.NF, OWNER=owner, GROUPED=plan.grouped,
+                DISTINCT=plan.distinct, PARAM_GRADS=param_grads)
+    with launch_device(P):
+        launch_tuned(_bounds_bwd_kernel, _launch_grid(plan, device), args, meta,
+                     _candidates(meta, device), _tuning_key(args, meta, _BWD_KEYS))
     if not param_grads:
         return dP, None
     grads = [gb1.sum(0), gwout.sum(0), gbout.sum(0).reshape(1)]

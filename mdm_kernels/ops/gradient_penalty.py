@@ -69,8 +69,9 @@ import triton
 import triton.language as tl
 
 from .triton_helpers import (DOT_PRECISION, activation, activation_grad,
-                             activation_grad2, block_size, critic_tail, interpreter_enabled,
-                             launch_device, tile_configs)
+                             activation_grad2, block_size, critic_tail, launch_device,
+                             launch_tuned, tile_configs)
+from .runtime_flags import fresh_empty, sm_count, uses_gpu_launches
 
 
 #: Interpreter (CPU) launch: one small fixed config, few programs (so the persistent loop
@@ -382,10 +383,9 @@ def _num_programs(n: int, device: torch.device, pstride: int = 1) -> int:
     """Persistent grid size (independent of the tuned BLOCK_N, so every partial slot is
     written by every config), capped so the partial rows stay within _PARTIALS_BUDGET."""
     tiles_min = triton.cdiv(n, 16)
-    if interpreter_enabled() or device.type != "cuda":
+    if not uses_gpu_launches(device):
         return max(1, min(_INTERP_PROGRAMS, tiles_min))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(2 * sms, tiles_min, _PARTIALS_BUDGET // (4 * pstride)))
+    return max(1, min(2 * sm_count(device), tiles_min, _PARTIALS_BUDGET // (4 * pstride)))
 
 
 def _launch(sj, sm, mi, eps, b1, wmat, w2, b2, wout, jb, gram, one_sided, act, compute_grad,
@@ -397,15 +397,16 @@ def _launch(sj, sm, mi, eps, b1, wmat, w2, b2, wout, jb, gram, one_sided, act, c
     two_layers = w2 is not None
     h2 = w2.shape[0] if two_layers else 1
     k = wmat.shape[1]
+    gpu = uses_gpu_launches(device)
     blocks = gp_block_sizes(h1, h2 if two_layers else None, k, gram,
-                            _INTERP_CHUNK if interpreter_enabled() else GP_CHUNK)
+                            GP_CHUNK if gpu else _INTERP_CHUNK)
     pstride, o_mat, o_w2 = _partial_layout(blocks, two_layers)
     if not compute_grad:
         pstride = 1
     progs = _num_programs(n, device, pstride)
     f32 = dict(device=device, dtype=torch.float32)
     parts = torch.zeros(progs, pstride, **f32)   # read-modify-written by its program
-    scratch = torch.empty(progs * 2 * 32 * blocks["BH1"], **f32)   # BLOCK_N ≤ 32
+    scratch = fresh_empty(progs * 2 * 32 * blocks["BH1"], **f32)   # BLOCK_N ≤ 32
     curved = act >= 2
     if compute_grad and curved:
         dsj = torch.zeros_like(sj)   # rows are only written on curved activations
@@ -421,10 +422,12 @@ def _launch(sj, sm, mi, eps, b1, wmat, w2, b2, wout, jb, gram, one_sided, act, c
                 TWO_LAYERS=two_layers, GRAM=gram, ONE_SIDED=bool(one_sided), ACT=act,
                 COMPUTE_GRAD=compute_grad, DOT_PREC=DOT_PRECISION, **blocks)
     with launch_device(sj):  # the inputs' device, whichever is current
-        if interpreter_enabled():
-            _gp_kernel[(progs,)](*args, **meta, BLOCK_N=_INTERP_BLOCK_N, num_warps=4)
+        if gpu:
+            launch_tuned(_gp_kernel_tuned, lambda _: (progs,), args, meta,
+                         gp_configs(h1, h2 if two_layers else None),
+                         tuple(meta.items()) + (h1, h2, k, args[-2]))
         else:
-            _gp_kernel_tuned[(progs,)](*args, **meta)
+            _gp_kernel[(progs,)](*args, **meta, BLOCK_N=_INTERP_BLOCK_N, num_warps=4)
     total = parts.sum(0)
     gp = total[0]
     if not compute_grad:

@@ -58,8 +58,8 @@ import triton.language as tl
 from .sample_tiles import marginal_plan
 from .marginal_terms import (MARGINAL_RED, NEG_BIG, score_grad, marginal_grad_args,
                             marginal_value)
-from .triton_helpers import (activation, activation_grad, interpreter_enabled,
-                             launch_device)
+from .runtime_flags import fresh_empty, sm_count, uses_gpu_launches
+from .triton_helpers import activation, activation_grad, launch_device
 
 @triton.jit
 def _pair_preact(Ft_ptr, h, S, HS, s_idx, s_scalar, o_idx, NF: tl.constexpr,
@@ -266,23 +266,23 @@ def _sum_splits_kernel(part_ptr, out_ptr, n, NSPLIT, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, acc, mask=mask)
 
 
-def _fwd_tiles() -> tuple[int, int]:
+def _fwd_tiles(device) -> tuple[int, int]:
     """Forward (BLOCK_R, BLOCK_C) = 16 × 256 pairs at 8 warps: Triton lays the warps along the
     columns, so a thread holds 16 rows × 1 column and reads the 16 row values of a hidden
     unit with four 128-bit loads.  In the PTX of the h loop (python/compile_sm90.py) that is
     48 of 84 instructions doing add/max/fma (57%), against 48 of 108 (16 scalar loads and
     their address arithmetic) for a 64 × 64 tile."""
-    return (8, 16) if interpreter_enabled() else (16, 256)
+    return (16, 256) if uses_gpu_launches(device) else (8, 16)
 
 
-def _bwd_tiles() -> tuple[int, int]:
+def _bwd_tiles(device) -> tuple[int, int]:
     """Backward (BLOCK_S swept, BLOCK_O owned) = 16 × 256 at 8 warps (the largest of
     :data:`OUTER_BACKWARD_TILES`; smaller ones for launches with few tiles): one owned index
     and 16 swept ones per thread.  PTX of the h loops: T 84 instructions per 16 pairs, the ∂C sums
     102 (the ∂A pass, with the w_out partials, 139).  32 swept per thread would halve the
     read-modify-write traffic but the compiler then packs the σ' masks into 16-bit words
     (289 instructions per 32 pairs)."""
-    return (4, 16) if interpreter_enabled() else (16, 256)
+    return (16, 256) if uses_gpu_launches(device) else (4, 16)
 
 
 #: "SMs" of the CPU interpreter for the grid computations: few, so that the tests' tiny
@@ -291,15 +291,16 @@ _INTERPRETER_SMS = 2
 
 
 def _sm_count(device) -> int:
-    """Streaming multiprocessors of ``device`` (:data:`_INTERPRETER_SMS` off a GPU)."""
-    if interpreter_enabled() or device.type != "cuda":
-        return _INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    """Streaming multiprocessors of ``device``, or of the emulated GPU
+    (:func:`~mdm_kernels.ops.runtime_flags.emulate_gpu`); :data:`_INTERPRETER_SMS` in the
+    plain interpreter."""
+    sms = sm_count(device)
+    return _INTERPRETER_SMS if sms is None else sms
 
 
 def _programs(blocks: int, device) -> int:
     """Persistent forward grid: one program per row block, at most 4 per SM."""
-    if interpreter_enabled() or device.type != "cuda":
+    if not uses_gpu_launches(device):
         return max(1, min(blocks, 3))
     return max(1, min(blocks, 4 * _sm_count(device)))
 
@@ -375,18 +376,19 @@ def _sum_splits(parts: torch.Tensor) -> torch.Tensor:
     """Σ_q parts[q] over the leading (split) axis, in split order, by one launch."""
     if parts.shape[0] == 1:
         return parts[0]
-    out = torch.empty(parts.shape[1:], device=parts.device, dtype=parts.dtype)
+    out = fresh_empty(parts.shape[1:], device=parts.device, dtype=parts.dtype)
     n = out.numel()
-    block = 256 if interpreter_enabled() else 1024
+    gpu = uses_gpu_launches(parts.device)
+    block = 1024 if gpu else 256
     _sum_splits_kernel[(triton.cdiv(n, block),)](parts, out, n, parts.shape[0], BLOCK=block,
-                                                  num_warps=1 if interpreter_enabled() else 4)
+                                                  num_warps=4 if gpu else 1)
     return out
 
 
-def outer_stride(B):
+def outer_stride(B, device):
     """Padded batch S of Fᵀ: a multiple of every block size (all powers of two); ``B`` may be
     a symbolic size (fake tensors)."""
-    step = max(*_fwd_tiles(), *_bwd_tiles())
+    step = max(*_fwd_tiles(device), *_bwd_tiles(device))
     return (B + step - 1) // step * step
 
 
@@ -401,18 +403,19 @@ def outer_forward(kind, act, factors, wout, bout, distinct=False):
     ``distinct``: the grid without coinciding indices (``"distinct"`` negatives)."""
     nf = len(factors)
     B, H = factors[0].shape
-    S = outer_stride(B)
+    device = factors[0].device
+    S = outer_stride(B, device)
     Ft = torch.nn.functional.pad(torch.stack(factors).transpose(1, 2), (0, S - B))
-    br, bc = _fwd_tiles()
+    br, bc = _fwd_tiles(device)
     red = MARGINAL_RED[kind]
     n_rb = triton.cdiv(B, br) if nf == 2 else B * triton.cdiv(B, br)
-    G = _programs(n_rb, Ft.device)
-    stats = torch.empty(G, 2, device=Ft.device, dtype=torch.float32)
-    row_lse = torch.empty(B, device=Ft.device, dtype=torch.float32)
+    G = _programs(n_rb, device)
+    stats = fresh_empty(G, 2, device=device, dtype=torch.float32)
+    row_lse = fresh_empty(B, device=device, dtype=torch.float32)
     with launch_device(Ft):
         _outer_fwd_kernel[(G,)](Ft, wout, bout, stats, row_lse, B, S, H, NF=nf, RED=red,
                                 ACT=act, BLOCK_R=br, BLOCK_C=bc, DISTINCT=distinct,
-                                num_warps=1 if interpreter_enabled() else 8)
+                                num_warps=8 if uses_gpu_launches(device) else 1)
     plan = marginal_plan(kind, B, nf, None, distinct)  # the sample and candidate counts
     value, stat = marginal_value(kind, stats, row_lse, plan.N, plan.candidates)
     return value, Ft, (Ft.new_empty(0) if stat is None else stat)
@@ -423,24 +426,26 @@ def outer_backward(kind, act, Ft, wout, bout, stat, grad, B, distinct=False):
     nf, H, S = Ft.shape
     plan = marginal_plan(kind, B, nf, None, distinct)
     gmode, scale, shift, row_lse = marginal_grad_args(kind, grad, stat, plan.N, B)
-    interp = interpreter_enabled()
+    gpu = uses_gpu_launches(Ft.device)
     launch = outer_backward_grid(B, nf, _sm_count(Ft.device),
-                                 (_bwd_tiles(),) if interp else OUTER_BACKWARD_TILES)
+                                 OUTER_BACKWARD_TILES if gpu else (_bwd_tiles(Ft.device),))
     f32 = dict(device=Ft.device, dtype=torch.float32)
     grads = []
     with launch_device(Ft):
         for f in range(nf):  # one launch per factor, the w_out / b_out partials in the first
             # per-split partials: the kernel writes every element (no zero fill)
-            dOt = torch.empty(launch.splits, H, S, **f32)
-            gwt = torch.empty_like(dOt) if f == 0 else dOt
-            gb = torch.empty(launch.programs, **f32)
+            dOt = fresh_empty(launch.splits, H, S, **f32)
+            gwt = fresh_empty(launch.splits, H, S, **f32) if f == 0 else dOt
+            gb = fresh_empty(launch.programs, **f32)
             _outer_bwd_kernel[launch.grid](
                 Ft, wout, bout, scale, shift, row_lse, dOt, gwt, gb, B, S, H,
                 launch.blocks_per_split, NF=nf, OWNED=f, GMODE=gmode, PARAM_GRADS=f == 0,
                 ACT=act, BLOCK_S=launch.block_swept, BLOCK_O=launch.block_owned,
-                DISTINCT=distinct, num_warps=1 if interp else launch.num_warps)
+                DISTINCT=distinct, num_warps=launch.num_warps if gpu else 1)
             grads.append((_sum_splits(dOt)[:, :B] * wout[:, None]).t())
             if f == 0:
-                g_wout = _sum_splits(gwt).sum(1)
+                # only the owned blocks' columns are written (⌈B / BLOCK_O⌉·BLOCK_O ≤ S):
+                # the columns up to B are the w_out partials, the rest is not ours to read
+                g_wout = _sum_splits(gwt)[:, :B].sum(1)
                 g_bout = gb.sum().reshape(1)
     return (*grads, g_wout, g_bout)

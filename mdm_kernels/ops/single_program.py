@@ -62,7 +62,8 @@ from .marginal_terms import G_ONE, G_SIGMOID_NEG, MARGINAL_GMODE, MARGINAL_RED
 from .sample_tiles import (marginal_plan, reduce_samples, row_layout,
                            scatter_shared_rows, store_owned_row, term_grad, tile_backprop,
                            tile_columns, tile_score_grads, tile_scores)
-from .triton_helpers import DOT_PREC, block_size, interpreter_enabled, launch_device
+from .runtime_flags import fresh_empty, uses_gpu_launches
+from .triton_helpers import DOT_PREC, block_size, launch_device
 
 #: Most modalities the single-program kernels take (one pointer argument each).
 MAX_MODALITIES = 4
@@ -453,15 +454,15 @@ def single_forward(kind, act, zs, w1s, b1, wout, bout, W2, b2, perms, distinct=F
     plan = marginal_plan(kind, B, m, perms, distinct)
     idx, n, ncol, nf, grouped = plan.idx, plan.N, plan.NCOL, plan.NF, plan.grouped
     f32 = dict(device=device, dtype=torch.float32)
-    P = torch.empty(m, B, H1, **f32)
-    dPJ = torch.empty(B, H1, **f32)
-    dPM = torch.empty(m, B, H1, **f32)
-    row_lse = torch.empty(B, **f32)
-    pg = torch.empty(2, sp, **f32)
-    joint = torch.empty((), **f32)
-    marginal = torch.empty((), **f32)
+    P = fresh_empty(m, B, H1, **f32)
+    dPJ = fresh_empty(B, H1, **f32)
+    dPM = fresh_empty(m, B, H1, **f32)
+    row_lse = fresh_empty(B, **f32)
+    pg = fresh_empty(2, sp, **f32)
+    joint = fresh_empty((), **f32)
+    marginal = fresh_empty((), **f32)
     dims = [z.shape[1] for z in zs]
-    interp = interpreter_enabled()
+    gpu = uses_gpu_launches(device)
     with launch_device(zs[0]):
         _single_program_fwd_kernel[(1,)](
             *_four(zs, zs[0]), *_four(w1s, w1s[0]), *_four(dims, 1),
@@ -473,8 +474,8 @@ def single_forward(kind, act, zs, w1s, b1, wout, bout, W2, b2, perms, distinct=F
             GMODE_J=G_SIGMOID_NEG if kind == "js" else G_ONE,
             GMODE_M=MARGINAL_GMODE[kind], IDX=idx, NF=nf, GROUPED=grouped, TWO_LAYERS=two,
             ACT=act, BLOCK_H1=block_size(H1), BLOCK_H2=16, BLOCK_N=16,
-            BLOCK_K=32 if (two and not interp) else 16, DISTINCT=plan.distinct,
-            num_warps=1 if interp else 8)
+            BLOCK_K=32 if (two and gpu) else 16, DISTINCT=plan.distinct,
+            num_warps=8 if gpu else 1)
     return joint, marginal, P, dPJ, dPM, pg
 
 
@@ -489,11 +490,12 @@ def single_backward(zs, w1s, dPJ, dPM, pg, g_joint, g_marg, g_proj, need_dz):
     sp = pg.shape[1]
     zs, w1s = [z.contiguous() for z in zs], [w.contiguous() for w in w1s]
     # written row-major by the kernel: plain contiguous buffers
-    dzs = [z.new_empty(z.shape) for z in zs] if need_dz else list(zs)
-    dws = [w.new_empty(w.shape) for w in w1s]
-    gsmall = torch.empty(sp, device=device, dtype=torch.float32)
-    interp = interpreter_enabled()
-    block_r = 16 if interp else 32  # tiles/warps: no ptxas spills on sm_90 (compile_sm90)
+    dzs = ([fresh_empty(z.shape, device=z.device, dtype=z.dtype) for z in zs] if need_dz
+           else list(zs))
+    dws = [fresh_empty(w.shape, device=w.device, dtype=w.dtype) for w in w1s]
+    gsmall = fresh_empty(sp, device=device, dtype=torch.float32)
+    gpu = uses_gpu_launches(device)
+    block_r = 32 if gpu else 16  # tiles/warps: no ptxas spills on sm_90 (compile_sm90)
     nrb, nhb = triton.cdiv(B, block_r), triton.cdiv(H1, block_r)
     dims = [z.shape[1] for z in zs]
     with launch_device(dPJ):
@@ -503,5 +505,5 @@ def single_backward(zs, w1s, dPJ, dPM, pg, g_joint, g_marg, g_proj, need_dz):
             dPJ, dPM, dPM if g_proj is None else g_proj.float().contiguous(), pg, g_joint,
             g_marg, gsmall, B, H1, sp, M=m, HAS_GP=g_proj is not None, NRB=nrb, NHB=nhb, NEED_DZ=need_dz, BLOCK_R=block_r,
             BLOCK_K=16, BLOCK_D=min(64, block_size(max(dims))), BLOCK_S=256,
-            num_warps=1 if interp else 8)
+            num_warps=8 if gpu else 1)
     return (dzs if need_dz else []), dws, gsmall

@@ -38,7 +38,8 @@ import triton.language as tl
 
 from ..critic import LEAKY_RELU_SLOPE
 from .launch_context import launch_device  # noqa: F401  (re-exported for the kernel families)
-from .runtime_flags import autotune_enabled, interpreter_enabled
+from .runtime_flags import (autotune_enabled, emulated_config_index, emulated_gpu,
+                            interpreter_enabled)
 
 #: fp32 ``tl.dot`` precision on GPU: 3×TF32 keeps about fp32 accuracy (error ~1e-6 relative)
 #: on tensor cores.  Plain ``"ieee"`` would run the dots on FMA units with whole K-slices of
@@ -201,8 +202,55 @@ def tile_configs(gpu_configs: list, fixed_config):
     return list(gpu_configs)
 
 
+#: Configs the autotuner chose outside any CUDA-graph capture, per (kernel name, tuning key)
+#: — the module's only state, a cache (:func:`launch_tuned`).
+_CHOSEN_CONFIGS: dict = {}
+
+
+def _capturing(args) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of the launch's device."""
+    dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    if dev is None or dev.type != "cuda" or not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(dev):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def launch_tuned(kernel, grid, args, meta, candidates, key):
+    """Launch the autotuned ``kernel`` (a ``triton.autotune`` object) on ``grid`` (a callable
+    of the launch's meta-parameters → grid tuple) and return the config it ran.
+
+    ``candidates``: the configs that fit this launch (the family's fit table, what the
+    autotuner's prune keeps); ``key``: a hashable naming the tuning case (the autotuner's
+    key).  Three cases besides the plain ``kernel[grid](...)``:
+
+    * GPU-launch emulation (:func:`~mdm_kernels.ops.runtime_flags.emulated_gpu`): no
+      benchmarking — candidate ``MDM_EMULATE_CONFIG`` (modulo their number) is launched
+      explicitly, in the interpreter, so a test can execute each candidate in turn;
+    * inside a CUDA-graph capture, for a key never tuned outside one: benchmarking there
+      would launch (and time) kernels into the graph, so the first candidate runs instead;
+      a key tuned before the capture reuses its config;
+    * in the interpreter / with ``MDM_TRITON_AUTOTUNE=0``, the autotuner holds one fixed
+      config and runs it.
+    """
+    if emulated_gpu() is not None:
+        config = candidates[emulated_config_index() % len(candidates)]
+        kw = config.all_kwargs()
+        kernel.fn[grid({**meta, **kw})](*args, **meta, **kw)
+        return config
+    cache_key = (kernel.base_fn.__name__, key)
+    if _capturing(args):
+        config = _CHOSEN_CONFIGS.get(cache_key, candidates[0])
+        kw = config.all_kwargs()
+        kernel.fn[grid({**meta, **kw})](*args, **meta, **kw)
+        return config
+    kernel[grid](*args, **meta)
+    _CHOSEN_CONFIGS[cache_key] = kernel.best_config
+    return kernel.best_config
+
+
 __all__ = ["ACTIVATION_CODES", "DOT_PREC", "DOT_PRECISION", "activation", "activation_code",
            "activation_grad", "activation_grad2", "autotune_enabled", "block_size",
-           "check_same_device", "critic_tail", "interpreter_enabled", "launch_device",
+           "check_same_device", "critic_tail", "interpreter_enabled", "launch_device", "launch_tuned",
            "project_modalities", "size_bucket", "tanh_grad_stable", "tanh_stable",
            "tile_configs"]

@@ -284,7 +284,8 @@ def _outer_fwd_fake(factors, wout, bout, kind, act, distinct):
     B, H = factors[0].shape
     ref = factors[0]
     return (ref.new_empty((), dtype=torch.float32),
-            ref.new_empty((len(factors), H, outer_stride(B)), dtype=torch.float32),
+            ref.new_empty((len(factors), H, outer_stride(B, ref.device)),
+                          dtype=torch.float32),
             _stat_like(kind, ref, B))
 
 
