@@ -132,24 +132,34 @@ def _act(name: str, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     raise ValueError(f"activation {name!r} is not supported by the chunked path")
 
 
-def _act_grad_times(name: str, x: torch.Tensor, y: torch.Tensor,
-                    sx: torch.Tensor | None = None) -> torch.Tensor:
-    """σ'(x) ⊙ y (y broadcast to x), with torch's own derivatives: relu 1[x > 0], leaky relu
-    1 or 0.01, tanh 1 − σ(x)², softplus sigmoid(x) (1 above the threshold 20), exact GELU
-    Φ(x) + x·φ(x).  ``sx`` = σ(x) when already computed (tanh reuses it)."""
+#: Activations whose derivative is a function of σ(x) alone: computed in place.
+_FROM_RESULT = ("relu", "leaky_relu", "tanh")
+
+
+def _act_saving(name: str, x: torch.Tensor):
+    """(σ(x), x or ``None``): in place when the backward needs only σ(x)."""
+    if name in _FROM_RESULT:
+        return _act(name, x, inplace=True), None
+    return _act(name, x), x
+
+
+def _act_backward(name: str, grad: torch.Tensor, x: torch.Tensor | None,
+                  sx: torch.Tensor) -> torch.Tensor:
+    """σ'(x) ⊙ grad (grad broadcast to x), with torch's own derivative kernels — those of
+    the reference's autograd: relu 1[σ(x) > 0], leaky relu 1 or 0.01, tanh 1 − σ(x)²,
+    softplus sigmoid(x) (1 above the threshold 20), exact GELU Φ(x) + x·φ(x)."""
+    grad = grad.expand_as(sx)
+    aten = torch.ops.aten
     if name == "relu":
-        return torch.where(x > 0, y, torch.zeros((), dtype=x.dtype, device=x.device))
+        return aten.threshold_backward(grad, sx, 0)
     if name == "leaky_relu":
-        return torch.where(x > 0, y, y * LEAKY_RELU_SLOPE)
+        return aten.leaky_relu_backward(grad, sx, LEAKY_RELU_SLOPE, True)
     if name == "tanh":
-        t = torch.tanh(x) if sx is None else sx
-        return (1.0 - t * t) * y
+        return aten.tanh_backward(grad, sx)
     if name == "softplus":
-        return torch.where(x > _SOFTPLUS_THRESHOLD, y, torch.sigmoid(x) * y)
+        return aten.softplus_backward(grad, x, 1.0, _SOFTPLUS_THRESHOLD)
     if name == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
-        pdf = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
-        return (cdf + x * pdf) * y
+        return aten.gelu_backward(grad, x)
     raise ValueError(f"activation {name!r} is not supported by the chunked path")
 
 
@@ -326,28 +336,27 @@ def _backward(spec: GridSpec, factors, head, stat, gout):
     for blk, c0, c1 in _blocks(spec, factors, _hidden_sum(spec, head)):
         pre = blk.a[:, None, :] + last[None, c0:c1, :]          # r × c × H_1
         r, c, h1 = pre.shape
-        s1 = _act(act, pre)
+        s1, x1 = _act_saving(act, pre)
         valid = blk.valid(spec, c0, c1, device)
         if two:
             flat1 = s1.reshape(-1, h1)
-            a2 = torch.addmm(b2, flat1, w2.t())                  # n × H_2
-            s2 = _act(act, a2)
+            s2, x2 = _act_saving(act, torch.addmm(b2, flat1, w2.t()))   # n × H_2
             t = torch.addmv(b_out, s2, w_out).reshape(r, c)
             g = _score_grads(spec, t, valid, blk, stat, gout).reshape(-1)
             g_wout += s2.t() @ g
             g_bout += g.sum()
-            d2 = _act_grad_times(act, a2, g[:, None] * w_out, s2)   # n × H_2
-            del s2, a2
+            d2 = _act_backward(act, g[:, None] * w_out, x2, s2)    # n × H_2
+            del s2, x2
             g_w2 += d2.t() @ flat1
             g_b2 += d2.sum(0)
-            d_pre = _act_grad_times(act, pre, (d2 @ w2).reshape(r, c, h1), s1)
+            d_pre = _act_backward(act, (d2 @ w2).reshape(r, c, h1), x1, s1)
         else:
             t = torch.addmv(b_out, s1.reshape(-1, h1), w_out).reshape(r, c)
             g = _score_grads(spec, t, valid, blk, stat, gout)
             g_wout += s1.reshape(-1, h1).t() @ g.reshape(-1)
             g_bout += g.sum()
-            d_pre = _act_grad_times(act, pre, g[:, :, None], s1)    # σ'(a)·g, × w_out below
-        del s1
+            d_pre = _act_backward(act, g[:, :, None], x1, s1)     # σ'(a)·g, × w_out below
+        del s1, x1, pre
         d_a = d_pre.sum(1)
         d_c = d_pre.sum(0)
         if not two:

@@ -1,10 +1,13 @@
-"""One dispatch for every backend: ``backend="auto" | "triton" | "cuda" | "reference"``.
+"""One dispatch for every backend:
+``backend="auto" | "triton" | "cuda" | "chunked" | "reference"``.
 
 A backend is an object with the :class:`Backend` interface, registered lazily by module path
 (so importing :mod:`mdm_kernels` never compiles anything).  ``"auto"`` picks, for CUDA
-tensors, the first of Triton and CUDA that is available and supports the critic and the op,
-and otherwise (CPU tensors, custom critics, missing builds) the pure-PyTorch reference, which
-accepts any callable critic.
+tensors, the first of Triton and CUDA that is available and supports the critic and the op;
+otherwise (CPU or other devices, missing builds, refused critics) the chunked plain-PyTorch
+path (:mod:`mdm_kernels.chunked`) for an ``"all"``/``"distinct"`` grid of at least
+:data:`CHUNKED_AUTO_MIN_GRID` cells with an ``MLPCritic`` of at most two hidden layers, and
+the pure-PyTorch reference, which accepts any callable critic, for everything else.
 """
 from __future__ import annotations
 
@@ -15,17 +18,24 @@ from typing import Sequence
 import torch
 
 #: Names accepted by ``backend=``.
-BACKEND_NAMES = ("auto", "triton", "cuda", "reference")
+BACKEND_NAMES = ("auto", "triton", "cuda", "chunked", "reference")
 
 #: Where each backend lives: a module exposing ``BACKEND``.
 _BACKEND_MODULES = {
     "reference": "mdm_kernels.reference.backend",
     "triton": "mdm_kernels.ops.triton_backend",
     "cuda": "mdm_kernels.ops.cuda_backend",
+    "chunked": "mdm_kernels.chunked",
 }
 
 #: Preference order of ``"auto"`` among the fused backends.
 _AUTO_ORDER = ("triton", "cuda")
+
+#: ``"auto"`` runs the chunked path instead of the reference when no fused backend can run
+#: and the grid — B^m cells for ``"all"``/``"distinct"`` (B² for InfoNCE) — has at least this
+#: many: 2^16, e.g. m = 2 at B = 256, m = 3 at B = 41.  Below it the reference's one batched
+#: pass is about as fast and its memory is small (≲ 200 MB at H = 128).
+CHUNKED_AUTO_MIN_GRID = 1 << 16
 
 _cache: dict[str, object] = {}
 
@@ -140,6 +150,22 @@ def _negatives_reason(backend: Backend, samples) -> str | None:
     return None
 
 
+def grid_cells(op: str, samples) -> int:
+    """Cells of the implicit grid ``op`` scans for ``samples``: B^m (``"all"``/``"distinct"``),
+    B² for InfoNCE's anchor × candidate grid, 0 for shuffles or no samples."""
+    if samples is None or getattr(samples, "perms", None) is not None:
+        return 0
+    b = samples.batch_size
+    return b * b if op == "infonce" else b ** samples.num_modalities
+
+
+def _chunked_preferred(op: str, critic, zs, samples) -> bool:
+    """Whether ``"auto"`` runs the chunked path (a grid of at least
+    :data:`CHUNKED_AUTO_MIN_GRID` cells that the chunked path takes)."""
+    return (grid_cells(op, samples) >= CHUNKED_AUTO_MIN_GRID
+            and _reason("chunked", op, critic, zs, samples) is None)
+
+
 def resolve_backend(backend: str, op: str, critic, zs: Sequence[torch.Tensor],
                     samples=None) -> Backend:
     """Choose the backend that runs ``op``; explicit requests that cannot run raise
@@ -147,11 +173,12 @@ def resolve_backend(backend: str, op: str, critic, zs: Sequence[torch.Tensor],
     if not isinstance(backend, str) or backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
     if backend == "auto":
-        if zs[0].device.type != "cuda":
-            return get_backend("reference")
-        for name in _AUTO_ORDER:
-            if _reason(name, op, critic, zs, samples) is None:
-                return get_backend(name)
+        if zs[0].device.type == "cuda":
+            for name in _AUTO_ORDER:
+                if _reason(name, op, critic, zs, samples) is None:
+                    return get_backend(name)
+        if _chunked_preferred(op, critic, zs, samples):
+            return get_backend("chunked")
         return get_backend("reference")
     reason = _reason(backend, op, critic, zs, samples)
     if reason is not None:

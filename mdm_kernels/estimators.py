@@ -7,7 +7,8 @@ Every bound is in nats, to be *maximised*, and takes
 with ``zs`` = (z_1, ..., z_m), each B × d_k (float16/bfloat16/float32; float64 on the
 reference), ``negatives``/``perms``/``generator`` choosing the product-of-marginals samples
 (:mod:`mdm_kernels.negatives`) and ``backend`` one of ``"auto"``, ``"triton"``, ``"cuda"``,
-``"reference"`` (:mod:`mdm_kernels.dispatch`).  Values are 0-dim float32 tensors (float64 for
+``"chunked"`` (the ``"all"``/``"distinct"`` grids in bounded memory on any device,
+:mod:`mdm_kernels.chunked`), ``"reference"`` (:mod:`mdm_kernels.dispatch`).  Values are 0-dim float32 tensors (float64 for
 float64 inputs), differentiable w.r.t. the critic's parameters and every z.
 
 Colombo et al., "Improving Multimodal fusion via Mutual Dependency Maximisation",
@@ -71,7 +72,7 @@ def _bound(name: str, kind: str, formula: str, default_negatives="shuffle"):
             (``"auto"`` then runs the reference).
         perms: optional LongTensor (K, m, B) of explicit row indices.
         generator: ``torch.Generator`` for the shuffles.
-        backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"chunked"`` or ``"reference"``.
         group: optional ``torch.distributed`` process group (or ``"world"``): negatives are
             drawn from the global batch, see :mod:`mdm_kernels.distributed`.
 
