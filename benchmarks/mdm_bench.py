@@ -145,13 +145,16 @@ def _dims(m: int, d: int) -> tuple:
     return (d,) * m
 
 
-def paper_cases(sizes: str) -> list[OpCase]:
-    """Paper scale: m = 3, B = 32-256, d = 32-128, H = 64-256, "shuffle" and K = 8."""
+def paper_cases(sizes: str, on_gpu: bool | None = None) -> list[OpCase]:
+    """Paper scale: m = 3, B = 32-256, d = 32-128, H = 64-256, "shuffle" and K = 8.
+    ``on_gpu``: the grid of a GPU (True) or a CPU (False) machine, default this one's
+    (``python/gpu_lease.py`` lists the GPU's rows on a CPU)."""
+    on_gpu = ON_GPU if on_gpu is None else on_gpu
     ops = ("mine", "nwj", "js", "infonce", "wasserstein", "gp")
     if sizes == "full":
         batches = (32, 64, 128, 256)
     elif sizes == "quick":
-        batches = (32, 256) if ON_GPU else (32, 128)
+        batches = (32, 256) if on_gpu else (32, 128)
     else:  # smoke
         batches = (32,)
     hiddens = ((128,), (128, 128))
@@ -173,11 +176,13 @@ def paper_cases(sizes: str) -> list[OpCase]:
     return cases
 
 
-def sweep_cases(sizes: str) -> list[OpCase]:
+def sweep_cases(sizes: str, on_gpu: bool | None = None) -> list[OpCase]:
     """Scale sweeps: "all" negatives, m = 2 to B = 65,536; m = 3 to B^3 = 10^9; GP to 4,096;
     ``"distinct"`` negatives (no coinciding indices) next to the one-layer ``"all"`` rows of
-    ``mine`` (m = 2 and 3) and ``infonce`` (m = 2), at the same sizes."""
-    if ON_GPU:
+    ``mine`` (m = 2 and 3) and ``infonce`` (m = 2), at the same sizes.  ``on_gpu`` as in
+    :func:`paper_cases`."""
+    on_gpu = ON_GPU if on_gpu is None else on_gpu
+    if on_gpu:
         m2 = (256, 1024, 4096, 16384, 65536) if sizes == "full" else (256, 4096, 16384)
         m3 = (64, 256, 1000) if sizes == "full" else (64, 256)
         gp = (256, 4096)
@@ -195,7 +200,7 @@ def sweep_cases(sizes: str) -> list[OpCase]:
     for op in ("mine", "infonce"):
         for b in m2:
             cases.append(OpCase(op, b, _dims(2, 128), (128,), "distinct", "sweep-m2"))
-    if ON_GPU and sizes == "quick":  # issue 7's largest target row, one-layer MINE only
+    if on_gpu and sizes == "quick":  # issue 7's largest target row, one-layer MINE only
         cases.append(OpCase("mine", 65536, _dims(2, 128), (128,), "all", "sweep-m2"))
     for b in m3:
         for neg in ("all", "distinct"):
