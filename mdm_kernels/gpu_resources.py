@@ -13,7 +13,16 @@ to 1 are constants, pointers are 16-byte aligned (torch allocations).
 
 * shared memory: ``CompiledKernel.metadata.shared`` (bytes per block), against
   :data:`SHARED_LIMITS` (the opt-in per-block maximum of the target);
-* registers and spills: ``ptxas -v`` on the PTX (Triton's bundled ptxas first), per thread.
+* registers and spills per thread: the ``ptxas -v`` log of the binary that runs — Triton's
+  own ptxas run (``TRITON_DUMP_PTXAS_LOG``), or, when Triton's compile came from its cache
+  and ran no ptxas, a ptxas run with Triton's own command line (:func:`triton_ptxas_args`:
+  the ptxas Triton picks for the target, ``-lineinfo``, ``--fmad``, ``-v``,
+  ``--regAllocOptLevel=2``, ``--gpu-name=sm_90a``) whose cubin must equal Triton's byte
+  for byte (else the variant is an error, never a figure of another binary).
+
+Each variant compiles with the launch's options: its ``num_warps`` and ``num_stages`` — the
+autotune config's for the autotuned families, Triton's default (:func:`launch_num_stages`,
+3) for the kernels launched without one (one-program, outer sums, split sums).
 
 Results are cached on disk (:func:`cache_dir`), one JSON file per variant keyed by a hash of
 the kernel source and everything it calls (Triton's ``cache_key``), the signature, the
@@ -34,12 +43,12 @@ import contextlib
 import dataclasses
 import hashlib
 import inspect
+import io
 import itertools
 import json
 import multiprocessing
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,7 +79,13 @@ class Variant:
     floats: tuple = ()
     ptr_types: dict = dataclasses.field(default_factory=dict)
     num_warps: int = 8
-    num_stages: int = 1
+    #: ``None``: the launch passes no ``num_stages`` and compiles at Triton's default
+    #: (:func:`launch_num_stages`); else the autotune config's.
+    num_stages: int | None = None
+
+    def stages(self) -> int:
+        """The ``num_stages`` the launch compiles with."""
+        return launch_num_stages() if self.num_stages is None else self.num_stages
 
     def signature(self) -> tuple[dict, dict, dict]:
         """(signature, constexprs, attrs) as ``triton.compile`` takes them, specialised like
@@ -112,64 +127,106 @@ class Variant:
 
 
 # ----------------------------------------------------------------------------- compiling
-def _ptxas_candidates(arch: int = 90) -> list[str]:
-    """The ptxas Triton itself runs for ``sm_<arch>`` (Triton 3.9: a CUDA 13 ptxas for
-    sm_90+, a CUDA 12 one below), then its bundled ptxas, then the toolkit's."""
-    import triton
-    found = []
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        found.append(get_ptxas(arch).path)
-    except (ImportError, AttributeError, TypeError, RuntimeError):
-        pass
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if bundled.exists():
-        found.append(str(bundled))
-    other = shutil.which("ptxas")
-    if other:
-        found.append(other)
-    return list(dict.fromkeys(found))
+#: Version of how a record is measured (part of every cache key): 2 = the launch's
+#: ``num_stages`` and the registers / spills of the binary Triton builds (its ptxas log, or
+#: its exact ptxas command line checked against its cubin); 1 was ``num_stages = 1`` for
+#: the default-launched kernels and a plain ``ptxas -v`` when Triton's compile was cached.
+MEASUREMENT = 2
+
+
+def launch_num_stages() -> int:
+    """``num_stages`` of a launch that passes none: Triton's CUDA default
+    (``CUDAOptions.num_stages``, 3 in Triton 3.x)."""
+    from triton.backends.nvidia.compiler import CUDAOptions
+    return CUDAOptions.num_stages
+
+
+def _ptxas_path(arch: int) -> str:
+    """The ptxas Triton runs for ``sm_<arch>`` (Triton 3.9: its bundled CUDA 13 ptxas,
+    ``ptxas-blackwell``, for sm_90+, the CUDA 12 one below; ``TRITON_PTXAS_PATH`` et al.
+    override them)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    return get_ptxas(arch).path
 
 
 def ptxas_available() -> str | None:
-    """Path of a ptxas that runs, or None."""
-    for path in _ptxas_candidates():
-        try:
-            subprocess.run([path, "--version"], capture_output=True, check=True, timeout=60)
-        except (OSError, subprocess.SubprocessError):
-            continue
-        return path
-    return None
+    """Path of the ptxas Triton runs for sm_90 when it runs, or None."""
+    try:
+        path = _ptxas_path(90)
+        subprocess.run([path, "--version"], capture_output=True, check=True, timeout=60)
+    except (ImportError, AttributeError, RuntimeError, OSError, subprocess.SubprocessError):
+        return None
+    return path
 
 
 def _ptxas_version() -> str:
     versions = []
     for arch in ARCHS:
-        for path in _ptxas_candidates(arch)[:1]:
-            out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
-            versions.append(out.strip().splitlines()[-1] if out.strip() else path)
+        path = _ptxas_path(arch)
+        out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+        versions.append(out.strip().splitlines()[-1] if out.strip() else path)
     return ";".join(versions) or "none"
 
 
-def ptxas_usage(ptx: str, arch: int) -> dict:
-    """registers / spill stores / spill loads / stack frame per thread of ``ptx``, from the
-    first ptxas that accepts it (the one Triton runs for this target first; ``error`` when
-    none does)."""
-    sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    text = "no ptxas found"
+def triton_ptxas_args(metadata, arch: int) -> list[str]:
+    """The ptxas options Triton's CUDA backend passes when it builds the cubin of a kernel
+    compiled with ``metadata`` (its options) for ``sm_<arch>`` — written after
+    ``CUDABackend.make_cubin`` of Triton 3.9 (``triton/backends/nvidia/compiler.py``): line
+    information (``-lineinfo``, or ``-lineinfo -suppress-debug-info`` with
+    ``TRITON_DISABLE_LINE_INFO``, or ``-g`` with ``DISABLE_PTXAS_OPT``), ``--fmad=false``
+    unless FP fusion is on, ``-v``, ``--opt-level 0`` with ``DISABLE_PTXAS_OPT``,
+    ``--regAllocOptLevel=2`` (Triton's work-around of a ptxas 13 bug), the options'
+    ``ptx_options`` and ``--gpu-name=sm_<arch>`` (``a`` suffix from sm_90).  Input and output
+    files are not included.  A Triton whose command differs is caught by the cubin
+    comparison of :func:`measure_binary`."""
+    from triton import knobs
+    if getattr(metadata, "instrumentation_mode", ""):
+        raise ValueError("instrumented compiles (consan / fpsan) take other ptxas options")
+    if knobs.compilation.disable_line_info:
+        debug = ["-lineinfo", "-suppress-debug-info"]
+    elif knobs.nvidia.disable_ptxas_opt:
+        debug = ["-g"]
+    else:
+        debug = ["-lineinfo"]
+    fmad = [] if metadata.enable_fp_fusion else ["--fmad=false"]
+    no_opt = ["--opt-level", "0"] if knobs.nvidia.disable_ptxas_opt else []
+    extra = metadata.ptx_options.split(" ") if getattr(metadata, "ptx_options", None) else []
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    return [*debug, *fmad, "-v", *no_opt, "--regAllocOptLevel=2", *extra, f"--gpu-name={gpu}"]
+
+
+def run_triton_ptxas(ptx: str, metadata, arch: int) -> tuple[str, bytes]:
+    """(``-v`` log, cubin) of Triton's ptxas command (:func:`triton_ptxas_args`) on ``ptx``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "kernel.ptx", Path(tmp) / "kernel.cubin"
+        src.write_text(ptx)
+        proc = subprocess.run([_ptxas_path(arch), *triton_ptxas_args(metadata, arch),
+                               str(src), "-o", str(out)], capture_output=True, text=True)
+        log = proc.stdout + proc.stderr
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError("ptxas: " + (log.strip().splitlines()[0] if log.strip()
+                                            else f"exit status {proc.returncode}"))
+        return log, out.read_bytes()
+
+
+def measure_binary(kernel, arch: int, triton_log: str = "") -> dict:
+    """registers / spill stores / spill loads / stack frame per thread of the cubin of
+    ``kernel`` (a ``CompiledKernel`` for ``sm_<arch>``): from ``triton_log`` (the ``ptxas -v``
+    log Triton printed while building that cubin) when it holds the kernel's entry, else
+    from Triton's ptxas command re-run on the kernel's PTX, accepted only when the cubin it
+    builds is byte-identical to ``kernel``'s (dict(error=...) otherwise)."""
+    name = kernel.metadata.name
+    if f"'{name}'" in triton_log and _parse_ptxas(triton_log) is not None:
+        return _parse_ptxas(triton_log)
     try:
-        for ptxas in _ptxas_candidates(arch):
-            out = subprocess.run([ptxas, "-v", f"--gpu-name={sm}", f.name, "-o", os.devnull],
-                                 capture_output=True, text=True)
-            text = out.stdout + out.stderr
-            if out.returncode == 0 and _parse_ptxas(text) is not None:
-                return _parse_ptxas(text)
-        return dict(error="ptxas: " + (text.strip().splitlines()[0] if text.strip()
-                                        else "failed"))
-    finally:
-        os.unlink(f.name)
+        log, cubin = run_triton_ptxas(kernel.asm["ptx"], kernel.metadata, arch)
+    except (RuntimeError, ValueError, OSError) as exc:
+        return dict(error=str(exc)[:300])
+    if cubin != kernel.asm["cubin"]:
+        return dict(error="ptxas: Triton's cubin differs from a re-run of its ptxas command "
+                          "(gpu_resources.triton_ptxas_args is out of date with this Triton)")
+    usage = _parse_ptxas(log)
+    return usage if usage is not None else dict(error="ptxas: no resource usage in its log")
 
 
 def _source(variant: Variant):
@@ -221,7 +278,8 @@ def variant_keys(pairs, ptxas_version: str) -> list[str]:
     with line_free_hashes():
         for variant, arch in pairs:
             text = "|".join([_source(variant).hash(), str(arch), str(variant.num_warps),
-                             str(variant.num_stages), triton.__version__, ptxas_version])
+                             str(variant.stages()), triton.__version__, ptxas_version,
+                             f"measurement {MEASUREMENT}"])
             keys.append(hashlib.sha256(text.encode()).hexdigest()[:32])
     return keys
 
@@ -239,26 +297,33 @@ def _parse_ptxas(text: str) -> dict | None:
                 stack=grab(r"(\d+) bytes stack frame"))
 
 
-def compile_variant(variant: Variant, arch: int) -> dict:
-    """Compile ``variant`` for ``sm_<arch>`` and measure it: dict(shared, registers,
-    spill_stores, spill_loads, stack, seconds) or dict(error=...).  The register figures are
-    those of Triton's own ptxas run (its ``-v`` log), else of a separate ``ptxas -v``."""
-    import contextlib
-    import io
+def compile_kernel(variant: Variant, arch: int, log=None):
+    """``triton.compile`` of ``variant`` for ``sm_<arch>`` with the launch's options
+    (``num_warps``, :meth:`Variant.stages`); Triton's ``ptxas -v`` log, when it runs ptxas,
+    goes to ``log`` (a text stream)."""
     import triton
     from triton.backends.compiler import GPUTarget
-    t0 = time.time()
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    with contextlib.redirect_stdout(log if log is not None else io.StringIO()):
+        return triton.compile(_source(variant), target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=variant.num_warps,
+                                           num_stages=variant.stages()))
+
+
+def compile_variant(variant: Variant, arch: int) -> dict:
+    """Compile ``variant`` for ``sm_<arch>`` as its launch does and measure the binary:
+    dict(shared, registers, spill_stores, spill_loads, stack, seconds) or dict(error=...)
+    (:func:`measure_binary`)."""
+    t0 = time.time()
     log = io.StringIO()
     try:
-        with contextlib.redirect_stdout(log):
-            kernel = triton.compile(_source(variant), target=GPUTarget("cuda", arch, 32),
-                                    options=dict(num_warps=variant.num_warps,
-                                                 num_stages=variant.num_stages))
+        kernel = compile_kernel(variant, arch, log)
     except Exception as exc:  # noqa: BLE001 - reported per variant
         return dict(error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}",
                     seconds=round(time.time() - t0, 2))
-    usage = _parse_ptxas(log.getvalue()) or ptxas_usage(kernel.asm["ptx"], arch)
+    usage = measure_binary(kernel, arch, log.getvalue())
+    if "error" in usage:
+        return dict(usage, seconds=round(time.time() - t0, 2))
     result = dict(shared=int(kernel.metadata.shared), **usage)
     result["seconds"] = round(time.time() - t0, 2)
     return result
@@ -278,16 +343,22 @@ def _work(i: int) -> dict:
     return compile_variant(variant, arch)
 
 
-def spread_subset(keys_by_family: dict[str, list[str]], budget: int) -> set[str]:
-    """At most ``budget`` keys taken round-robin over the families (each family's keys in
-    their listed order): a bounded compile still covers every family."""
+def spread_order(keys_by_family: dict[str, list[str]]) -> list[str]:
+    """Every key, taken round-robin over the families (each family's keys in their listed
+    order): any prefix covers every family evenly."""
     chosen: list[str] = []
     queues = [list(keys) for keys in keys_by_family.values()]
-    while len(chosen) < budget and any(queues):
+    while any(queues):
         for queue in queues:
-            if queue and len(chosen) < budget:
+            if queue:
                 chosen.append(queue.pop(0))
-    return set(chosen)
+    return chosen
+
+
+def spread_subset(keys_by_family: dict[str, list[str]], budget: int) -> set[str]:
+    """At most ``budget`` keys taken round-robin over the families (:func:`spread_order`):
+    a bounded compile still covers every family."""
+    return set(spread_order(keys_by_family)[:max(0, budget)])
 
 
 def measure(variants: list[Variant], archs=ARCHS, jobs: int | None = None,
@@ -313,16 +384,18 @@ def measure(variants: list[Variant], archs=ARCHS, jobs: int | None = None,
             seen[key] = len(todo)
             todo[key] = (variant, arch)
         records.append(rec)
-    if max_compiles is not None and len(todo) > max_compiles:
-        by_family: dict[str, list[str]] = {}
-        for key, (variant, _) in todo.items():
-            by_family.setdefault(variant.family, []).append(key)
-        keep = spread_subset(by_family, max_compiles)
-        left_out = [k for k in todo if k not in keep]
-        todo = {k: v for k, v in todo.items() if k in keep}
+    by_family: dict[str, list[str]] = {}
+    for key, (variant, _) in todo.items():
+        by_family.setdefault(variant.family, []).append(key)
+    # round-robin over the families: an interrupted or bounded run covers each of them
+    order = spread_order(by_family)
+    if max_compiles is not None and len(order) > max_compiles:
+        left_out = set(order[max_compiles:])
+        order = order[:max_compiles]
         for rec in records:
             if rec["key"] in left_out:
                 rec["skipped"] = True
+    todo = {k: todo[k] for k in order}
     global _JOBS
     _JOBS = list(todo.values())
     keys = list(todo)
@@ -660,7 +733,8 @@ def write_table(records: list[dict], path: Path = TABLE) -> None:
     """Store the measurements of ``records`` (compile errors excluded) as the committed
     table, keyed like the cache."""
     keep = {"shared", "registers", "spill_stores", "spill_loads", "stack", "seconds"}
-    table = {r["key"]: {k: r[k] for k in keep if k in r} for r in records if "error" not in r}
+    table = {r["key"]: {k: r[k] for k in keep if k in r} for r in records
+             if "error" not in r and not r.get("skipped")}
     path.write_text(json.dumps(dict(sorted(table.items())), indent=0) + "\n")
 
 
@@ -679,6 +753,10 @@ def main(argv=None) -> int:
                     help=f"ignore the committed table ({TABLE.name}); still uses the cache")
     ap.add_argument("--write-table", action="store_true",
                     help=f"store the measurements in {TABLE} for CI")
+    ap.add_argument("--partial", action="store_true",
+                    help="with --write-table and --max-compiles: store the variants measured "
+                         "so far (the committed table then lacks the skipped ones, which CI "
+                         "compiles up to its budget and warns about)")
     ap.add_argument("--quiet", action="store_true", help="print only failures and a summary")
     ap.add_argument("--max-compiles", type=int, default=None,
                     help="compile at most this many uncached variants, spread over the "
@@ -716,9 +794,12 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(records, indent=1))
     if args.write_table:
-        if skipped:
+        if skipped and not args.partial:
             print("compile_sm90.py: error: --write-table needs every variant measured "
-                  "(drop --max-compiles)", file=sys.stderr)
+                  "(drop --max-compiles, or add --partial)", file=sys.stderr)
             return 2
         write_table(records)
+        if skipped:
+            print(f"compile_sm90.py: partial table: {skipped} of {len(records)} compilations "
+                  f"not measured and not stored", file=sys.stderr)
     return 1 if bad else 0

@@ -111,6 +111,131 @@ def test_cache_key_follows_what_is_compiled():
     assert len({same, arch, ptxas, const}) == 4
 
 
+def _launch_keywords(module) -> dict[str, set]:
+    """kernel name → the keyword names of every ``kernel[grid](...)`` launch in ``module``."""
+    import ast
+    import inspect
+    found: dict[str, set] = {}
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) \
+                and isinstance(node.func.value, ast.Name):
+            found.setdefault(node.func.value.id, set()).update(
+                k.arg for k in node.keywords if k.arg)
+    return found
+
+
+def test_variants_compile_at_the_launch_num_stages():
+    """Issue 22 item 4: each variant compiles with the num_stages its launch compiles with —
+    the autotune config's for the autotuned families, Triton's default (3) for the kernels
+    whose launches pass none (one-program, outer sums, split sums); the gate compiled those
+    at 1 before."""
+    from triton.backends.nvidia.compiler import CUDAOptions
+    from mdm_kernels.ops import outer_sums, single_program
+    assert gr.launch_num_stages() == CUDAOptions.num_stages == 3
+    tuned = {"gradient_penalty": gp_ops._GPU_CONFIGS, "gathered_tiles": gt._GPU_CONFIGS}
+    launches = {**_launch_keywords(outer_sums), **_launch_keywords(single_program)}
+    for v in gr.all_variants():
+        if v.family in tuned:
+            stages = {(c.kwargs["BLOCK_N"], c.num_warps): c.num_stages for c in tuned[v.family]}
+            assert v.stages() == stages[(v.constexprs["BLOCK_N"], v.num_warps)], v.label
+        else:
+            name = getattr(v.kernel, "fn", v.kernel).__name__
+            assert name in launches, f"{name}: no launch found in the ops modules"
+            assert "num_stages" not in launches[name], name     # launched at the default
+            assert v.num_stages is None and v.stages() == 3, v.label
+
+
+#: Fresh process, Triton cache empty: compile a sample of table rows as their launches do and
+#: take the figures from the ptxas run Triton itself makes (its command line and log are
+#: captured where Triton's backend calls subprocess.run), not from the gate's measuring code.
+_INDEPENDENT_SCRIPT = r"""
+import json, sys, types
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia import compiler as nv
+from mdm_kernels import gpu_resources as gr
+calls = []
+real = nv.subprocess
+def run(cmd, *args, **kwargs):
+    out = real.run(cmd, *args, **kwargs)
+    if "-v" in cmd and kwargs.get("stderr") is not None:
+        calls.append((list(cmd), open(kwargs["stderr"].name).read()))
+    return out
+nv.subprocess = types.SimpleNamespace(**{k: getattr(real, k) for k in dir(real)
+                                          if not k.startswith("__")})
+nv.subprocess.run = run
+wanted = json.loads(sys.argv[1])
+rows = []
+for variant in gr.all_variants():
+    for arch in (90, 80):
+        if [variant.family, variant.label, arch] not in wanted:
+            continue
+        calls.clear()
+        kernel = triton.compile(gr._source(variant), target=GPUTarget("cuda", arch, 32),
+                                options=dict(num_warps=variant.num_warps,
+                                             num_stages=variant.stages()))
+        (cmd, log), = calls
+        rows.append(dict(family=variant.family, label=variant.label, arch=arch,
+                         shared=kernel.metadata.shared, log=log, cmd=cmd,
+                         args=gr.triton_ptxas_args(kernel.metadata, arch)))
+print(json.dumps(rows))
+"""
+
+
+def _sample_rows(records: list[dict]) -> list[list]:
+    """[family, label, arch] of a few table rows that are cheap to compile: each family's
+    quickest sm_90 row with spill stores (quickest of all when none spills), and the quickest
+    sm_80 row with spill stores."""
+    picks = []
+    for family in sorted({r["family"] for r in records}):
+        rows = [r for r in records if r["family"] == family and r["arch"] == 90]
+        spilling = [r for r in rows if r.get("spill_stores")]
+        picks.append(min(spilling or rows, key=lambda r: r.get("seconds", 0)))
+    sm80 = [r for r in records if r["arch"] == 80 and r.get("spill_stores")]
+    picks += [min(sm80, key=lambda r: r.get("seconds", 0))] if sm80 else []
+    return [[r["family"], r["label"], r["arch"]] for r in picks]
+
+
+def test_table_equals_an_independent_compile(tmp_path):
+    """Issue 22 item 4: the committed table holds the figures of the binary a launch runs.
+    A sample of its rows is compiled again in a fresh process with an empty Triton cache, at
+    the launch's num_stages, and the registers / spills are read from the log of the ptxas
+    run Triton's backend makes itself; they, and the shared memory, equal the table's, and
+    the gate's copy of Triton's ptxas options (used when Triton's compile is cached) equals
+    the command Triton ran."""
+    if gr.ptxas_available() is None:
+        pytest.skip("no ptxas (Triton's bundled one or CUDA's): nothing can be compiled")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), TRITON_DEFAULT_FP_FUSION="1")
+    keys_script = ("import json, itertools; from mdm_kernels import gpu_resources as gr; "
+                   "pairs = list(itertools.product(gr.all_variants(), gr.ARCHS)); "
+                   "keys = gr.variant_keys(pairs, gr._ptxas_version()); "
+                   "print(json.dumps([[v.family, v.label, a, k] for (v, a), k "
+                   "in zip(pairs, keys)]))")
+    out = subprocess.run([sys.executable, "-c", keys_script], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = gr.read_table()
+    records = [dict(table[key], family=f, label=lab, arch=a)
+               for f, lab, a, key in json.loads(out.stdout.strip().splitlines()[-1])
+               if key in table]
+    if not records:
+        pytest.skip("the committed table is stale for every variant (no row to check)")
+    sample = _sample_rows(records)
+    out = subprocess.run([sys.executable, "-c", _INDEPENDENT_SCRIPT, json.dumps(sample)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    compiled = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(compiled) == len(sample)
+    by_row = {(r["family"], r["label"], r["arch"]): r for r in records}
+    for row in compiled:
+        want = by_row[(row["family"], row["label"], row["arch"])]
+        got = dict(gr._parse_ptxas(row["log"]), shared=row["shared"])
+        assert {k: want[k] for k in got} == got, (row["label"], row["arch"])
+        assert "--regAllocOptLevel=2" in row["cmd"]
+        assert row["cmd"][1:-3] == row["args"], row["cmd"]      # ptxas, args, src, -o, out
+
+
 def test_problems_flags_each_limit():
     ok = dict(family="f", label="v", arch=90, limit=gr.SHARED_LIMITS[90], shared=1000,
               spill_stores=0)
