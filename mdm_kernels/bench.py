@@ -1,14 +1,19 @@
 """Benchmark runner: ``python -m mdm_kernels.bench [--out DIR] [--quick] [--filter EXPR]``.
 
 Runs the pytest-benchmark suite in ``benchmarks/`` (``--benchmark-only``, JSON and JUnit
-reports), then writes, for this machine and today,
+reports) — or just the rows named in ``--ids FILE`` — then writes, for this machine and today,
 
-* ``DIR/<device-slug>-<date>.json`` — environment (device, driver, torch / triton / CUDA
+* ``DIR/<stem>.rows.jsonl`` (or ``--rows FILE``) — *while the suite runs*: one JSON line per
+  row as soon as it is measured or skipped (this module is loaded into pytest as a plugin,
+  :func:`pytest_runtest_makereport`), so a run stopped by ``--timeout`` or killed keeps
+  every finished row; the files below are then written from these lines;
+
+* ``DIR/<stem>.json`` (stem ``<device-slug>-<date>`` unless ``--stem``) — environment (device, driver, torch / triton / CUDA
   versions, commit) and one flat record per measured row (``extra_info`` + stats), plus the
   reasons of the skipped rows;
-* ``DIR/<device-slug>-<date>.md`` — the same as markdown tables, one per section, with the
+* ``DIR/<stem>.md`` — the same as markdown tables, one per section, with the
   speed-up and memory ratios against eager and ``torch.compile`` from the same run;
-* ``DIR/<device-slug>-<date>/*.png`` — time and peak memory against the batch size B, one
+* ``DIR/<stem>/*.png`` — time and peak memory against the batch size B, one
   figure per workload family (matplotlib, Agg backend).
 
 pytest's own output ends with the compact summary of ``benchmarks/conftest.py``
@@ -512,7 +517,113 @@ def write_results(pb_json, out_dir, meta: dict, skipped: list[dict] | None = Non
     return {"json": json_path, "markdown": md_path, "plots": [out_dir / p for p in plots]}
 
 
+# --------------------------------------------------------------------------- incremental rows
+
+#: Environment variable naming the JSON-lines file the plugin appends rows to.
+ROWS_ENV = "MDM_BENCH_ROWS"
+
+
+def _append_row(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+
+
+def _row_record(item, report) -> dict | None:
+    """The JSON line of one finished row: its ``extra_info`` and timing statistics when it
+    was measured, its reason when it was skipped, the error's last line when it failed."""
+    rec = {"test": report.nodeid, "outcome": report.outcome, "when": report.when}
+    if report.skipped:
+        longrepr = report.longrepr
+        text = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        rec["reason"] = re.sub(r"^Skipped:\s*", "", text)
+        return rec
+    if report.failed:
+        text = str(report.longrepr).strip().splitlines()
+        rec["error"] = text[-1][:500] if text else "failed"
+        return rec
+    if report.when != "call":
+        return None
+    bench = getattr(item, "funcargs", {}).get("benchmark")
+    info = dict(getattr(bench, "extra_info", None) or {})
+    rec["extra_info"] = info
+    rec["group"] = getattr(bench, "group", None)
+    try:
+        stats = bench.stats.stats
+        rec["stats"] = {"median": stats.median, "rounds": stats.rounds}
+    except AttributeError:
+        rec["stats"] = {"median": info.get("median_s"), "rounds": info.get("rounds")}
+    return rec
+
+
+def _hookwrapper(fn):
+    """``pytest.hookimpl(hookwrapper=True)``; the plain function where pytest is absent
+    (the writers work without it)."""
+    try:
+        import pytest
+    except ImportError:  # pragma: no cover
+        return fn
+    return pytest.hookimpl(hookwrapper=True)(fn)
+
+
+@_hookwrapper
+def pytest_runtest_makereport(item, call):
+    """pytest hook, active with ``-p mdm_kernels.bench`` and ``$MDM_BENCH_ROWS`` set:
+    append each finished row (measured, skipped or failed) to the rows file at once."""
+    outcome = yield
+    path = os.environ.get(ROWS_ENV)
+    if not path:
+        return
+    report = outcome.get_result()
+    if report.when == "call" or report.skipped or report.failed:
+        rec = _row_record(item, report)
+        if rec is not None:
+            _append_row(path, rec)
+
+
+def read_rows(path) -> tuple[dict, list[dict]]:
+    """(pytest-benchmark-like JSON, skipped rows) from a rows file: what
+    :func:`write_results` takes, for a run that ended before pytest wrote its JSON."""
+    benches, skipped = [], []
+    p = Path(path)
+    lines = p.read_text().splitlines() if p.exists() else []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:   # a line cut by a kill
+            continue
+        if rec.get("outcome") == "skipped":
+            skipped.append({"test": rec["test"].split("::")[-1], "reason": rec.get("reason")})
+        elif rec.get("outcome") == "passed" and "extra_info" in rec:
+            info = rec["extra_info"]
+            name = rec["test"].split("::")[-1]
+            benches.append({"name": name, "group": rec.get("group") or info.get("key"),
+                            "params": {"backend": info.get("backend")},
+                            "stats": rec.get("stats") or {}, "extra_info": info})
+    return {"benchmarks": benches}, skipped
+
+
 PROG = "python -m mdm_kernels.bench"
+
+
+def _run_suite(cmd: list[str], cwd: Path, env: dict, timeout: float | None) -> int | str:
+    """Run pytest; on ``timeout`` (seconds) stop its whole process group and return
+    ``"timeout"`` (the rows written so far stay)."""
+    proc = subprocess.Popen(cmd, cwd=str(cwd), env=env, start_new_session=timeout is not None)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import signal
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return "timeout"
+    except KeyboardInterrupt:
+        proc.kill()
+        raise
 
 
 def main(argv=None) -> int:
@@ -521,15 +632,43 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results",
                     help="output directory (default: benchmarks/results)")
     ap.add_argument("--quick", action="store_true",
-                    help="reduced size grid (--bench-sizes quick)")
+                    help="reduced size grid (--bench-sizes quick; same as --sizes quick)")
+    ap.add_argument("--sizes", choices=("full", "quick", "smoke"), default=None,
+                    help="size grid (--bench-sizes; default full, or quick with --quick)")
     ap.add_argument("--filter", default=None, metavar="EXPR",
                     help="pytest -k expression selecting rows, e.g. 'mine and not compile'")
+    ap.add_argument("--ids", default=None, metavar="FILE",
+                    help="run only the rows whose pytest node ids are listed in FILE, one per "
+                         "line, in that order (instead of the whole suite)")
+    ap.add_argument("--rows", default=None, metavar="FILE",
+                    help="JSON-lines file each finished row is appended to while the suite "
+                         "runs (default: OUT/<stem>.rows.jsonl)")
+    ap.add_argument("--timeout", type=float, default=None, metavar="S",
+                    help="stop the suite after S seconds and write the results from the rows "
+                         "finished so far")
+    ap.add_argument("--stem", default=None,
+                    help="name of the result files (default: <device>-<date>)")
     ap.add_argument("--suite", default=None,
                     help="benchmark directory (default: benchmarks/ next to the package)")
     ap.add_argument("--debug", action="store_true",
                     help="show the traceback of an error instead of the one-line message")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = ap.parse_args(argv)
+    if args.timeout is not None and not (args.timeout > 0 and math.isfinite(args.timeout)):
+        ap.error(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    if args.quick and args.sizes not in (None, "quick"):
+        ap.error(f"--quick contradicts --sizes {args.sizes}")
+    if args.stem is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", args.stem):
+        ap.error(f"--stem {args.stem!r}: letters, digits, '.', '_' and '-' only")
+    ids = None
+    if args.ids is not None:
+        try:
+            ids = [line.strip() for line in Path(args.ids).read_text().splitlines()
+                   if line.strip() and not line.lstrip().startswith("#")]
+        except OSError as exc:
+            ap.error(f"--ids {args.ids}: {exc.strerror or exc}")
+        if not ids:
+            ap.error(f"--ids {args.ids}: no node ids in the file")
     with one_line_user_errors(PROG, argv):  # one line naming the option, exit status 2
         ensure_out_dir(args.out)  # before the (long) run, not after it
 
@@ -538,26 +677,44 @@ def main(argv=None) -> int:
     if not (suite / "conftest.py").is_file():
         ap.error(f"--suite {suite}: no benchmark suite there (benchmarks/conftest.py of a source "
                  "checkout; pass --suite DIR)")
-    sizes = "quick" if args.quick else "full"
+    sizes = args.sizes or ("quick" if args.quick else "full")
+    meta = collect_meta(sizes, args.filter)
+    stem = args.stem or f"{device_slug(meta.get('device') or 'unknown')}-{meta.get('date')}"
+    rows_path = Path(args.rows) if args.rows else Path(args.out) / f"{stem}.rows.jsonl"
+    rows_path.parent.mkdir(parents=True, exist_ok=True)
+    rows_path.write_text("")   # this run's rows only
     with tempfile.TemporaryDirectory(prefix="mdm-bench-") as tmp:
         pb_path, xml_path = Path(tmp) / "pytest-benchmark.json", Path(tmp) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", str(suite), "--benchmark-only",
+        cmd = [sys.executable, "-m", "pytest", *(ids or [str(suite)]), "--benchmark-only",
                f"--benchmark-json={pb_path}", f"--junitxml={xml_path}", "--bench-sizes", sizes,
-               "-q", "-p", "no:cacheprovider", "--benchmark-columns=median,iqr,rounds",
-               "--benchmark-sort=name"]
+               "-q", "-p", "no:cacheprovider", "-p", "mdm_kernels.bench",
+               "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
         if args.filter:
             cmd += ["-k", args.filter]
         cmd += list(args.pytest_args)
         print("+", " ".join(cmd), flush=True)
-        rc = subprocess.call(cmd, cwd=str(root))
-        if not pb_path.is_file():
-            print(f"pytest wrote no benchmark JSON (exit status {rc})", file=sys.stderr)
-            return rc or 1
-        meta = collect_meta(sizes, args.filter)
+        print(f"rows: {rows_path} (one line per finished row)", flush=True)
+        env = {**os.environ, ROWS_ENV: str(rows_path.resolve())}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root),
+                                                          env.get("PYTHONPATH", "")]))
+        rc = _run_suite(cmd, root, env, args.timeout)
         meta["pytest_exit_status"] = rc
-        paths = write_results(pb_path, args.out, meta, parse_junit_skips(xml_path))
+        if pb_path.is_file():
+            paths = write_results(pb_path, args.out, meta, parse_junit_skips(xml_path), stem)
+        elif rows_path.is_file():
+            print(f"pytest wrote no benchmark JSON (exit status {rc}): results from the "
+                  f"finished rows in {rows_path}", file=sys.stderr)
+            pb, skipped = read_rows(rows_path)
+            paths = write_results(pb, args.out, meta, skipped, stem)
+        else:
+            print(f"pytest wrote no benchmark JSON and no row (exit status {rc})",
+                  file=sys.stderr)
+            return rc if isinstance(rc, int) and rc else 1
     print(f"wrote {paths['json']}\nwrote {paths['markdown']}\nwrote {len(paths['plots'])} plots "
           f"under {Path(args.out) / paths['json'].stem}")
+    if rc == "timeout":
+        print(f"{PROG}: stopped after --timeout {args.timeout:g} s", file=sys.stderr)
+        return 3
     return 0 if rc in (0, 5) else rc
 
 
