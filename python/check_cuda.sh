@@ -10,7 +10,7 @@ set -u
 cd "$(dirname "$0")/.."
 mkdir -p benchmarks/results
 OUT="benchmarks/results/cuda-check-$(date +%Y%m%d-%H%M%S).txt"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
 STATUS=0
 exec > >(tee "$OUT") 2>&1
 

@@ -1,80 +1,62 @@
 #!/usr/bin/env bash
-# One-call GPU check for a session that is lent an H100/H200 (device time is scarce: about
-# 15 minutes in all, so everything is prepared here and run once).
+# The GPU lease, prepared (issue 23): one run, two device calls of at most 9 minutes each,
+# ordered by value; every stage appends JSON lines to OUT/results.jsonl and text to
+# OUT/log.txt as it goes, so a time-out keeps what finished.  The stages live in
+# python/gpu_lease.py (registry, launch capture, pre-compile pool, estimate); this script is
+# the entry point on both machines:
 #
-#     bash python/gpu_check.sh [OUT_DIR] [tests|bench|all]
+#   bash python/gpu_check.sh --dry-run [--plan-out FILE]   # CPU: every stage, launch
+#        configuration and distinct compilation; last line
+#        "compilations: N, estimated device seconds: S"; exit 1 if over the limits
+#   bash python/gpu_check.sh --call 1 [--out DIR] [--budget S]   # device call 1 (~8 min)
+#   bash python/gpu_check.sh --call 2 [--out DIR] [--budget S]   # device call 2 (~5 min)
+#   bash python/gpu_check.sh --call all --reduced --out DIR      # CPU, reduced sizes
 #
-# OUT_DIR defaults to benchmarks/results/gpu-check; the second argument picks the part (the
-# device tool allows 10 minutes a call: run "tests" and "bench" as two calls, tests first).
-#
-# 1. versions; editable install without network (builds the CUDA extension);
-# 2. the Triton and integration tests compiled on the GPU (one tile config per kernel
-#    variant, MDM_TRITON_AUTOTUNE=0, see tests/conftest.py), six pytest processes at once;
-# 3. python/check_cuda.sh: CUDA backend tests + compute-sanitizer memcheck / racecheck;
-# 4. the paper-scale benchmark rows (quick grid, no torch.compile rows) with a time cap.
-# Each step has its own timeout so that a slow one cannot eat the whole budget; the log and
-# the benchmark results land in OUT_DIR.  Exit status: non-zero if any test step failed.
+# Device tool: run `bash python/gpu_check.sh --dry-run --plan-out python/gpu_lease_plan.json`
+# here first (the stored launch list saves the capture there), then call 1 with
+# timeout_s=570 and call 2 right after it (the machine stays warm 30 s: the CUDA extension
+# built in call 1's background is reused).  OUT defaults to $OUT (the device tool's folder)
+# or benchmarks/results/gpu-lease; tool logs, plan and tables go to build/gpu-lease and are
+# packed into OUT/artifacts-call<N>.tgz at the end.  docs/benchmarks.md says how to read it.
 set -u
 cd "$(dirname "$0")/.."
-OUT_DIR="${1:-benchmarks/results/gpu-check}"
-PART="${2:-all}"
-case "$PART" in tests|bench|all) ;; *) echo "part must be tests, bench or all, got '$PART'"; exit 2;; esac
-mkdir -p "$OUT_DIR"
-LOG="$OUT_DIR/gpu-check-$(date +%Y%m%d-%H%M%S).log"
-PY="${PYTHON:-python}"
-STATUS=0
-exec > >(tee "$LOG") 2>&1
+PY="${PYTHON:-python3}"
+usage() { echo "gpu_check.sh: error: $1 (usage: --dry-run [--plan-out FILE] | --call 1|2|all [--out DIR] [--budget S] [--reduced])" >&2; exit 2; }
 
-run_step() {  # run_step NAME SECONDS CMD...
-  local name=$1 limit=$2
-  shift 2
-  echo; echo "=== $name (limit ${limit}s)"; echo "\$ $*"
-  local t0=$SECONDS
-  timeout "$limit" "$@"
-  local rc=$?
-  echo "--- $name: rc=$rc ($((SECONDS - t0)) s)"
-  return $rc
-}
+DRY=0; CALL=""; OUT_DIR="${OUT:-benchmarks/results/gpu-lease}"; BUDGET=""; REDUCED=""
+PLAN_OUT=""; WORK="build/gpu-lease"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --plan-out) [ $# -ge 2 ] || usage "--plan-out needs a file"; PLAN_OUT="$2"; shift ;;
+    --call) [ $# -ge 2 ] || usage "--call needs 1, 2 or all"; CALL="$2"; shift ;;
+    --out) [ $# -ge 2 ] || usage "--out needs a directory"; OUT_DIR="$2"; shift ;;
+    --work) [ $# -ge 2 ] || usage "--work needs a directory"; WORK="$2"; shift ;;
+    --budget) [ $# -ge 2 ] || usage "--budget needs seconds"; BUDGET="$2"; shift ;;
+    --reduced) REDUCED="--reduced" ;;
+    tests|bench|all) usage "the old parts (tests/bench/all) are gone: use --call 1 and --call 2" ;;
+    *) usage "unknown argument '$1'" ;;
+  esac
+  shift
+done
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-"$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-git rev-parse --short HEAD 2>/dev/null || true
-
-export MDM_BUILD_CUDA=1
-run_step "install" 240 "$PY" -m pip install -q --no-deps --no-build-isolation -e . || STATUS=1
-if [ "$PART" != bench ]; then
-  # Triton compiles each kernel variant on the CPU (1-15 s each, ~150 variants): six pytest
-  # processes in parallel (the machine has 16 cores), disjoint test subsets, one log each
-  echo; echo "=== triton + integration tests (compiled, 6 processes, limit 330s)"
-  t0=$SECONDS
-  big="(estimator_and_negatives or activations)"
-  parts=("tests/test_triton_bounds.py -k 'single and $big'"
-         "tests/test_triton_bounds.py -k 'single and not $big'"
-         "tests/test_triton_bounds.py -k 'not single and $big'"
-         "tests/test_triton_bounds.py -k 'not single and not $big'"
-         "tests/test_triton_gradient_penalty.py tests/test_triton_launch.py"
-         "tests/test_backend_integration.py tests/test_distinct_negatives.py tests/test_triton_custom_ops.py")
-  pids=()
-  for i in "${!parts[@]}"; do
-    eval "timeout 330 \"\$PY\" -m pytest -q -rs ${parts[$i]}" > "$OUT_DIR/pytest-$((i + 1)).log" 2>&1 &
-    pids+=($!)
-  done
-  for i in "${!pids[@]}"; do
-    wait "${pids[$i]}"; rc=$?
-    echo "--- pytest part $((i + 1)) (${parts[$i]}): rc=$rc"
-    tail -n 3 "$OUT_DIR/pytest-$((i + 1)).log"
-    [ $rc -eq 0 ] || STATUS=1
-  done
-  echo "--- triton + integration tests: $((SECONDS - t0)) s"
-  run_step "CUDA backend check" 200 bash python/check_cuda.sh || STATUS=1
-  cp benchmarks/results/cuda-check-*.txt "$OUT_DIR/" 2>/dev/null || true
+if [ $DRY -eq 1 ]; then
+  [ -z "$CALL" ] || usage "--dry-run lists both calls: no --call"
+  exec "$PY" python/gpu_lease.py dry-run ${PLAN_OUT:+--plan-out "$PLAN_OUT"}
 fi
-if [ "$PART" != tests ]; then
-  # headline rows first (MINE, every backend but the peer library); widen the filter when
-  # time allows: the runner writes its files only when pytest has finished
-  run_step "benchmarks (quick grid, MINE rows)" 500 "$PY" -m mdm_kernels.bench --quick \
-      --out "$OUT_DIR" --filter "mine and not mist" || true
-fi
+case "$CALL" in 1|2|all) ;; "") usage "--call or --dry-run is required" ;; *) usage "--call must be 1, 2 or all, got '$CALL'" ;; esac
+case "$BUDGET" in "") BUDGET=$([ "$CALL" = 2 ] && echo 400 || echo 520) ;;
+  *[!0-9]*) usage "--budget must be whole seconds, got '$BUDGET'" ;; esac
+mkdir -p "$OUT_DIR" "$WORK" || usage "cannot create $OUT_DIR or $WORK"
 
-echo; echo "=== overall tests: $([ $STATUS -eq 0 ] && echo PASS || echo FAIL) (log: $LOG)"
+echo "gpu_check: call $CALL, budget ${BUDGET}s, out $OUT_DIR, work $WORK ($(date -u +%FT%TZ))"
+PLAN=python/gpu_lease_plan.json
+# the runner stops its stages inside the budget; the timeout is the backstop
+timeout --kill-after=10 $((BUDGET + 20)) "$PY" python/gpu_lease.py run --call "$CALL" \
+  --out "$OUT_DIR" --work "$WORK" --budget "$BUDGET" --plan "$PLAN" $REDUCED
+STATUS=$?
+tar czf "$OUT_DIR/artifacts-call$CALL.tgz" -C "$WORK" --exclude='*.so' . 2>/dev/null || true
+echo; echo "=== summary (call $CALL, exit status $STATUS; every record in $OUT_DIR/results.jsonl)"
+"$PY" python/gpu_lease.py summary --out "$OUT_DIR" || true
 exit $STATUS

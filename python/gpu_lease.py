@@ -155,14 +155,15 @@ class Item:
     one_sided: bool = False
 
     def reduced(self) -> "Item":
-        """The same item at CPU size: B ≤ 9 (odd stays odd), d ≤ 5, H ≤ 12, K ≤ 2."""
+        """The same item at CPU size: B ≤ 9 (odd stays odd; 3 for grids of m ≥ 3), d ≤ 6,
+        H ≤ 8, K ≤ 2."""
         b = self.B if self.B <= 9 else (7 if self.B % 2 else 8)
         if self.negatives in ("all", "distinct") and len(self.dims) >= 3:
-            b = min(b, 5)
+            b = min(b, 3)
         neg = min(self.negatives, 2) if isinstance(self.negatives, int) else self.negatives
         return dataclasses.replace(
             self, B=b, dims=tuple(min(d, 3 + i) for i, d in enumerate(self.dims)),
-            hidden=tuple(min(h, 12 - 3 * i) for i, h in enumerate(self.hidden)),
+            hidden=tuple(min(h, 8 - 2 * i) for i, h in enumerate(self.hidden)),
             negatives=neg)
 
     def describe(self) -> str:
@@ -396,7 +397,10 @@ def _rel(out, ref) -> float:
     ref = ref.detach().double().reshape(-1).to(out.device)
     if not bool(torch.isfinite(out).all()):
         return float("nan")
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+    scale = ref.norm()
+    if float(scale) == 0.0:      # an exactly zero reference: the absolute error
+        return float(out.norm())
+    return float((out - ref).norm() / scale)
 
 
 def _make_inputs(item: Item, device, seed: int):
@@ -495,13 +499,15 @@ def check_item(item: Item, seed: int | None = None, reference: bool = True) -> d
         return rec
     ref_outs, ref_grads = _reference(item, critic, zs, samples, extra)
     errors = {k: _rel(v, ref_outs[k]) for k, v in outs.items()}
-    errors.update({f"z{k}": _rel(z.grad, ref_grads[f"z{k}"]) if z.grad is not None
-                   else float("nan") for k, z in enumerate(zs)})
-    for n, p in critic.named_parameters():
-        g = ref_grads[f"critic.{n}"]
-        if g is None:
+    named = [(f"z{k}", z) for k, z in enumerate(zs)]
+    named += [(f"critic.{n}", p) for n, p in critic.named_parameters()]
+    for name, t in named:
+        g = ref_grads[name]
+        if g is None and t.grad is None:
             continue
-        errors[f"critic.{n}"] = _rel(p.grad, g) if p.grad is not None else float("nan")
+        # no gradient is a zero gradient (the relu penalty's ∂z, ∂b_1: σ'' = 0)
+        errors[name] = _rel(t.grad if t.grad is not None else torch.zeros_like(t),
+                            g if g is not None else torch.zeros_like(t))
     tol = TOLERANCE[item.dtype]
     worst = max(errors.values(), key=lambda e: math.inf if math.isnan(e) else e)
     rec.update(ok=all(not math.isnan(e) and e <= tol for e in errors.values()),
@@ -1072,8 +1078,10 @@ def _sanitizer() -> str:
 def stage_sanitize_triton(ctx: Ctx) -> None:
     """compute-sanitizer memcheck on one launch per Triton family (``sanitize-target``)."""
     target = [sys.executable, str(Path(__file__)), "sanitize-target"]
-    if ctx.reduced:
-        _subprocess_stage(ctx, "sanitize_triton", target + ["--reduced"], 120)
+    if ctx.reduced:     # the tool's program, in this process (the interpreter is on)
+        rc = sanitize_target(True, log=ctx.rec.log)
+        ctx.rec.emit("sanitize_triton", cmd=["sanitize-target", "--reduced"], rc=rc)
+        ctx.failures += rc != 0
         return
     cmd = [_sanitizer(), "--tool", "memcheck", "--error-exitcode", "1", "--print-limit", "30",
            *target]
@@ -1101,8 +1109,9 @@ def stage_sanitize_cuda(ctx: Ctx) -> None:
 def stage_ncu(ctx: Ctx) -> None:
     """Nsight Compute on the two headline kernels (one launch each, clocks untouched)."""
     target = [sys.executable, str(Path(__file__)), "ncu-target"]
-    if ctx.reduced:
-        _subprocess_stage(ctx, "ncu", target + ["--reduced"], 120)
+    if ctx.reduced:     # the profiled program, in this process
+        rc = ncu_target(True, log=ctx.rec.log)
+        ctx.rec.emit("ncu", cmd=["ncu-target", "--reduced"], rc=rc)
         return
     import shutil
     ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
@@ -1280,18 +1289,19 @@ class Precompiler:
 
 
 # ============================================================================= plan
-def build_plan(calls=(1, 2), log=None) -> dict:
+def build_plan(calls=(1, 2), log=None, reduced: bool = False) -> dict:
     """Capture every stage item's launches under the emulation (kernels skipped): the
-    launch configurations and the distinct compilations of each call."""
+    launch configurations and the distinct compilations of each call (of the reduced
+    items with ``reduced``).  Needs the interpreter (``TRITON_INTERPRET=1``)."""
     t0 = time.time()
-    plan = dict(source_hash=source_hash(), stages=[], compilations=[])
+    plan = dict(source_hash=source_hash(), reduced=reduced, stages=[], compilations=[])
     by_key: dict = {}
     with emulation():
         for stage in STAGES.values():
             if stage.call not in calls:
                 continue
             entry = dict(name=stage.name, call=stage.call, title=stage.title, items=[])
-            for item in stage_items(stage, False):
+            for item in stage_items(stage, reduced):
                 t1 = time.time()
                 launches = capture_item(item)
                 errors = [lr["error"] for lr in launches if "error" in lr]
@@ -1454,7 +1464,7 @@ def dry_run(plan: dict, out=print) -> int:
 
 
 # ============================================================================= targets
-def sanitize_target(reduced: bool) -> int:
+def sanitize_target(reduced: bool, log=print) -> int:
     """One forward + backward per Triton family at small odd shapes (compute-sanitizer's
     program: every kernel of the families launches at least once)."""
     bad = 0
@@ -1463,14 +1473,14 @@ def sanitize_target(reduced: bool) -> int:
         for item in sanitize_items():
             it = item.reduced() if reduced else item
             rec = check_item(it)
-            print(f"{'PASS' if rec['ok'] else 'FAIL'} {it.name} [{rec['path']}] "
-                  f"max_rel={rec['max_rel']:.2e}", flush=True)
+            log(f"{'PASS' if rec['ok'] else 'FAIL'} {it.name} [{rec['path']}] "
+                f"max_rel={rec['max_rel']:.2e}")
             bad += not rec["ok"]
     _sync()
     return 1 if bad else 0
 
 
-def ncu_target(reduced: bool) -> int:
+def ncu_target(reduced: bool, log=print) -> int:
     """One launch of each headline kernel (after a warm-up call outside the profiled
     range would need NVTX; ncu's --launch-count picks the first launches)."""
     ctx = emulation() if reduced else contextlib.nullcontext()
@@ -1478,10 +1488,71 @@ def ncu_target(reduced: bool) -> int:
         for item in ncu_items():
             it = item.reduced() if reduced else item
             rec = check_item(it, reference=False)
-            print(f"{it.name}: [{rec['path']}] first call {rec['first_call_s']:.3f} s",
-                  flush=True)
+            log(f"{it.name}: [{rec['path']}] first call {rec['first_call_s']:.3f} s")
     _sync()
     return 0
+
+
+# ============================================================================= summary
+def summary(out: Path, print_=print) -> int:
+    """A short table of ``OUT/results.jsonl`` (the device tool returns the end of the
+    output): per stage the checks passed / failed / skipped and its seconds; the failures;
+    the recalibration line; the headline benchmark rows."""
+    path = out / "results.jsonl"
+    if not path.exists():
+        print_(f"no {path}")
+        return 1
+    stages: dict = {}
+    fails, recal = [], None
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        st = stages.setdefault(r["stage"], dict(ok=0, fail=0, skipped=0, seconds=None,
+                                                status=None))
+        if "ok" in r:
+            st["ok" if r["ok"] else "fail"] += 1
+            if not r["ok"]:
+                fails.append(f"{r['stage']}/{r.get('item')} cand={r.get('candidate')}: "
+                             f"{r.get('error') or r.get('max_rel')}")
+        if "rc" in r and r["rc"] not in (0, None):
+            st["fail"] += 1
+            fails.append(f"{r['stage']}: rc={r['rc']}")
+        if "skipped" in r:
+            st["skipped"] += 1
+        if "stage_end" in r:
+            st["seconds"], st["status"] = r["seconds"], r["stage_end"]
+        if "max_work_recalibrated" in r:
+            recal = r
+    print_(f"{'stage':16s} {'pass':>5s} {'fail':>5s} {'skip':>5s} {'seconds':>8s}  status")
+    for name, st in stages.items():
+        print_(f"{name:16s} {st['ok']:5d} {st['fail']:5d} {st['skipped']:5d} "
+               f"{st['seconds'] if st['seconds'] is not None else '-':>8}  "
+               f"{st['status'] or 'unfinished'}")
+    for f in fails[:20]:
+        print_(f"FAIL {f}")
+    if recal:
+        print_(f"launch: t_launch {recal['t_launch_measured_s'] * 1e6:.2f} µs measured "
+               f"(assumed {recal['t_launch_assumed_s'] * 1e6:.0f}); SINGLE_PROGRAM_MAX_WORK now "
+               f"{recal['max_work_now']:.3g}, recalibrated {recal['max_work_recalibrated']:.3g}, "
+               f"measured crossover {recal['measured_crossover_work']}")
+    for rows in sorted(out.glob("*.rows.jsonl")):
+        for line in rows.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            info = r.get("extra_info") or {}
+            if info.get("median_s") is not None:
+                ratio = info.get("speedup_vs_eager")
+                print_(f"row {info.get('key')} {info.get('backend')}"
+                       f"{' (' + info['triton_path'] + ')' if info.get('triton_path') else ''}: "
+                       f"{info['median_s'] * 1e3:.3f} ms"
+                       + (f", {ratio:.2f}x eager" if ratio else "")
+                       + (f", {info.get('kernels_per_step')} kernels"
+                          if info.get("kernels_per_step") is not None else ""))
+    return 0 if not fails else 1
 
 
 # ============================================================================= command line
@@ -1503,11 +1574,21 @@ def run_call(calls: list[int], out: Path, budget: float, reduced: bool,
     rec.log(f"gpu_lease: calls {calls}, budget {budget:.0f} s, stages {', '.join(names)}"
             f"{' (reduced, CPU)' if reduced else ''}")
     if "precompile" in names:
-        plan = load_plan(plan_path)
+        plan = None if reduced else load_plan(plan_path)
         if plan is None:
             rec.log("precompile: no current stored plan: capturing the launch list now")
-            plan = build_plan(tuple(calls), log=rec.log)
-            (work / "plan.json").write_text(json.dumps(plan, default=str))
+            t0 = time.time()
+            if reduced:     # already in the interpreter
+                plan = build_plan(tuple(calls), reduced=True)
+            else:           # the interpreter in a process of its own
+                path = work / "plan.json"
+                subprocess.run([sys.executable, str(Path(__file__)), "plan", "--out",
+                                str(path)], env={**os.environ, "TRITON_INTERPRET": "1"},
+                               cwd=ROOT, stdout=subprocess.DEVNULL, check=False,
+                               timeout=max(10, min(120, ctx.left() - 60)))
+                plan = json.loads(path.read_text()) if path.exists() else None
+            rec.emit("precompile", plan="captured", seconds=round(time.time() - t0, 1),
+                     compilations=len(plan["compilations"]) if plan else None)
         ctx.plan = plan
     if 1 in calls and not reduced and _on_gpu():
         start_background_cuda_build(work)
@@ -1637,6 +1718,8 @@ def main(argv=None) -> int:
     m = sub.add_parser("measure-compiles", help="compile a sample per kernel for sm_90")
     m.add_argument("--per-kernel", type=int, default=2)
     m.add_argument("--jobs", type=int, default=2)
+    sm = sub.add_parser("summary", help="the table of a run's results.jsonl")
+    sm.add_argument("--out", type=Path, required=True)
     for name in ("sanitize-target", "ncu-target"):
         t = sub.add_parser(name)
         t.add_argument("--reduced", action="store_true")
@@ -1664,6 +1747,8 @@ def main(argv=None) -> int:
     if args.cmd == "plan":
         args.out.write_text(json.dumps(build_plan(log=print), default=str))
         return 0
+    if args.cmd == "summary":
+        return summary(args.out)
     if args.cmd == "run":
         calls = [1, 2] if args.call == "all" else [int(args.call)]
         return run_call(calls, args.out, args.budget, args.reduced, args.plan, args.only,

@@ -45,6 +45,7 @@ class TrainConfig:
     resume: bool = False
     quiet: bool = False
     skip_test: bool = False
+    dist_timeout: float = 300.0  # ddp.DEFAULT_TIMEOUT_S (not imported: config stays torch-free)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,6 +99,9 @@ HELP = {
               "note, when there is no checkpoint",
     "skip_test": "do not evaluate the test split at the end (model selection on validation)",
     "quiet": "no progress bars or per-epoch lines (the final table is still printed)",
+    "dist_timeout": "under torchrun: seconds a process may wait in init_process_group or in a "
+                    "collective before it stops with a one-line error naming its rank and step "
+                    "(torchrun --max-restarts then restarts the round) (default: 300)",
 }
 
 
@@ -157,6 +161,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.ema_decay is not None and (cfg.penalty != "mine" or not 0 < cfg.ema_decay < 1):
         raise ValueError(f"--ema-decay must be in (0, 1) and needs --penalty mine; got {cfg.ema_decay} "
                          f"with --penalty {cfg.penalty}")
+    try:
+        timeout = float(cfg.dist_timeout)
+    except (TypeError, ValueError):
+        timeout = float("nan")
+    if not 0 < timeout < float("inf"):
+        raise ValueError(f"--dist-timeout must be a positive number of seconds, got {cfg.dist_timeout!r}")
+    cfg.dist_timeout = timeout
     if not 0 <= cfg.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")):
@@ -236,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", default=S, help=HELP["resume"])
     p.add_argument("--quiet", action="store_true", default=S, help=HELP["quiet"])
     p.add_argument("--skip-test", action="store_true", default=S, help=HELP["skip_test"])
+    p.add_argument("--dist-timeout", type=float, default=S, metavar="SECONDS", help=HELP["dist_timeout"])
     p.add_argument("--debug", action="store_true", default=S,
                    help="show the traceback of an error instead of the one-line message")
     return p
@@ -243,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Options that may differ when a run is resumed: how long and where it runs, not what it is.
 RESUME_MAY_CHANGE = ("out", "resume", "quiet", "epochs", "patience", "device", "backend", "data_dir",
-                     "skip_test")
+                     "skip_test", "dist_timeout")
 
 
 def resume_values(explicit: dict, defaults: dict) -> dict:

@@ -33,8 +33,11 @@ def resolve_device(name: str) -> torch.device:
 
 def atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+    os.replace(tmp, path)  # a kill before this line leaves the previous file intact
 
 
 def atomic_write_text(text: str, path: Path) -> None:
@@ -111,7 +114,8 @@ def train(cfg: TrainConfig, *, _interrupt_after_epoch: int | None = None) -> dic
     return the metrics dict.  ``_interrupt_after_epoch`` (tests) raises KeyboardInterrupt
     right after that epoch's checkpoint is written."""
     validate(cfg)
-    with ddp.distributed(resolve_device(cfg.device)) as (info, device):
+    cfg = ddp.continue_after_restart(cfg)  # torchrun --max-restarts: continue from OUT/last.pt
+    with ddp.distributed(resolve_device(cfg.device), cfg.dist_timeout) as (info, device):
         return _train(cfg, device, info, _interrupt_after_epoch)
 
 
@@ -209,6 +213,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
         bar = tqdm(batches, total=total, desc=f"epoch {epoch}/{cfg.epochs}",
                    disable=not bars, leave=False, dynamic_ncols=True)
         for batch in bar:
+            ddp.progress(f"epoch {epoch} step {n + 1}")  # named by --dist-timeout errors
             pred, zs = net(batch)
             task = loss_fn(pred, batch["y"])
             loss = task
@@ -242,6 +247,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
                 post["dep"] = f"{sums['dep'] / n:.3f}"
             bar.set_postfix(post)
         bar.close()
+        ddp.progress(f"epoch {epoch} validation")
         if info.enabled:
             sums = ddp.mean_over_ranks(sums, device)  # the logged losses are global means
         val_pred = _predict(model, data["valid"], cfg.batch_size, device, info)
@@ -263,6 +269,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
               "rng": _rng_state(gens)}
         if penalty is not None:
             ck.update(penalty=penalty.state_dict(), c_opt=c_opt.state_dict())
+        ddp.progress(f"epoch {epoch} checkpoint")
         if info.enabled:
             ck["rng_ranks"] = ddp.gather_objects(ck["rng"], info)  # exact resume: every rank's RNG
             ck["world_size"] = info.world
@@ -277,6 +284,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
     if stopped:
         log(f"early stop: no validation-MAE improvement for {cfg.patience} epochs")
 
+    ddp.progress("test evaluation")
     ddp.barrier(info)
     if best_path.is_file():
         model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
