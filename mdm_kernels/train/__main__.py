@@ -34,6 +34,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with --resume --out {shlex.quote(cfg.out)}", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        # under torchrun: a peer died or the network broke; one line naming rank and step,
+        # status 1 (torchrun --max-restarts restarts the round, which continues from last.pt)
+        from .ddp import DistributedFailure
+        if not isinstance(exc, DistributedFailure) or "--debug" in argv:
+            raise
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
