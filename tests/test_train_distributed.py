@@ -49,7 +49,9 @@ def test_torchrun_two_processes_one_epoch_then_resume(tmp_path):
     text = _torchrun(out, "--epochs", "1", "--penalty", "infonce")
     # metrics.json, the table and the checkpoints: written once, by rank 0
     assert text.count("wrote ") == 1 and text.count("Test metrics") == 1, text
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.json"]
+    names = {p.name for p in out.iterdir()}
+    assert {"best.pt", "last.pt", "metrics.json"} <= names <= {"best.pt", "last.pt", "metrics.json",
+                                                              "config.json"}, names
     m = json.loads((out / "metrics.json").read_text())
     assert EXPECTED <= set(m), set(m) ^ EXPECTED
     assert m["world_size"] == 2 and m["epochs_run"] == 1 and m["n_test"] == 96
@@ -62,3 +64,43 @@ def test_torchrun_two_processes_one_epoch_then_resume(tmp_path):
     text = _torchrun(out, "--epochs", "2", "--penalty", "infonce", "--resume")
     m = json.loads((out / "metrics.json").read_text())
     assert m["epochs_run"] == 2 and [h["epoch"] for h in m["history"]] == [1, 2], text
+
+
+def test_round_prefix_differs_between_restarts_and_agrees_within_one(monkeypatch):
+    from mdm_kernels.train import ddp
+    for k in ("TORCHELASTIC_USE_AGENT_STORE", "GROUP_WORLD_SIZE", "TORCHELASTIC_RESTART_COUNT", "RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    # a fresh store every round (MASTER_ADDR/PORT, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)
+    assert ddp.round_prefix() == "mdm_kernels/job/"
+    # torchrun's shared store, one node: the node's restart count
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    seen = []
+    for restart in ("0", "1", "2"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", restart)
+        seen.append(ddp.round_prefix(dist.HashStore()))
+    assert len(set(seen)) == 3 and seen[1] == "mdm_kernels/job/restart1/"
+    # several nodes (restart counts differ between nodes): each rank's incarnation in the store
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    store = dist.HashStore()
+    rounds = []
+    for _ in range(2):
+        prefixes = []
+        for rank, restart in (("0", "1"), ("1", "0")):  # node 0 counted the restart, node 1 did not
+            monkeypatch.setenv("RANK", rank)
+            monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", restart)
+            prefixes.append(ddp.round_prefix(store))
+        assert prefixes[0] == prefixes[1]
+        rounds.append(prefixes[0])
+    assert rounds[0] != rounds[1]
+
+
+def test_dist_timeout_is_checked():
+    from mdm_kernels.train import ddp
+    from mdm_kernels.train.config import TrainConfig, validate
+    assert ddp.check_timeout("2.5") == 2.5
+    for bad in (0, -1, "x", float("nan"), float("inf"), None):
+        with pytest.raises(ValueError, match="--dist-timeout"):
+            ddp.check_timeout(bad)
+        with pytest.raises(ValueError, match="--dist-timeout"):
+            validate(TrainConfig(dist_timeout=bad))
