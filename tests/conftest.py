@@ -19,6 +19,10 @@ os.environ.setdefault("MDM_POISON_EMPTY", "1")
 
 import pytest  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    import interpreter_speedup  # noqa: E402  (tests/ is on sys.path under pytest)
+    interpreter_speedup.install()
+
 
 @pytest.fixture
 def device():

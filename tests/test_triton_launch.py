@@ -315,3 +315,51 @@ def test_all_grid_backward_zero_fills_only_what_atomics_need(monkeypatch):
     assert fills.count((m, B, H1)) == 1
     assert len([s for s in fills if s[1:] == (H2, H1)]) == 2
     assert all(z.grad is not None and torch.isfinite(z.grad).all() for z in zs)
+
+
+# --- launch_tuned: emulation, CUDA-graph capture, plain autotuning -------------------------
+class _FakeAutotuner:
+    """Records how launch_tuned launches: through the autotuner (``kernel[grid]``) or a
+    config explicitly (``kernel.fn[grid]``)."""
+
+    def __init__(self, best):
+        import types
+        self.calls = []
+        self.best_config = best
+        self.base_fn = types.SimpleNamespace(__name__="fake_kernel")
+        outer = self
+
+        class _Fn:
+            def __getitem__(self, grid):
+                return lambda *a, **kw: outer.calls.append(("explicit", grid, kw))
+        self.fn = _Fn()
+
+    def __getitem__(self, grid):
+        return lambda *a, **kw: self.calls.append(("tuned", grid, kw))
+
+
+def test_launch_tuned_never_benchmarks_in_a_graph_capture(monkeypatch):
+    import triton
+    from mdm_kernels.ops.runtime_flags import emulate_gpu
+    a, b = triton.Config({"BLOCK_N": 16}, num_warps=4), triton.Config({"BLOCK_N": 32},
+                                                                       num_warps=8)
+    grid = lambda meta: (meta["BLOCK_N"],)  # noqa: E731
+    monkeypatch.setattr(triton_helpers, "_CHOSEN_CONFIGS", {})
+    kernel = _FakeAutotuner(best=b)
+    # inside a capture, a key never tuned before: the first candidate, explicitly
+    monkeypatch.setattr(triton_helpers, "_capturing", lambda args: True)
+    assert triton_helpers.launch_tuned(kernel, grid, (), {"X": 1}, [a, b], "k") is a
+    assert kernel.calls[-1][0] == "explicit" and kernel.calls[-1][1] == (16,)
+    # outside a capture: the autotuner, whose choice is remembered ...
+    monkeypatch.setattr(triton_helpers, "_capturing", lambda args: False)
+    assert triton_helpers.launch_tuned(kernel, grid, (), {"X": 1}, [a, b], "k") is b
+    assert kernel.calls[-1][0] == "tuned"
+    # ... and reused by a later capture of the same key
+    monkeypatch.setattr(triton_helpers, "_capturing", lambda args: True)
+    assert triton_helpers.launch_tuned(kernel, grid, (), {"X": 1}, [a, b], "k") is b
+    assert kernel.calls[-1][:2] == ("explicit", (32,)) and kernel.calls[-1][2]["num_warps"] == 8
+    # emulation: candidate `config` (modulo their number), never the autotuner
+    for config, want in ((0, a), (1, b), (2, a)):
+        with emulate_gpu("sm_90", config=config):
+            assert triton_helpers.launch_tuned(kernel, grid, (), {}, [a, b], "k") is want
+        assert kernel.calls[-1][0] == "explicit"

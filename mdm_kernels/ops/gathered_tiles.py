@@ -268,11 +268,14 @@ def _bounds_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- launches
+_FWD_ARG_NAMES = tuple(_bounds_fwd_kernel.arg_names)
+_BWD_ARG_NAMES = tuple(_bounds_bwd_kernel.arg_names)
+
+
 def _tuning_key(args, meta, keys) -> tuple:
     """The tuning case of a launch: the values of the autotuner's ``keys`` (the kernels'
     argument names, from the positional ``args`` and the constexpr ``meta``)."""
-    named = dict(zip(_bounds_fwd_kernel.arg_names if keys is _FWD_KEYS
-                     else _bounds_bwd_kernel.arg_names, args), **meta)
+    named = dict(zip(_FWD_ARG_NAMES if keys is _FWD_KEYS else _BWD_ARG_NAMES, args), **meta)
     return tuple(named[k] for k in keys)
 
 
