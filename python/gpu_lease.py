@@ -792,7 +792,7 @@ def _triton_empty_kernel():
 def _median_time(fn, reps: int) -> float:
     """Median seconds per call: CUDA events on a GPU, perf_counter on the CPU."""
     torch = _torch()
-    for _ in range(3):
+    for _ in range(3 if reps > 1 else 1):
         fn()
     times = []
     for _ in range(reps):
@@ -841,7 +841,7 @@ def stage_launch_cost(ctx: Ctx) -> None:
     torch = _torch()
     from mdm_kernels.ops import single_program as sp
     device = _device()
-    reps, n = (5, 20) if ctx.reduced else (50, 2000)
+    reps, n = (1, 5) if ctx.reduced else (50, 2000)
     x = torch.zeros(1, device=device)
     res = {}
     empty = _triton_empty_kernel()
@@ -862,7 +862,8 @@ def stage_launch_cost(ctx: Ctx) -> None:
         res["cuda_graph_replay_per_op_s"] = _median_time(g.replay, reps) / 100
     # the cost model's workload on each path, forced
     steps = {}
-    for item in stage_items(STAGES["launch_cost"], ctx.reduced):
+    items = stage_items(STAGES["launch_cost"], ctx.reduced)
+    for item in items[:2] if ctx.reduced else items:
         if ctx.left() < 10:
             break
         if ctx.precompile is not None:
@@ -870,7 +871,7 @@ def stage_launch_cost(ctx: Ctx) -> None:
         try:
             step = _mine_step(item)
             steps[item.name] = t = _median_time(step, reps)
-            host = _host_per_call(step, max(3, reps // 5))
+            host = _host_per_call(step, max(1, reps // 5))
             work = sp.single_program_work(item.B, list(item.dims), list(item.hidden), item.B)
             ctx.rec.emit("launch_cost", item=item.name, strategy=item.strategy, B=item.B,
                          work=work, median_s=t, host_per_step_s=host)
@@ -938,19 +939,21 @@ def bench_ids(backends=("eager", "compile", "triton"), gpu: bool = True) -> list
 
 
 def reduced_bench_ids() -> list[str]:
-    """CPU stand-ins of the headline rows at smoke size (eager, and the fused row that
-    skips with its reason)."""
+    """CPU stand-ins of the headline rows at smoke size (eager, and the fused rows that
+    skip with their reason)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import mdm_bench as mb
     c = [c for c in mb.paper_cases("smoke", on_gpu=False) if c.op == "mine"
          and c.section == "paper" and c.hidden == (128,) and c.negatives == "shuffle"][0]
-    return [f"benchmarks/test_ops.py::test_op[{c.id()}-{b}]" for b in ("eager", "triton")]
+    return [f"benchmarks/test_ops.py::test_op[{c.id()}-{b}]"
+            for b in ("eager", "triton", "cuda")]
 
 
 def _subprocess_stage(ctx: Ctx, stage: str, cmd: list[str], limit: float, env=None,
-                      log_name: str | None = None) -> int | None:
+                      log_name: str | None = None, accept=()) -> int | None:
     """Run ``cmd`` with a time limit (never past the call's budget), its output teed to
-    ``OUT/<log_name>``; one record with rc, seconds and the output's tail."""
+    ``WORK/<log_name>``; one record with rc, seconds and the output's tail (an exit status
+    in ``accept`` is no failure: ``accepted`` in the record)."""
     limit = max(1.0, min(limit, ctx.left() - 3))
     log_path = ctx.work / (log_name or f"{stage}.log")
     ctx.rec.log(f"{stage}: $ {' '.join(shlex.quote(c) for c in cmd)} (limit {limit:.0f} s)")
@@ -973,11 +976,12 @@ def _subprocess_stage(ctx: Ctx, stage: str, cmd: list[str], limit: float, env=No
         except OSError as exc:
             rc = f"cannot start: {exc}"
     tail = log_path.read_text(errors="replace")[-1500:] if log_path.exists() else ""
+    accepted = rc in accept
     ctx.rec.emit(stage, cmd=cmd, rc=rc, seconds=round(time.time() - t0, 1), log=log_path.name,
-                 tail=tail)
+                 tail=tail, **({"accepted": True} if accepted else {}))
     ctx.rec.log(f"{stage}: rc={rc} ({time.time() - t0:.0f} s); last line: "
                 f"{(tail.strip().splitlines() or [''])[-1][:200]}")
-    if rc != 0:
+    if rc != 0 and not accepted:
         ctx.failures += 1
     return rc
 
@@ -1004,8 +1008,11 @@ def stage_bench(ctx: Ctx) -> None:
 
 
 def stage_bench_cuda(ctx: Ctx) -> None:
-    if ctx.reduced:
-        _bench_stage(ctx, "bench_cuda", reduced_bench_ids()[1:], "smoke")
+    """The headline rows on the CUDA backend (the extension of ``cuda_build``)."""
+    if ctx.reduced:     # bench ran the suite here already: the row list only
+        ids = bench_ids(("cuda",))
+        ctx.rec.emit("bench_cuda", rows_listed=len(ids), ids=ids)
+        ctx.rec.log(f"bench_cuda: {len(ids)} CUDA rows listed (reduced run: not run)")
     else:
         _bench_stage(ctx, "bench_cuda", [i for i in bench_ids(("cuda",))], "quick")
 
@@ -1061,11 +1068,15 @@ def start_background_cuda_build(out: Path) -> None:
 
 
 def stage_cuda_tests(ctx: Ctx) -> None:
+    """The CUDA build and backend tests, 8 pytest-xdist workers (installed there)."""
     tests = ["tests/test_cuda_build.py", "tests/test_cuda_backend.py"]
-    if ctx.reduced:
-        cmd = [sys.executable, "-m", "pytest", "-q", "--collect-only", *tests]
-    else:
-        cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-x", "-n", "8", *tests]
+    if ctx.reduced:     # CI runs these files itself: that they exist is the check here
+        missing = [t for t in tests if not (ROOT / t).is_file()]
+        ctx.rec.emit("cuda_tests", tests=tests, ok=not missing, missing=missing)
+        ctx.failures += bool(missing)
+        return
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-n", "8", "-p", "no:cacheprovider",
+           *tests]
     _subprocess_stage(ctx, "cuda_tests", cmd, 150)
 
 
@@ -1093,9 +1104,8 @@ def stage_sanitize_cuda(ctx: Ctx) -> None:
     """memcheck and racecheck of the CUDA ops (``python/check_cuda_driver.py --quick``)."""
     driver = [sys.executable, str(ROOT / "python" / "check_cuda_driver.py"), "--quick"]
     if ctx.reduced or not _have_extension_file():
-        rc = _subprocess_stage(ctx, "sanitize_cuda", driver, 60)
-        if ctx.reduced and rc == 2:     # no GPU / extension here: the driver says so
-            ctx.failures -= 1
+        rc = _subprocess_stage(ctx, "sanitize_cuda", driver, 60, accept=(2,) if ctx.reduced
+                               else ())     # no GPU / extension here: the driver says so
         return
     env = dict(PYTORCH_NO_CUDA_MEMORY_CACHING="1")
     for tool in ("memcheck", "racecheck"):
@@ -1516,7 +1526,7 @@ def summary(out: Path, print_=print) -> int:
             if not r["ok"]:
                 fails.append(f"{r['stage']}/{r.get('item')} cand={r.get('candidate')}: "
                              f"{r.get('error') or r.get('max_rel')}")
-        if "rc" in r and r["rc"] not in (0, None):
+        if "rc" in r and r["rc"] not in (0, None) and not r.get("accepted"):
             st["fail"] += 1
             fails.append(f"{r['stage']}: rc={r['rc']}")
         if "skipped" in r:
