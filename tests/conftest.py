@@ -22,6 +22,9 @@ import pytest  # noqa: E402
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     import interpreter_speedup  # noqa: E402  (tests/ is on sys.path under pytest)
     interpreter_speedup.install()
+    if os.environ.get("MDM_RECORD_LAUNCHES"):   # python/emulation_coverage.py
+        import launch_recorder  # noqa: E402
+        launch_recorder.install(os.environ["MDM_RECORD_LAUNCHES"])
 
 
 @pytest.fixture
