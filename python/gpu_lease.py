@@ -1665,7 +1665,8 @@ json.dump(out, open(sys.argv[3], "w"))
 """
     by_kernel: dict = {}
     for k in plan["compilations"]:
-        by_kernel.setdefault(k["kernel"], []).append(k)
+        if k.get("precompile", True):
+            by_kernel.setdefault(k["kernel"], []).append(k)
     chosen = []
     for kernel, keys in by_kernel.items():
         step = max(1, len(keys) // per_kernel)

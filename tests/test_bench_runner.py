@@ -193,9 +193,14 @@ def test_cpu_peak_memory_sees_torch_allocations():
     (["--out", "{file}/results"], "--out {file}/results: a parent of it is a file"),
     (["--suite", "{tmp}", "--out", "{tmp}/r"], "--suite {tmp}: no benchmark suite there"),
     (["--bogus"], "unrecognized arguments: --bogus (see --help)"),
+    (["--timeout", "0", "--out", "{tmp}/r"], "--timeout must be a positive number"),
+    (["--ids", "{tmp}/none.txt", "--out", "{tmp}/r"], "--ids {tmp}/none.txt:"),
+    (["--ids", "{file}", "--out", "{tmp}/r"], "no node ids in the file"),
+    (["--quick", "--sizes", "full", "--out", "{tmp}/r"], "--quick contradicts --sizes full"),
+    (["--stem", "a/b", "--out", "{tmp}/r"], "--stem 'a/b'"),
 ])
 def test_runner_user_errors_are_one_line(argv, needle, tmp_path, capsys):
-    (tmp_path / "file").write_text("x")
+    (tmp_path / "file").write_text("# comments only\n")
     fill = dict(file=tmp_path / "file", tmp=tmp_path)
     with pytest.raises(SystemExit) as e:
         bench.main([a.format(**fill) for a in argv])
@@ -203,3 +208,31 @@ def test_runner_user_errors_are_one_line(argv, needle, tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "usage:" not in err, err
     assert err.startswith("python -m mdm_kernels.bench: error: ") and needle.format(**fill) in err
+
+
+def test_rows_file_gives_the_tables_after_a_timeout(tmp_path):
+    """The rows the plugin appends while the suite runs (one JSON line per finished row, a
+    line cut by the kill ignored) become the result files when pytest wrote no JSON."""
+    key = "paper/mine/m3-d64x64x64-H128-shuffle/B256"
+    rows = tmp_path / "bench.rows.jsonl"
+    lines = []
+    for backend, median in (("eager", 4e-3), ("triton", 4e-4)):
+        info = {"key": key, "family": key.rsplit("/", 1)[0], "section": "paper", "op": "mine",
+                "batch": 256, "backend": backend, "median_s": median, "peak_mem_bytes": 1e6,
+                "m": 3, "dims": [64, 64, 64], "hidden": [128], "negatives": "shuffle"}
+        lines.append(json.dumps({"test": f"benchmarks/test_ops.py::test_op[x-{backend}]",
+                                 "outcome": "passed", "when": "call", "extra_info": info,
+                                 "group": key, "stats": {"median": median, "rounds": 10}}))
+    lines.append(json.dumps({"test": "benchmarks/test_ops.py::test_op[x-cuda]",
+                             "outcome": "skipped", "when": "setup", "reason": "not built"}))
+    lines.append('{"test": "cut by the ki')
+    rows.write_text("\n".join(lines))
+    pb, skipped = bench.read_rows(rows)
+    assert len(pb["benchmarks"]) == 2 and skipped == [{"test": "test_op[x-cuda]",
+                                                       "reason": "not built"}]
+    meta = {"device": "NVIDIA H200", "date": "2026-12-02", "gpu": True}
+    paths = bench.write_results(pb, tmp_path / "out", meta, skipped, stem="bench")
+    record = json.loads(paths["json"].read_text())
+    triton = [r for r in record["rows"] if r["backend"] == "triton"][0]
+    assert triton["speedup_vs_eager"] == pytest.approx(10.0)
+    assert "not built" in paths["markdown"].read_text()
