@@ -511,7 +511,7 @@ def _tile(rec) -> str:
     c = rec["constexprs"]
     for a, b in (("BLOCK_R", "BLOCK_C"), ("BLOCK_S", "BLOCK_O")):
         if a in c and b in c:
-            return f"{c[a]}×{c[b]}"
+            return f"{c[a]}×{c[b]}" + (f" owned {c['OWNED']}" if a == "BLOCK_S" else "")
     if "BLOCK_N" in c:
         return f"BN={c['BLOCK_N']}"
     return f"BLOCK={c['BLOCK']}" if "BLOCK" in c else ""
