@@ -64,6 +64,9 @@ PROG = "gpu_lease.py"
 #: 9 leave a margin for Python's start and the transfers) and the budget of both together.
 CALL_LIMIT_S = 540
 TOTAL_LIMIT_S = 780
+#: Default budget of each call (``run --budget``): together the issue's 780 s; the stages
+#: of a call stop inside it, the last (least valuable) ones first.
+CALL_BUDGETS = {1: 460, 2: 320}
 #: Paper scale (the issue's smoke shape).
 PAPER = dict(B=256, dims=(64, 64, 64), hidden=(128,))
 #: Upstream weights of (joint, marginal): both gradient paths exercised.
@@ -81,7 +84,7 @@ COSTS = dict(
     bench_row_s=3.5,        # one benchmark row: first call, ~1 s timed, memory, profiler
     bench_compile_row_s=30.0,  # one torch.compile row (Inductor, 16 cores) on top
     bench_start_s=15.0,     # the runner's pytest process
-    cuda_build_s=75.0,      # nvcc, sm_90 only, 6 sources in parallel (measured below)
+    cuda_build_s=50.0,      # nvcc, sm_90 only: 47 CPU-s measured here (6 sources, parallel)
     cuda_tests_s=60.0,      # tests/test_cuda_backend.py with 8 xdist workers
     sanitize_triton_s=60.0,  # compute-sanitizer start + one launch per family
     sanitize_cuda_s=70.0,   # memcheck + racecheck of python/check_cuda_driver.py --quick
@@ -358,8 +361,8 @@ def candidate(index: int):
             for at in _autotuners():
                 orig = at.prune_configs
 
-                def pick(kwargs, _orig=orig):
-                    kept = _orig(kwargs)
+                def pick(*a, _orig=orig, **k):
+                    kept = _orig(*a, **k)
                     return [kept[index % len(kept)]]
                 saved.append(at)
                 at.prune_configs = pick
@@ -912,8 +915,9 @@ def bench_ids(backends=("eager", "compile", "triton"), gpu: bool = True) -> list
     """Node ids of the headline rows (issue 23, stage 3), in value order: MINE / NWJ /
     InfoNCE / Wasserstein at paper scale (shuffle, H = 128), MINE with K = 8 and with two
     hidden layers, the GP alone (B = 256 and 4,096), "all" m = 2 at B = 4,096, 16,384 and
-    65,536 — each beside eager and torch.compile; no compile row at B = 65,536 (the
-    broadcast needs terabytes) and none for the penalty (double backward)."""
+    65,536 — each beside eager and torch.compile; no compile row from B = 16,384 (the
+    reference's gathered inputs alone need 275 GB there; eager rows skip with the predicted
+    memory) and none for the penalty (double backward does not compile)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import mdm_bench as mb
     paper = [c for c in mb.paper_cases("quick", on_gpu=gpu) if c.batch == 256]
@@ -931,7 +935,7 @@ def bench_ids(backends=("eager", "compile", "triton"), gpu: bool = True) -> list
     ids = []
     for module, c in pick:
         for b in backends:
-            if b == "compile" and (c.op in ("gp", "wasserstein") or c.batch >= 65536):
+            if b == "compile" and (c.op in ("gp", "wasserstein") or c.batch >= 16384):
                 continue
             fn = "test_op" if module == "test_ops" else "test_scale"
             ids.append(f"benchmarks/{module}.py::{fn}[{c.id()}-{b}]")
@@ -947,6 +951,32 @@ def reduced_bench_ids() -> list[str]:
          and c.section == "paper" and c.hidden == (128,) and c.negatives == "shuffle"][0]
     return [f"benchmarks/test_ops.py::test_op[{c.id()}-{b}]"
             for b in ("eager", "triton", "cuda")]
+
+
+def bench_items() -> list[Item]:
+    """The Triton rows of :func:`bench_ids` as items, so that the plan captures (and the
+    pool pre-compiles) their launches too: the losses route with ``strategy="auto"`` as in
+    the benchmark, the penalty alone is the penalty item (every autotune candidate: the
+    benchmark's autotuner compiles them all)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import mdm_bench as mb
+    cases = {}
+    for c in mb.paper_cases("quick", on_gpu=True) + mb.sweep_cases("quick", on_gpu=True):
+        cases[f"{c.id()}-triton"] = c
+    items = []
+    for node in bench_ids(("triton",)):
+        c = cases[node.split("[", 1)[1].rstrip("]")]
+        kind = {"mine": "dv"}.get(c.op, c.op)
+        common = dict(B=c.batch, dims=tuple(c.dims), hidden=tuple(c.hidden))
+        if c.op == "gp":
+            items.append(Item(f"bench-{c.id()}", op="gp", candidates=True, **common))
+        elif c.op == "wasserstein":
+            items.append(Item(f"bench-{c.id()}", op="wasserstein", kind="wasserstein",
+                              negatives=c.negatives, candidates=True, **common))
+        else:
+            neg = None if kind == "infonce" and c.negatives == "all" else c.negatives
+            items.append(Item(f"bench-{c.id()}", kind=kind, negatives=neg, **common))
+    return items
 
 
 def _subprocess_stage(ctx: Ctx, stage: str, cmd: list[str], limit: float, env=None,
@@ -987,6 +1017,9 @@ def _subprocess_stage(ctx: Ctx, stage: str, cmd: list[str], limit: float, env=No
 
 
 def _bench_stage(ctx: Ctx, stage: str, ids: list[str], sizes: str) -> None:
+    if ctx.precompile is not None:      # the rows' compilations, pre-compiled in the pool
+        for item in stage_items(STAGES[stage], ctx.reduced):
+            ctx.precompile.wait(item, ctx)
     ids_file = ctx.work / f"{stage}-ids.txt"
     ids_file.write_text("\n".join(ids) + "\n")
     rows = ctx.out / f"{stage}.rows.jsonl"
@@ -1179,7 +1212,7 @@ _register(
           "one-program vs multi-program forced; threshold recalibration", stage_launch_cost,
           launch_cost_items),
     Stage("bench", 1, "headline rows beside eager and torch.compile (row by row)",
-          stage_bench),
+          stage_bench, bench_items),
     Stage("cuda_build", 2, "the CUDA extension (sm_90), from call 1's background build",
           stage_cuda_build),
     Stage("sanitize_triton", 2, "compute-sanitizer memcheck, one launch per Triton family",
@@ -1382,13 +1415,18 @@ def estimate(plan: dict) -> dict:
         checks = sum(i["candidates"] for i in items)
         autotuned = sum(1 for k in keys if name in k["stages"] and k["candidate"] > 0)
         if name == "env":
-            s = COSTS["start_s"] + 3.0
+            s = 3.0
         elif name == "precompile":
-            mine = [k for k in keys if set(k["stages"]) & {"smoke", "correctness",
-                                                            "launch_cost"}]
-            cpu, wall = _compile_estimate(mine, table)
-            # overlapped with the stages after it: only the first item's keys delay them
-            s = 2.0 + 0.25 * wall
+            # the pool works in stage order beside the stages: smoke waits for its own
+            # keys, the later stages only where the rest outlasts their GPU work
+            call1 = [k for k in keys if set(k["stages"]) - {"sanitize_triton", "ncu"}]
+            smoke = [k for k in keys if "smoke" in k["stages"]]
+            cpu, wall = _compile_estimate(call1, table)
+            _, wall_smoke = _compile_estimate(smoke, table)
+            gpu_work = sum(sum(i["candidates"] for i in e["items"]) for e in plan["stages"]
+                           if e["name"] in ("smoke", "correctness")) * COSTS["check_item_s"]
+            gpu_work += COSTS["launch_cost_s"]
+            s = 2.0 + wall_smoke + max(0.0, wall - wall_smoke - gpu_work)
             per_stage["precompile_cpu_s"] = round(cpu, 1)
             per_stage["precompile_wall_s"] = round(wall, 1)
         elif name in ("smoke", "correctness"):
@@ -1463,12 +1501,12 @@ def dry_run(plan: dict, out=print) -> int:
         f"sm_90), {PRECOMPILE_WORKERS} parallel processes on the GPU machine's 16 cores: "
         f"~{wall:.0f} s wall, overlapped with the stages")
     out("stage estimates (device s): " + ", ".join(f"{k} {v}" for k, v in est["stages"].items()))
-    out(f"call 1: {est['calls'].get(1, 0):.0f} s (limit {CALL_LIMIT_S}), call 2: "
-        f"{est['calls'].get(2, 0):.0f} s (limit {CALL_LIMIT_S}); both {est['total']:.0f} s "
-        f"(limit {TOTAL_LIMIT_S}); assumed costs: "
+    out(f"call 1: {est['calls'].get(1, 0):.0f} s (budget {CALL_BUDGETS[1]}), call 2: "
+        f"{est['calls'].get(2, 0):.0f} s (budget {CALL_BUDGETS[2]}); both {est['total']:.0f} s "
+        f"(limit {TOTAL_LIMIT_S}; one command at most {CALL_LIMIT_S}); assumed costs: "
         + ", ".join(f"{k}={v}" for k, v in COSTS.items()))
     out(f"compilations: {len(keys)}, estimated device seconds: {est['total']:.0f}")
-    over = [c for c, s in est["calls"].items() if s > CALL_LIMIT_S]
+    over = [c for c, s in est["calls"].items() if s > CALL_BUDGETS.get(c, CALL_LIMIT_S)]
     return 1 if over or est["total"] > TOTAL_LIMIT_S or any(
         i["errors"] for e in plan["stages"] for i in e["items"]) else 0
 
@@ -1721,8 +1759,9 @@ def main(argv=None) -> int:
                    help="the streams (results.jsonl, log.txt, bench rows): $OUT on the device")
     r.add_argument("--work", type=Path, default=None,
                    help="tool logs, plan, tables, build markers (default build/gpu-lease)")
-    r.add_argument("--budget", type=float, default=CALL_LIMIT_S - 20,
-                   help="seconds this call may use (default: %(default)s)")
+    r.add_argument("--budget", type=float, default=None,
+                   help=f"seconds this call may use (default: call 1 {CALL_BUDGETS[1]}, "
+                        f"call 2 {CALL_BUDGETS[2]}, all {sum(CALL_BUDGETS.values())})")
     r.add_argument("--plan", type=Path, default=None, help="a stored plan (dry-run --plan-out)")
     r.add_argument("--reduced", action="store_true", help="CPU: reduced sizes, interpreter")
     r.add_argument("--only", action="append", help="only this stage (repeatable)")
@@ -1743,6 +1782,9 @@ def main(argv=None) -> int:
     if args.cmd == "run":
         if args.call not in ("1", "2", "all"):
             return _usage_error(f"--call must be 1, 2 or all, got {args.call!r}")
+        if args.budget is None:
+            args.budget = float(CALL_BUDGETS.get(int(args.call), sum(CALL_BUDGETS.values()))
+                                if args.call != "all" else sum(CALL_BUDGETS.values()))
         if not 0 < args.budget <= 3600:
             return _usage_error(f"--budget must be in (0, 3600] seconds, got {args.budget}")
         unknown = [s for s in args.only or [] if s not in STAGES]
