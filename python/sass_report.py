@@ -63,7 +63,6 @@ import importlib
 import inspect
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -500,10 +499,7 @@ def analyse(rec: dict, compiled: dict, sms: int = SMS) -> dict:
     if modelled:
         warp = sum(l["per_pair_unit"] * l["launch_pair_units"] for l in modelled) / 32
         out.update(warp_instructions=warp,
-                   issue_us=issue_bound_us(warp, programs, rec["num_warps"], sms),
-                   issue_us_full=issue_bound_us(warp, max(programs, sms * 4 //
-                                                          max(1, min(4, rec["num_warps"]))),
-                                                rec["num_warps"], sms))
+                   issue_us=issue_bound_us(warp, programs, rec["num_warps"], sms))
     return out
 
 
