@@ -43,9 +43,10 @@ block's few buffers (r·c·(H_1 + H_2) ≈ :data:`BLOCK_ELEMENTS` elements each,
 critic on the grid minus the first layer's matmuls (one add per sample and hidden unit instead
 of 2·Σd FLOPs), without the reference's gathered copies.
 
-``torch.compile``: the block loop runs eagerly (:func:`torch.compiler.disable`: one graph
-break around the marginal term; the projections and the joint term are compiled) — tracing
-it would unroll thousands of blocks.
+``torch.compile``: while Dynamo traces, the block loop is two ``torch.library`` custom ops
+(``mdm_kernels::chunked_grid_fwd``/``_bwd``: fake kernels for the shapes, an autograd
+formula), each one opaque node — no graph break (``fullgraph=True`` works), no unrolled loop;
+the projections and the joint term around them are compiled.
 
 Shuffle negatives (``"shuffle"``, K, ``perms``: K·B samples, nothing to chunk) and the
 gradient penalty are delegated to the reference.
@@ -404,9 +405,81 @@ class _ChunkedGridTerm(torch.autograd.Function):
         return (None, *grads_f, *grads_h)
 
 
-@torch.compiler.disable
+# torch.compile: the block loop as two custom ops (forward, backward), each one opaque node of
+# the graph with a fake kernel (shapes only) and an autograd formula — no graph break and no
+# unrolled loop.  Eagerly the autograd.Function above runs the same bodies without the
+# dispatcher's custom-op layer.
+
+def _spec_args(spec: GridSpec) -> tuple:
+    return (spec.kind, spec.batch, spec.distinct, spec.activation, spec.hidden_layers,
+            spec.block_elements)
+
+
+def _spec_of(factors, kind, batch, distinct, activation, hidden_layers, block_elements):
+    return GridSpec(kind, batch, len(factors), distinct, activation, hidden_layers,
+                    block_elements)
+
+
+def _stat_shape(kind: str, batch: int) -> tuple:
+    return (batch,) if kind == "infonce" else (() if kind in ("dv", "nwj") else (0,))
+
+
+@torch.library.custom_op("mdm_kernels::chunked_grid_fwd", mutates_args=())
+def _grid_fwd_op(factors: list[torch.Tensor], head: list[torch.Tensor], kind: str, batch: int,
+                 distinct: bool, activation: str, hidden_layers: int,
+                 block_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    spec = _spec_of(factors, kind, batch, distinct, activation, hidden_layers, block_elements)
+    value, stat = _forward(spec, factors, head)
+    if stat is None:
+        stat = factors[0].new_empty(0)
+    return value, stat
+
+
+@_grid_fwd_op.register_fake
+def _(factors, head, kind, batch, distinct, activation, hidden_layers, block_elements):
+    return factors[0].new_empty(()), factors[0].new_empty(_stat_shape(kind, batch))
+
+
+@torch.library.custom_op("mdm_kernels::chunked_grid_bwd", mutates_args=())
+def _grid_bwd_op(factors: list[torch.Tensor], head: list[torch.Tensor], stat: torch.Tensor,
+                 gout: torch.Tensor, kind: str, batch: int, distinct: bool, activation: str,
+                 hidden_layers: int, block_elements: int) -> list[torch.Tensor]:
+    spec = _spec_of(factors, kind, batch, distinct, activation, hidden_layers, block_elements)
+    grads_f, grads_h = _backward(spec, factors, head, stat if stat.numel() else None, gout)
+    return list(grads_f) + list(grads_h)
+
+
+@_grid_bwd_op.register_fake
+def _(factors, head, stat, gout, kind, batch, distinct, activation, hidden_layers,
+      block_elements):
+    return [torch.empty_like(t) for t in list(factors) + list(head)]
+
+
+def _grid_setup_context(ctx, inputs, output):
+    factors, head = inputs[0], inputs[1]
+    ctx.num_factors = len(factors)
+    ctx.spec_args = inputs[2:]
+    ctx.save_for_backward(*factors, *head, output[1])
+
+
+def _grid_backward(ctx, g_value, g_stat):
+    saved = ctx.saved_tensors
+    nf = ctx.num_factors
+    factors, head, stat = list(saved[:nf]), list(saved[nf:-1]), saved[-1]
+    grads = _grid_bwd_op(factors, head, stat, g_value, *ctx.spec_args)
+    return (list(grads[:nf]), list(grads[nf:])) + (None,) * len(ctx.spec_args)
+
+
+_grid_fwd_op.register_autograd(_grid_backward, setup_context=_grid_setup_context)
+
+
 def _apply(spec: GridSpec, *tensors) -> torch.Tensor:
-    """The block loop, outside ``torch.compile``'s graphs (one graph break)."""
+    """The marginal term: the custom op while ``torch.compile`` traces, else the
+    autograd.Function (same forward and backward bodies)."""
+    if torch.compiler.is_compiling():
+        factors, head = list(tensors[:spec.factors]), list(tensors[spec.factors:])
+        value, _ = _grid_fwd_op(factors, head, *_spec_args(spec))
+        return value
     return _ChunkedGridTerm.apply(spec, *tensors)
 
 

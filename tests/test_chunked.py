@@ -194,24 +194,43 @@ def test_memory_is_linear_in_batch():
     assert peak * 10 < ref.reference_bytes(critic, zs, 32 ** 3, 32 ** 3)
 
 
-def test_torch_compile_graph_break():
-    """Under torch.compile the block loop is one graph break (torch.compiler.disable): the
-    compiled loss equals eager in value and gradients."""
-    critic, zs = _case(3, 5, hidden=(6,), activation="relu", dtype=torch.float32)
+@pytest.mark.parametrize("kind,hidden", [("dv", (6, 4))])
+def test_torch_compile_fullgraph(kind, hidden):
+    """Under torch.compile the block loop is two custom ops (fake kernels, autograd formula):
+    fullgraph=True traces, and the compiled loss equals eager in value and gradients (one
+    case: compiling costs ~10 s; the fake kernels of every statistic's shape are checked by
+    opcheck below)."""
+    critic, zs = _case(3, 5, hidden=hidden, activation="gelu", dtype=torch.float32)
+    fn = {"dv": mk.mine_loss, "infonce": mk.infonce_loss, "js": mk.js_loss}[kind]
 
     def loss(*zs_):
-        return mk.mine_loss(critic, *zs_, negatives="all", backend="chunked")
+        return fn(critic, *zs_, negatives="all", backend="chunked")
 
+    inputs = list(zs) + list(critic.parameters())
     eager = loss(*zs)
-    g_eager = torch.autograd.grad(eager, zs)
+    g_eager = torch.autograd.grad(eager, inputs)
     torch._dynamo.reset()
-    compiled = torch.compile(loss, backend="eager")
-    got = compiled(*zs)
-    g_got = torch.autograd.grad(got, zs)
+    try:
+        compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+        got = compiled(*zs)
+        g_got = torch.autograd.grad(got, inputs)
+    finally:
+        torch._dynamo.reset()
     torch.testing.assert_close(got, eager)
     for a, b in zip(g_got, g_eager):
         torch.testing.assert_close(a, b)
-    torch._dynamo.reset()
+
+
+def test_custom_ops_pass_opcheck():
+    """torch.library.opcheck on the forward op: schema, fake kernel and autograd formula."""
+    critic, zs = _case(2, 4, hidden=(3, 2), activation="tanh")
+    for kind in ("dv", "infonce", "wasserstein"):
+        samples = ref.resolve_samples(kind, zs, "distinct", None, None)
+        spec = chunked.grid_spec(kind, critic, samples, 5)
+        factors, head = chunked.grid_factors(kind, critic, zs)
+        args = ([f.detach().requires_grad_() for f in factors],
+                [h.detach().requires_grad_() for h in head]) + chunked._spec_args(spec)
+        torch.library.opcheck(chunked._grid_fwd_op, args)
 
 
 def test_backend_selection():
