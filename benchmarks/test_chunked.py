@@ -46,10 +46,22 @@ def chunked_cases(sizes: str) -> list[mb.OpCase]:
     return [mb.OpCase("mine", b, (d,) * m, (h,), "all", SECTION) for m, d, h, b in picked]
 
 
+def _sizes(config) -> str:
+    """``--bench-sizes``, else smoke under ``--benchmark-disable`` and full otherwise (the
+    rule of benchmarks/conftest.py)."""
+    sizes = config.getoption("--bench-sizes")
+    if sizes:
+        return sizes
+    try:
+        disabled = bool(config.getoption("benchmark_disable"))
+    except ValueError:
+        disabled = True
+    return "smoke" if disabled else "full"
+
+
 def pytest_generate_tests(metafunc):
     if "chunked_row" in metafunc.fixturenames:
-        from conftest import bench_sizes
-        rows = [(c, b) for c in chunked_cases(bench_sizes(metafunc.config)) for b in BACKENDS]
+        rows = [(c, b) for c in chunked_cases(_sizes(metafunc.config)) for b in BACKENDS]
         metafunc.parametrize("chunked_row", rows, ids=[f"{c.id()}-{b}" for c, b in rows])
 
 
