@@ -586,15 +586,18 @@ def launch_record(fn, args, kwargs, grid) -> dict:
 
 
 @contextlib.contextmanager
-def record_launches(sink: list, execute: bool):
+def record_launches(sink: list, execute: bool, on_launch=None):
     """Inside: every interpreter launch appends its :func:`launch_record` to ``sink``; the
-    kernel runs only with ``execute`` (the dry run skips it: outputs stay as allocated)."""
+    kernel runs only with ``execute`` (the dry run skips it: outputs stay as allocated).
+    ``on_launch(fn, args, kwargs, record)`` sees each launch's real arguments (tests)."""
     from triton.runtime.interpreter import InterpretedFunction
     original = InterpretedFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
         if not warmup:
             sink.append(launch_record(self.fn, args, kwargs, grid))
+            if on_launch is not None:
+                on_launch(self.fn, args, kwargs, sink[-1])
         if execute:
             return original(self, *args, grid=grid, warmup=warmup, **kwargs)
         return None
@@ -1272,6 +1275,25 @@ def mock_args(key: dict, gpu: bool = True):
         raise ValueError(f"{key['kernel']}: {len(args)} arguments for {len(positional)} "
                          f"non-constexpr parameters")
     return args, kwargs
+
+
+_BINDERS: dict = {}
+
+
+def jit_specialisation(raw_fn, args, kwargs, arch: int = 90) -> str:
+    """Triton's own specialisation of a launch for ``sm_<arch>`` (the binder a CUDA
+    ``JITFunction`` builds; no GPU needed): equal for two argument lists means one cache
+    key.  ``args`` may hold dtypes for pointers, as ``warmup`` takes them."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, MockTensor, create_function_from_signature
+    binder = _BINDERS.get((raw_fn, arch))
+    if binder is None:
+        jf = JITFunction(raw_fn)
+        binder = _BINDERS[(raw_fn, arch)] = create_function_from_signature(
+            jf.signature, jf.params, make_backend(GPUTarget("cuda", arch, 32)))
+    _, spec, options = binder(*map(MockTensor.wrap_dtype, args), **kwargs)
+    return repr(spec)
 
 
 def _warm(key: dict) -> dict:

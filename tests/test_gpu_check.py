@@ -130,3 +130,31 @@ def test_script_usage_errors_are_one_line(argv, needle):
 def test_runner_usage_errors(argv, needle, capsys):
     assert gl.main(argv) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_warmup_arguments_specialise_like_the_launch():
+    """The pre-compile's warm-up arguments (dtypes for pointers, 1 / 16 / 17 for the
+    integer classes) give Triton's binder for sm_90 the same specialisation as the real
+    launch arguments recorded under the emulation: the same cache key, so the lease's
+    stages find every kernel compiled."""
+    seen, checked = set(), []
+
+    def compare(fn, args, kwargs, record):
+        if record["key"] in seen:
+            return
+        seen.add(record["key"])
+        kw = {k: v for k, v in kwargs.items() if k not in ("num_ctas", "maxnreg")}
+        real = gl.jit_specialisation(fn, args, kw)
+        margs, mkw = gl.mock_args(record, gpu=False)
+        mkw = {k: v for k, v in mkw.items()}
+        assert gl.jit_specialisation(fn, margs, mkw) == real, record["kernel"]
+        checked.append(record["kernel"])
+
+    items = [gl.smoke_items()[0], gl.smoke_items()[5], gl.smoke_items()[7],
+             gl.correctness_items()[-4]]        # single, gathered, outer, penalty
+    with gl.emulation():
+        for item in items:
+            with gl.record_launches([], execute=False, on_launch=compare):
+                gl.check_item(item.reduced(), seed=0, reference=False)
+    assert {"_single_program_fwd_kernel", "_bounds_fwd_kernel", "_outer_fwd_kernel",
+            "_gp_kernel"} <= set(checked)
