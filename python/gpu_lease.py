@@ -1296,15 +1296,30 @@ def jit_specialisation(raw_fn, args, kwargs, arch: int = 90) -> str:
     return repr(spec)
 
 
+def _items_by_name() -> dict:
+    return {i.name: i for stage in STAGES.values() for i in stage_items(stage, False)}
+
+
 def _warm(key: dict) -> dict:
-    """Pool worker: compile one key into Triton's cache (``JITFunction.warmup``)."""
+    """Pool worker: compile one key into Triton's cache (``JITFunction.warmup`` with the
+    recorded specialisation).  Should that fail (another Triton's API), run the first item
+    that uses the key, fused only, with the key's candidate: it compiles the same kernels
+    through the library's own launches."""
     t0 = time.time()
     try:
         args, kwargs = mock_args(key)
         _jit_function(key["module"], key["kernel"]).warmup(*args, grid=(1,), **kwargs)
         return dict(key=key["key"], seconds=round(time.time() - t0, 2))
     except Exception as exc:  # noqa: BLE001
+        error = f"{type(exc).__name__}: {str(exc)[:300]}"
+    try:
+        item = _items_by_name()[key["items"][0]]
+        with candidate(key.get("candidate", 0)):
+            check_item(item, seed=0, reference=False)
         return dict(key=key["key"], seconds=round(time.time() - t0, 2),
+                    warmup_error=error, fallback=item.name)
+    except Exception as exc:  # noqa: BLE001
+        return dict(key=key["key"], seconds=round(time.time() - t0, 2), warmup_error=error,
                     error=f"{type(exc).__name__}: {str(exc)[:300]}")
 
 

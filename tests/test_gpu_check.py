@@ -158,3 +158,15 @@ def test_warmup_arguments_specialise_like_the_launch():
                 gl.check_item(item.reduced(), seed=0, reference=False)
     assert {"_single_program_fwd_kernel", "_bounds_fwd_kernel", "_outer_fwd_kernel",
             "_gp_kernel"} <= set(checked)
+
+
+def test_precompile_falls_back_to_running_the_item():
+    """Without a usable ``JITFunction.warmup`` (here: the interpreter's kernels have none)
+    a pool worker runs the first item that uses the key instead, fused only."""
+    item = next(i for i in gl.sanitize_items() if i.name == "san-gp")
+    sink: list = []
+    with gl.emulation(), gl.record_launches(sink, execute=False):
+        gl.check_item(item, seed=0, reference=False)
+    key = dict(sink[0], items=[item.name], candidate=0)
+    res = gl._warm(key)
+    assert res["fallback"] == "san-gp" and "warmup_error" in res and "error" not in res
