@@ -1840,6 +1840,9 @@ def main(argv=None) -> int:
     if args.cmd == "summary":
         return summary(args.out)
     if args.cmd == "run":
+        if not args.reduced and not _on_gpu():
+            return _usage_error("run needs a CUDA GPU (Triton's interpreter is off); on a "
+                                "CPU use --reduced")
         calls = [1, 2] if args.call == "all" else [int(args.call)]
         return run_call(calls, args.out, args.budget, args.reduced, args.plan, args.only,
                         args.work)

@@ -125,6 +125,7 @@ def test_script_usage_errors_are_one_line(argv, needle):
     (["run", "--call", "x", "--out", "o"], "--call must be 1, 2 or all"),
     (["run", "--out", "o", "--budget", "0"], "--budget must be in"),
     (["run", "--out", "o", "--only", "nope"], "--only nope: no such stage"),
+    (["run", "--out", "o"], "run needs a CUDA GPU"),
     ([], "a command is required"),
 ])
 def test_runner_usage_errors(argv, needle, capsys):
