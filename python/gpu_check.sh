@@ -8,15 +8,15 @@
 #   bash python/gpu_check.sh --dry-run [--plan-out FILE]   # CPU: every stage, launch
 #        configuration and distinct compilation; last line
 #        "compilations: N, estimated device seconds: S"; exit 1 if over the limits
-#   bash python/gpu_check.sh --call 1 [--out DIR] [--budget S]   # device call 1 (480 s)
-#   bash python/gpu_check.sh --call 2 [--out DIR] [--budget S]   # device call 2 (300 s)
+#   bash python/gpu_check.sh --call 1 [--out DIR] [--budget S]   # device call 1 (440 s)
+#   bash python/gpu_check.sh --call 2 [--out DIR] [--budget S]   # device call 2 (310 s)
 #   bash python/gpu_check.sh --call all --reduced --out DIR      # CPU, reduced sizes
 #
 # Device tool: run `bash python/gpu_check.sh --dry-run --plan-out python/gpu_lease_plan.json`
 # here first (the stored launch list saves the capture there), then call 1 with
-# timeout_s=540 and call 2 right after it with timeout_s=360 and --budget at most the
-# device time left minus 60 s (the machine stays warm 30 s: the CUDA extension built in
-# call 1's background is reused).  OUT defaults to $OUT (the device tool's folder)
+# timeout_s=500 and call 2 right after it with timeout_s=370 and --budget at most the
+# device time left (status: budget_left_s) minus 60 s (the machine stays warm 30 s: the
+# CUDA extension built in call 1's background is reused).  OUT defaults to $OUT (the device tool's folder)
 # or benchmarks/results/gpu-lease; tool logs, plan and tables go to build/gpu-lease and are
 # packed into OUT/artifacts-call<N>.tgz at the end.  docs/benchmarks.md says how to read it.
 set -u
@@ -47,7 +47,7 @@ if [ $DRY -eq 1 ]; then
   exec "$PY" python/gpu_lease.py dry-run ${PLAN_OUT:+--plan-out "$PLAN_OUT"}
 fi
 case "$CALL" in 1|2|all) ;; "") usage "--call or --dry-run is required" ;; *) usage "--call must be 1, 2 or all, got '$CALL'" ;; esac
-case "$BUDGET" in "") BUDGET=$(case "$CALL" in 1) echo 480;; 2) echo 300;; *) echo 780;; esac) ;;
+case "$BUDGET" in "") BUDGET=$(case "$CALL" in 1) echo 440;; 2) echo 310;; *) echo 750;; esac) ;;
   *[!0-9]*) usage "--budget must be whole seconds, got '$BUDGET'" ;; esac
 mkdir -p "$OUT_DIR" "$WORK" || usage "cannot create $OUT_DIR or $WORK"
 

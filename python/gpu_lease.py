@@ -64,9 +64,11 @@ PROG = "gpu_lease.py"
 #: 9 leave a margin for Python's start and the transfers) and the budget of both together.
 CALL_LIMIT_S = 540
 TOTAL_LIMIT_S = 780
-#: Default budget of each call (``run --budget``): together the issue's 780 s; the stages
-#: of a call stop inside it, the last (least valuable) ones first.
-CALL_BUDGETS = {1: 460, 2: 320}
+#: Default budget of each call (``run --budget``): 750 s together, so that with the
+#: machine's start (~90 s) and each call's Python start, plan and packing (~30 s) the
+#: session's 15 minutes hold; the stages of a call stop inside it, the last (least
+#: valuable) ones first.
+CALL_BUDGETS = {1: 440, 2: 310}
 #: Paper scale (the issue's smoke shape).
 PAPER = dict(B=256, dims=(64, 64, 64), hidden=(128,))
 #: Upstream weights of (joint, marginal): both gradient paths exercised.
@@ -87,7 +89,7 @@ COSTS = dict(
     cuda_build_s=50.0,      # nvcc, sm_90 only: 47 CPU-s measured here (6 sources, parallel)
     cuda_tests_s=60.0,      # tests/test_cuda_backend.py with 8 xdist workers
     sanitize_triton_s=60.0,  # compute-sanitizer start + one launch per family
-    sanitize_cuda_s=70.0,   # memcheck + racecheck of python/check_cuda_driver.py --quick
+    sanitize_cuda_s=60.0,   # memcheck + racecheck of python/check_cuda_driver.py --quick
     ncu_s=45.0,             # two kernels, two sections, --clock-control none
 )
 #: Workers of the pre-compile pool on the GPU machine (16 cores: the main process and the
