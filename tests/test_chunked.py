@@ -167,19 +167,18 @@ def test_memory_is_linear_in_batch():
     during forward + backward stays within a few blocks plus O(B·H), while the reference's
     grows like B^m."""
     from mdm_kernels.bench import torch_cpu_peak_bytes
-    block = 1 << 12
+    block = 1 << 11
     hidden = 16
     saved = {}
-    for b in (16, 32):
+    for b in (12, 24):
         critic, zs = _case(3, b, hidden=(hidden,), activation="gelu", dtype=torch.float32)
         for backend in ("chunked", "reference"):
             saved[backend, b] = _saved_elements(
                 lambda: mk.dv_bound(critic, *zs, negatives="all", backend=backend))
-    assert saved["reference", 32] > 32 ** 3 * hidden
-    assert saved["chunked", 32] < 4 * 3 * 32 * (hidden + max(DIMS))
-    assert saved["chunked", 32] - saved["chunked", 16] <= saved["chunked", 16]
+    assert saved["reference", 24] > 24 ** 3 * hidden
+    assert saved["chunked", 24] < 4 * 3 * 24 * (hidden + max(DIMS))
+    assert saved["chunked", 24] - saved["chunked", 12] <= saved["chunked", 12]
 
-    critic, zs = _case(3, 32, hidden=(hidden,), activation="gelu", dtype=torch.float32)
     samples = ref.resolve_samples("dv", zs, "all", None, None)
 
     def step():
@@ -189,12 +188,11 @@ def test_memory_is_linear_in_batch():
     peak = torch_cpu_peak_bytes(step)
     if peak is None:
         pytest.skip("torch.profiler reports no CPU allocator events here")
-    bound = 4 * (8 * block + 8 * 3 * 32 * (hidden + max(DIMS))) + (64 << 10)
+    bound = 4 * (8 * block + 8 * 3 * 24 * (hidden + max(DIMS))) + (64 << 10)
     assert peak < bound, (peak, bound)
-    assert peak * 10 < ref.reference_bytes(critic, zs, 32 ** 3, 32 ** 3)
+    assert peak * 10 < ref.reference_bytes(critic, zs, 24 ** 3, 24 ** 3)
 
 
-@pytest.mark.parametrize("kind,hidden", [("dv", (6, 4))])
 def test_torch_compile_fullgraph(kind, hidden):
     """Under torch.compile the block loop is two custom ops (fake kernels, autograd formula):
     fullgraph=True traces, and the compiled loss equals eager in value and gradients (one
