@@ -96,6 +96,7 @@ class DependencyPenalty(nn.Module):
             raise ValueError(f"cap must be None, 'log_batch' or a positive number, got {cap!r}")
         self.cap = cap
         self.last_bound = None
+        self.last_capped = False  # did the cap bind in the last forward (the model's term)?
         self.kind = kind
         self.weight = float(weight)
         self.negatives = negatives
@@ -124,11 +125,16 @@ class DependencyPenalty(nn.Module):
     def forward(self, *zs, generator=None, perms=None) -> torch.Tensor:
         """Model term −λ·bound (add it to the task loss); with ``cap``, −λ·min(bound, cap):
         no gradient pushes the model once the batch estimate exceeds the cap.  The uncapped
-        value is kept in ``last_bound`` (detached) for logging."""
+        value is kept in ``last_bound`` (detached) for logging, and whether the cap bound in
+        ``last_capped``."""
         b = self.bound(*zs, generator=generator, perms=perms)
         self.last_bound = b.detach()
         cap = self.model_cap(zs[0].shape[0])
+        self.last_capped = False
         if cap is not None:
+            # where it binds the term is the constant -λ·cap: zero gradient for the model
+            # (counted per epoch in the training history as ``cap_binds``)
+            self.last_capped = bool(self.last_bound > cap)
             b = torch.clamp(b, max=cap)
         return -self.weight * b
 

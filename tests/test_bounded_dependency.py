@@ -90,7 +90,7 @@ def test_training_config_default_and_option():
     assert pen.normalize == "rms"
     old = build_penalty(validate(TrainConfig(penalty="nwj", critic_input="raw")), (4, 4, 4), torch.device("cpu"))
     assert old.normalize is None
-    assert parse_args(["--critic-input", "raw"]).critic_input == "raw"
+    assert parse_args(["--penalty", "nwj", "--critic-input", "raw"]).critic_input == "raw"
     with pytest.raises(ValueError, match="--critic-input"):
         validate(TrainConfig(critic_input="layernorm"))
     with pytest.raises(ValueError, match="normalize"):
@@ -142,7 +142,7 @@ def test_dependency_cap_option():
     assert validate(TrainConfig(dependency_cap="log_batch")).dependency_cap == "log_batch"
     assert validate(TrainConfig(dependency_cap="2.5")).dependency_cap == 2.5
     assert validate(TrainConfig(dependency_cap="none")).dependency_cap is None
-    assert parse_args(["--dependency-cap", "log_batch"]).dependency_cap == "log_batch"
+    assert parse_args(["--penalty", "mine", "--dependency-cap", "log_batch"]).dependency_cap == "log_batch"
     with pytest.raises(ValueError, match="--dependency-cap"):
         validate(TrainConfig(dependency_cap="huge"))
     pen = build_penalty(validate(TrainConfig(penalty="mine", dependency_cap="log_batch")), (4, 4, 4),

@@ -337,6 +337,7 @@ def sweep_table(summary: list[dict], keys=KEYS) -> str:
              "|" + "---|" * (3 + len(keys))]
     for r in summary:
         cells = [("n/a" if not math.isfinite(r[k][0]) else f"{r[k][0]:.4f} ± {r[k][1]:.4f}") for k in keys]
+
         lines.append(f"| {r['model']} | {r['penalty']} | {r['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -368,8 +369,11 @@ def train_cached(cfg: TrainConfig, skip_existing: bool = True) -> tuple[dict, bo
     mpath = Path(cfg.out) / "metrics.json"
     if skip_existing and mpath.is_file():
         old = json.loads(mpath.read_text())
-        if {k: v for k, v in old.get("config", {}).items() if k != "out"} == \
-                {k: v for k, v in json.loads(json.dumps(cfg.to_dict(), default=str)).items() if k != "out"}:
+        want = json.loads(json.dumps(cfg.to_dict(), default=str))
+        have = old.get("config", {})
+        # options added to TrainConfig after the run finished (absent from its record) do not
+        # invalidate it, so a grid's cache survives new, unrelated options
+        if have and all(have[k] == want[k] for k in have.keys() & want.keys() if k != "out"):
             return old, True
     with contextlib.redirect_stdout(io.StringIO()):
         return train(cfg), False

@@ -76,6 +76,8 @@ def library_versions() -> dict:
         m = sys.modules.get(mod)
         if m is not None:
             v[mod] = getattr(m, "__version__", "unknown")
+    from .models.numerics import numerics_info
+    v["numerics"] = numerics_info()  # MKL code path, threads (models/numerics.py)
     return v
 
 
@@ -139,7 +141,11 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
     in_dims = (tr.text.shape[-1], tr.audio.shape[-1], tr.video.shape[-1])
     model = build_model(cfg.model, in_dims, d=cfg.d, hidden=cfg.hidden, dropout=cfg.dropout).to(device)
     # under torchrun: negatives from the global batch (only the z's are all-gathered)
-    penalty = build_penalty(cfg, model.dims, device, group="world" if info.enabled else None)
+    # the critic's initialisation draws from its own seed, so every arm of a seed (none, KL, f,
+    # W) leaves the model the same global RNG stream: same init, data order and dropout masks
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 2)
+        penalty = build_penalty(cfg, model.dims, device, group="world" if info.enabled else None)
     opt = torch.optim.Adam(model.optimizer_groups(cfg.lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
     c_opt = torch.optim.Adam(penalty.critic.parameters(), lr=cfg.critic_lr) if penalty is not None else None
     gens = {"data": torch.Generator().manual_seed(cfg.seed),
@@ -186,6 +192,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
         else:
             log(f"--resume: no checkpoint in {out}, starting fresh")
 
+
     loss_fn = nn.L1Loss()
     net = model  # what the training step calls; DDP-wrapped under torchrun
     if info.enabled:
@@ -200,7 +207,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
     while state["epoch"] < cfg.epochs and not stopped:
         epoch = state["epoch"] + 1
         model.train()
-        sums = {"loss": 0.0, "task": 0.0, "dep": 0.0, "critic": 0.0}
+        sums = {"loss": 0.0, "task": 0.0, "dep": 0.0, "critic": 0.0, "cap_binds": 0.0}
         n = 0
         if info.enabled:
             # DistributedSampler shard; --batch-size is per process (global batch: N x it)
@@ -233,6 +240,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
                 dep = (float(penalty.last_bound) if cfg.weight > 0
                        else float(penalty.estimate(*zs, generator=gens["penalty"])))
                 sums["dep"] += dep
+                sums["cap_binds"] += float(getattr(penalty, "last_capped", False))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if penalty is not None:
@@ -255,7 +263,9 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
         improved = val_mae < state["best_mae"]
         rec = {"epoch": epoch, "train_loss": sums["loss"] / n, "train_task": sums["task"] / n, "val_mae": val_mae}
         if penalty is not None:
-            rec.update(dependency=sums["dep"] / n, critic_loss=sums["critic"] / n)
+            # cap_binds: batches whose model term was capped (--dependency-cap: zero gradient there)
+            rec.update(dependency=sums["dep"] / n, critic_loss=sums["critic"] / n,
+                       cap_binds=int(round(sums["cap_binds"])), batches=n)
         state["history"].append(rec)
         state["epoch"] = epoch
         if improved:

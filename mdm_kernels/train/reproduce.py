@@ -105,6 +105,46 @@ def min_mwu_p(n1: int, n2: int) -> float:
     return min(1.0, 2.0 / math.comb(n1 + n2, n1))
 
 
+def signed_rank(a, b) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of the paired differences a - b (pairs with a
+    zero difference are dropped, ``zero_method="wilcox"``); NaN with fewer than 2 non-zero
+    differences."""
+    from scipy.stats import wilcoxon
+    d = [x - y for x, y in zip(a, b) if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
+    if sum(1 for x in d if x != 0) < 2:
+        return float("nan")
+    return float(wilcoxon(d, alternative="two-sided").pvalue)
+
+
+def min_signed_rank_p(n: int) -> float:
+    """Smallest two-sided exact signed-rank p-value with n non-zero pairs: 2 / 2^n (0.0625 at
+    5 pairs: p < 0.05 needs at least 6)."""
+    return 1.0 if n < 1 else min(1.0, 2.0 / 2 ** n)
+
+
+def bootstrap_ci(diffs, level: float = 0.95, reps: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean of the paired differences
+    (resampling seeds with replacement; a fixed generator, so the report recomputes exactly)."""
+    d = np.array([x for x in diffs if x is not None and math.isfinite(x)], dtype=np.float64)
+    if d.size < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, (reps, d.size))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def min_detectable_effect(sd_diff: float, n: int, alpha: float = ALPHA, power: float = 0.8) -> float:
+    """Smallest true mean paired difference the design detects with probability ``power`` at
+    two-sided level ``alpha``: (z_{1-α/2} + z_power) · sd_diff / sqrt(n), divided by the square
+    root of the signed-rank test's asymptotic relative efficiency under normality (3/π) -- the
+    usual normal-approximation power statement for a paired Wilcoxon test."""
+    from scipy.stats import norm
+    if n < 2 or not math.isfinite(sd_diff):
+        return float("nan")
+    return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * sd_diff / math.sqrt(n) / math.sqrt(3 / math.pi))
+
+
 def holm(pvalues) -> list[float]:
     """Holm (1979) step-down adjusted p-values; NaNs are left out of the family and stay NaN."""
     idx = [i for i, p in enumerate(pvalues) if p is not None and math.isfinite(p)]
@@ -210,26 +250,74 @@ class _Progress:
             self.bar.close()
 
 
-def plan(models, penalties, seeds, grid, *, model_seeds=None, no_select=()) -> list[dict]:
-    """Every run, in the given model order (put the cheap backbones first): all selection runs
-    (one per model, penalty and grid point), then the final runs seed by seed, every model and
-    penalty within a seed, so that a grid stopped early has every cell at the same seeds."""
+#: second tables: variant name -> TrainConfig fields that differ from the main grid's
+VARIANTS = {"glove": {"text_features": "glove"}}
+
+
+def parse_order(text: str | None) -> list[list[tuple]] | None:
+    """``--order``: blocks separated by ``;``, cells within a block by ``,``; a cell is
+    ``[VARIANT/]MODEL[:PEN+PEN...]`` (every penalty of the grid when none are named), e.g.
+    ``"mfn:none+wasserstein; mfn:mine+nwj; ef_lstm; glove/mfn:none+wasserstein"``.
+    Returns blocks of ``(variant, model, penalties or None)``."""
+    if text is None or not text.strip():
+        return None
+    blocks = []
+    for blk in text.split(";"):
+        cells = []
+        for tok in blk.split(","):
+            tok = tok.strip()
+            if not tok:
+                continue
+            variant, _, rest = tok.rpartition("/")
+            model, _, pens = rest.partition(":")
+            if variant and variant not in VARIANTS:
+                raise ValueError(f"--order {tok!r}: unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
+            cells.append((variant or None, model.strip(), [x.strip() for x in pens.split("+")] if pens else None))
+        if cells:
+            blocks.append(cells)
+    return blocks
+
+
+def plan(models, penalties, seeds, grid, *, model_seeds=None, no_select=(), extra=None, order=None) -> list[dict]:
+    """Every run, in order of value.  Without ``order``: the whole main grid is one block (put
+    the cheap backbones first): all selection runs (one per model, penalty and grid point),
+    then the final runs seed by seed, every model and penalty within a seed, so that a grid
+    stopped early has every cell at the same seeds.  ``order`` (see :func:`parse_order`) splits
+    the cells into blocks run one after the other, each block selection first and then seed by
+    seed (both arms of a comparison at a seed before the next seed); cells no block names
+    follow in the default order.  ``extra``: variant -> (models, penalties) of second tables
+    (e.g. ``{"glove": (["mfn"], ["none", "wasserstein"])}``), seeds as the main grid's."""
     model_seeds = model_seeds or {}
-    out = []
     points = grid_points(grid)
-    for m in models:
-        for p in penalties:
+    cells = [(None, m, p) for m in models for p in penalties]
+    for v, (ms, ps) in (extra or {}).items():
+        cells += [(v, m, p) for m in ms for p in ps]
+    blocks, seen = [], set()
+    for blk in order or []:
+        b = []
+        for v, m, ps in blk:
+            for c in cells:
+                if c[0] == v and c[1] == m and (ps is None or c[2] in ps) and c not in seen:
+                    seen.add(c)
+                    b.append(c)
+        if b:
+            blocks.append(b)
+    for v in [None] + list(extra or {}):
+        rest = [c for c in cells if c[0] == v and c not in seen]
+        if rest:
+            blocks.append(rest)
+    out = []
+    for b in blocks:
+        for v, m, p in b:
             if p == "none" or m in no_select or len(points) == 1:
                 continue
             for pt in points:
-                out.append({"phase": "select", "model": m, "penalty": p, "point": pt})
-    all_seeds = list(dict.fromkeys(s for m in models for s in model_seeds.get(m, seeds)))
-    for s in all_seeds:
-        for m in models:
-            if s not in model_seeds.get(m, seeds):
-                continue
-            for p in penalties:
-                out.append({"phase": "final", "model": m, "penalty": p, "seed": s})
+                out.append({"phase": "select", "variant": v, "model": m, "penalty": p, "point": pt})
+        bmodels = list(dict.fromkeys(m for _, m, _ in b))
+        for s in dict.fromkeys(s for m in bmodels for s in model_seeds.get(m, seeds)):
+            for v, m, p in b:
+                if s in model_seeds.get(m, seeds):
+                    out.append({"phase": "final", "variant": v, "model": m, "penalty": p, "seed": s})
     return out
 
 
@@ -237,13 +325,19 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
                   base: dict | None = None, model_options: dict | None = None, model_seeds: dict | None = None,
                   no_select=(), select_seed: int = 0, doc=None, progress: bool = True,
                   skip_existing: bool = True, report_only: bool = False, command: str | None = None,
-                  notes: str | None = None) -> dict:
+                  notes: str | None = None, extra: dict | None = None, order=None,
+                  previous: str | Path | None = None, drop_checkpoints: bool = False) -> dict:
     """Run (or, with ``report_only``, collect) the grid and write the report.
 
     ``base``: TrainConfig fields shared by every run; ``model_options[model]``: fields for one
     model (e.g. fewer epochs for MAG); ``model_seeds[model]``: its seeds; ``grid``: field ->
     candidates searched on validation (``select_seed``) per (model, penalty), except the
     models in ``no_select`` (they take the grid's first point, recorded as untuned).
+    ``extra``: variant (:data:`VARIANTS`) -> (models, penalties): second tables (e.g. GloVe
+    text), selected on validation separately, in ``out_dir/<variant>/``; ``order``: blocks of
+    cells in order of value (:func:`parse_order`); ``previous``: an earlier reproduce.json whose
+    verdicts the report compares with; ``drop_checkpoints``: delete a final run's ``*.pt`` once
+    its metrics and robustness are written (the cache needs only the JSON files).
     Writes ``out_dir/runs/...`` (checkpoints), ``out_dir/reproduce.json`` and the report
     ``doc`` (default ``out_dir/reproduction.md``) with its figures and JSON beside it in
     ``<doc dir>/reproduction/``."""
@@ -252,35 +346,41 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
     base = dict(base or {})
     model_options = {m: dict(v) for m, v in (model_options or {}).items()}
     model_seeds = {m: list(v) for m, v in (model_seeds or {}).items()}
+    extra = {v: (list(ms), list(ps)) for v, (ms, ps) in (extra or {}).items()}
     known = {f.name for f in fields(TrainConfig)}
     for name, src in [("grid", grid), ("base", base)] + [(f"model option of {m}", o) for m, o in model_options.items()]:
         bad = set(src) - known
         if bad:
             raise ValueError(f"{name}: unknown TrainConfig field(s) {sorted(bad)}")
-    stray = (set(model_options) | set(model_seeds)) - set(models)
+    all_models = set(models) | {m for ms, _ in extra.values() for m in ms}
+    stray = (set(model_options) | set(model_seeds)) - all_models
     if stray:
         raise ValueError(f"--model-option/--model-seeds name models not in the grid: {sorted(stray)}")
-    if "none" not in penalties:
+    if "none" not in penalties or any("none" not in ps for _, ps in extra.values()):
         raise ValueError("penalties must include 'none' (every penalty is compared with its baseline)")
+    for v in extra:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant {v!r} (known: {', '.join(VARIANTS)})")
 
-    def cfg_for(m, p, seed, point, phase):
-        fields_ = {**base, **model_options.get(m, {}), **(point if p != "none" else {}),
+    def cfg_for(v, m, p, seed, point, phase):
+        fields_ = {**base, **model_options.get(m, {}), **VARIANTS.get(v, {}), **(point if p != "none" else {}),
                    "model": m, "penalty": p, "seed": seed, "quiet": True}
+        root = out / v if v else out
         if phase == "select":
-            rd = out / "select" / f"{m}_{p}_{_tag(point)}_s{seed}"
+            rd = root / "select" / f"{m}_{p}_{_tag(point)}_s{seed}"
             fields_["skip_test"] = True
         else:
-            rd = out / "runs" / f"{m}_{p}_s{seed}"
+            rd = root / "runs" / f"{m}_{p}_s{seed}"
         return validate(TrainConfig(**{**fields_, "out": str(rd)}))
 
-    todo = plan(models, penalties, seeds, grid, model_seeds=model_seeds, no_select=no_select)
+    todo = plan(models, penalties, seeds, grid, model_seeds=model_seeds, no_select=no_select, extra=extra,
+                order=order)
     points = grid_points(grid)
     for r in todo:  # every configuration valid before anything trains
         if r["phase"] == "select":
-            cfg_for(r["model"], r["penalty"], select_seed, r["point"], "select")
-    for m in models:
-        for p in penalties:
-            cfg_for(m, p, 0, points[0], "final")
+            cfg_for(r["variant"], r["model"], r["penalty"], select_seed, r["point"], "select")
+        else:
+            cfg_for(r["variant"], r["model"], r["penalty"], r["seed"], points[0], "final")
 
     t0 = time.time()
     prog = _Progress(len(todo), progress and not report_only)
@@ -289,8 +389,11 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
     missing: list[str] = []
     data_cache: dict = {}
 
-    def choose(m, p):
-        key = f"{m}/{p}"
+    def key_of(v, m, p):
+        return f"{v + '/' if v else ''}{m}/{p}"
+
+    def choose(v, m, p):
+        key = key_of(v, m, p)
         if key in selection:
             return selection[key]["chosen"]
         if p == "none":
@@ -300,31 +403,30 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
             return points[0]
         cands = []
         for pt in points:
-            rd = Path(cfg_for(m, p, select_seed, pt, "select").out)
+            rd = Path(cfg_for(v, m, p, select_seed, pt, "select").out)
             mp = rd / "metrics.json"
             val = json.loads(mp.read_text()).get("best_val_mae") if mp.is_file() else None
             cands.append({"point": pt, "val_mae": val, "run_dir": str(rd)})
         done = [c for c in cands if c["val_mae"] is not None]
-        if not done:
+        if len(done) < len(cands):  # a final run waits for its whole selection
             return None
         best = min(done, key=lambda c: c["val_mae"])  # ties: the first grid point
-        selection[key] = {"chosen": best["point"], "tuned": True, "candidates": cands,
-                          "complete": len(done) == len(cands)}
+        selection[key] = {"chosen": best["point"], "tuned": True, "candidates": cands, "complete": True}
         return best["point"]
 
     for i, r in enumerate(todo):
-        m, p = r["model"], r["penalty"]
+        v, m, p = r["variant"], r["model"], r["penalty"]
         rest = [x["model"] for x in todo[i + 1:]]
         if r["phase"] == "select":
-            cfg = cfg_for(m, p, select_seed, r["point"], "select")
-            label = f"select {m}/{p} {_tag(r['point'])}"
+            cfg = cfg_for(v, m, p, select_seed, r["point"], "select")
+            label = f"select {key_of(v, m, p)} {_tag(r['point'])}"
         else:
-            point = choose(m, p)
+            point = choose(v, m, p)
+            label = f"{key_of(v, m, p)}/s{r['seed']}"
             if point is None:
-                missing.append(f"{m}/{p}/s{r['seed']} (no selection run)")
+                missing.append(f"{label} (selection unfinished)")
                 continue
-            cfg = cfg_for(m, p, r["seed"], point, "final")
-            label = f"{m}/{p}/s{r['seed']}"
+            cfg = cfg_for(v, m, p, r["seed"], point, "final")
         mpath = Path(cfg.out) / "metrics.json"
         t1 = time.time()
         if report_only:
@@ -341,24 +443,41 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
             res, reused = train_cached(cfg, skip_existing)
         if r["phase"] == "final":
             rob = _robustness_cached(Path(cfg.out), cfg, data_cache)
-            runs.append({"model": m, "penalty": p, "seed": r["seed"], "run_dir": str(cfg.out),
+            if drop_checkpoints:
+                for ck in Path(cfg.out).glob("*.pt"):
+                    ck.unlink()
+            hist = res.get("history") or []
+            runs.append({"variant": v, "model": m, "penalty": p, "seed": r["seed"], "run_dir": str(cfg.out),
                          "metrics": {**{k: res.get(k) for k in KEYS}, "robust_ratio": rob["robust_ratio"]},
-                         "robustness": {k: v for k, v in rob.items() if k != "config"},
+                         "robustness": {k: v_ for k, v_ in rob.items() if k != "config"},
                          "best_epoch": res.get("best_epoch"), "epochs_run": res.get("epochs_run"),
-                         "train_seconds": res.get("train_seconds"), "config": res.get("config")})
+                         "cap_binds": sum(h.get("cap_binds", 0) for h in hist) if any("cap_binds" in h for h in hist) else None,
+                         "batches": sum(h.get("batches", 0) for h in hist) if any("batches" in h for h in hist) else None,
+                         "max_dependency": max((h["dependency"] for h in hist if h.get("dependency") is not None), default=None),
+                         "train_seconds": res.get("train_seconds"), "config": res.get("config"),
+                         "numerics": (res.get("versions") or {}).get("numerics")})
         prog.step(label, m, time.time() - t1, reused, rest)
     prog.close()
-    for m in models:
-        for p in penalties:
-            choose(m, p)
+    for v, m, p in [(None, m, p) for m in models for p in penalties] + \
+            [(v, m, p) for v, (ms, ps) in extra.items() for m in ms for p in ps]:
+        choose(v, m, p)
 
     result = {"command": command, "models": list(models), "penalties": list(penalties), "seeds": list(seeds),
               "model_seeds": model_seeds, "model_options": model_options, "base": base,
+              "extra": {v: [ms, ps] for v, (ms, ps) in extra.items()}, "variants": {v: VARIANTS[v] for v in extra},
+              "order": order, "planned_final_runs": sum(1 for r in todo if r["phase"] == "final"),
               "grid": {k: list(v) for k, v in grid.items()}, "select_seed": select_seed,
               "no_select": list(no_select), "selection": selection, "runs": runs, "missing": missing,
               "wall_seconds": time.time() - t0, "paper": PAPER, "paper_robustness": PAPER_ROBUSTNESS,
               "notes": notes}
-    result["comparisons"] = compare(runs, models, penalties)
+    main_runs = [r for r in runs if not r.get("variant")]
+    result["comparisons"] = compare(main_runs, models, penalties)
+    result["extra_comparisons"] = {v: compare([r for r in runs if r.get("variant") == v], ms, ps)
+                                   for v, (ms, ps) in extra.items()}
+    if previous is not None and Path(previous).is_file():
+        prev = json.loads(Path(previous).read_text())
+        result["previous"] = {"path": str(previous), "command": prev.get("command"),
+                              "comparisons": prev.get("comparisons", [])}
     out.mkdir(parents=True, exist_ok=True)
     _write_json(result, out / "reproduce.json")
     doc_path = Path(doc) if doc is not None else out / "reproduction.md"
@@ -384,9 +503,18 @@ def _values(runs, m, p, key):
     return [r["metrics"].get(key) for r in runs if r["model"] == m and r["penalty"] == p]
 
 
+def _by_seed(runs, m, p, key) -> dict:
+    return {r["seed"]: r["metrics"].get(key) for r in runs if r["model"] == m and r["penalty"] == p
+            and r["metrics"].get(key) is not None and math.isfinite(r["metrics"][key])}
+
+
 def compare(runs, models, penalties, keys=KEYS + ("robust_ratio",)) -> list[dict]:
-    """Each penalty vs its baseline, per model and metric: means, difference, WMW p-value,
-    Holm-adjusted p over every (model, penalty) comparison of the same metric."""
+    """Each penalty vs its baseline, per model and metric, on the seeds both arms finished
+    (paired: same seed = same data order, initialisation and dropout stream): means, the mean
+    paired difference with its 95 % bootstrap interval, the two-sided WMW p (the arms as two
+    samples) and the two-sided Wilcoxon signed-rank p (paired), the Holm-adjusted signed-rank
+    p over every (model, penalty) cell of the same metric (the family), and the minimum
+    detectable effect at 80 % power (α = 0.05, and α/m = Holm's first step)."""
     rows = []
     for m in models:
         for p in penalties:
@@ -394,18 +522,40 @@ def compare(runs, models, penalties, keys=KEYS + ("robust_ratio",)) -> list[dict
                 continue
             row = {"model": m, "penalty": p}
             for k in keys:
-                a, b = _values(runs, m, p, k), _values(runs, m, "none", k)
+                pa, pb = _by_seed(runs, m, p, k), _by_seed(runs, m, "none", k)
+                seeds = sorted(pa.keys() & pb.keys())
+                a, b = [pa[x] for x in seeds], [pb[x] for x in seeds]
+                d = [x - y for x, y in zip(a, b)]
                 ma, sa, na = _mean_std(a)
                 mb, sb, nb = _mean_std(b)
+                md, sd, nd = _mean_std(d)
+                lo, hi = bootstrap_ci(d)
+                nz = sum(1 for x in d if x != 0)
                 row[k] = {"mean": ma, "std": sa, "n": na, "base_mean": mb, "base_std": sb, "base_n": nb,
-                          "delta": ma - mb if na and nb else float("nan"), "p": mann_whitney(a, b),
-                          "min_p": min_mwu_p(na, nb)}
+                          "seeds": seeds, "delta": md if nd else float("nan"), "delta_sd": sd,
+                          "ci": [lo, hi], "p": mann_whitney(a, b), "min_p": min_mwu_p(na, nb),
+                          "p_signed": signed_rank(a, b), "min_p_signed": min_signed_rank_p(nz),
+                          "mde": min_detectable_effect(sd, nd)}
             rows.append(row)
+    m_family = len(rows)
     for k in keys:
-        adj = holm([r[k]["p"] for r in rows])
-        for r, q in zip(rows, adj):
+        adj = holm([r[k]["p_signed"] for r in rows])
+        adj_wmw = holm([r[k]["p"] for r in rows])
+        for r, q, qw in zip(rows, adj, adj_wmw):
             r[k]["p_holm"] = q
+            r[k]["p_holm_wmw"] = qw
+            r[k]["family"] = m_family
+            r[k]["mde_holm"] = min_detectable_effect(r[k]["delta_sd"], len(r[k]["seeds"]), ALPHA / max(m_family, 1))
     return rows
+
+
+def cell_verdict(c: dict, key: str) -> str:
+    """The paired verdict of one cell: 'holds' (improvement, Holm-adjusted signed-rank p <
+    0.05), 'does not hold (significantly worse)', 'does not hold', or 'cannot be tested' (too
+    few pairs for p < 0.05)."""
+    return verdict({"n": len(c.get("seeds", [])), "base_n": len(c.get("seeds", [])),
+                    "min_p": c.get("min_p_signed", 1.0), "delta": c["delta"],
+                    "p": c.get("p_holm", float("nan"))}, key)
 
 
 def verdict(c: dict, key: str) -> str:
@@ -441,13 +591,18 @@ def _missing_summary(missing: list[str]) -> str:
     by: dict = {}
     for label in missing:
         parts = label.split(" ", 1)[0].split("/")
-        if len(parts) != 3:
+        if len(parts) == 4:  # variant/model/penalty/seed
+            parts = [parts[0] + "/" + parts[1]] + parts[2:]
+        if len(parts) != 3 or not parts[2][1:].isdigit():
             by.setdefault("other", {}).setdefault(label, [])
             continue
         m, p, s = parts
-        by.setdefault(m, {}).setdefault(p, []).append(s)
+        by.setdefault(m, {}).setdefault(p, []).append(int(s[1:]))
+
+    def seeds(v):
+        return "s" + _seed_ranges(v).replace(", ", ", s") if v else ""
     return "; ".join(f"{m}: {sum(max(len(v), 1) for v in ps.values())} ("
-                     + ", ".join(f"{p} {' '.join(v)}".strip() for p, v in ps.items()) + ")" for m, ps in by.items())
+                     + ", ".join(f"{p} {seeds(v)}".strip() for p, v in ps.items()) + ")" for m, ps in by.items())
 
 
 def paper_layout_table(runs, models, penalties) -> str:
@@ -496,11 +651,11 @@ def robustness_table(runs, models, penalties) -> str:
 def selection_table(selection, grid) -> str:
     lines = ["| model | penalty | chosen | validation MAE of each grid point |", "|---|---|---|---|"]
     for key, s in selection.items():
+        m, p = key.rsplit("/", 1)
         if not s.get("candidates") and not s.get("tuned", True):
-            lines.append(f"| {key.split('/')[0]} | {key.split('/')[1]} | {_tag(s['chosen'])} (not tuned: first grid point) | – |")
+            lines.append(f"| {m} | {p} | {_tag(s['chosen'])} (not tuned: first grid point) | – |")
             continue
         cands = ", ".join(f"{_tag(c['point'])}: {_fmt(c['val_mae'], d=4)}" for c in s.get("candidates", []))
-        m, p = key.split("/")
         lines.append(f"| {m} | {p} | {_tag(s['chosen'])} | {cands} |")
     return "\n".join(lines)
 
@@ -533,12 +688,16 @@ def dot_plot(runs, models, penalties, key: str, path: Path) -> None:
     plt.close(fig)
 
 
-def claim_verdicts(comps, models) -> list[tuple[str, str, str]]:
-    """(claim, verdict, evidence) for the paper's claims."""
+def claim_verdicts(comps, models, paired: bool = True) -> list[tuple[str, str, str]]:
+    """(claim, verdict, evidence) for the paper's claims.  ``paired``: a cell holds when its
+    Holm-adjusted signed-rank p is below 0.05 in the right direction (this report's rule);
+    ``paired=False``: the 10-seed report's rule (unadjusted WMW p < 0.05), for comparisons
+    written before the paired statistics existed."""
     out = []
 
     def cells(key, pens=("mine", "nwj", "wasserstein")):
-        return [(c, verdict(c[key], key)) for c in comps if c["penalty"] in pens]
+        return [(c, cell_verdict(c[key], key) if paired else verdict(c[key], key))
+                for c in comps if c["penalty"] in pens]
 
     def summary(key, pens=("mine", "nwj", "wasserstein")):
         cs = cells(key, pens)
@@ -547,7 +706,14 @@ def claim_verdicts(comps, models) -> list[tuple[str, str, str]]:
         held = sum(v == "holds" for _, v in cs)
         untestable = [f"{c['model']}/{PAPER_PENALTY[c['penalty']]}" for c, v in cs if v == "cannot be tested"]
         worse = [f"{c['model']}/{PAPER_PENALTY[c['penalty']]}" for c, v in cs if v.startswith("does not hold (sig")]
-        ev = f"improvement with p < 0.05 in {held} of {len(cs)} cells"
+        if paired:
+            raw = sum(1 for c, _ in cs if math.isfinite(c[key].get("p_signed", float("nan")))
+                      and c[key]["p_signed"] < ALPHA
+                      and (c[key]["delta"] > 0 if HIGHER_IS_BETTER[key] else c[key]["delta"] < 0))
+            ev = (f"improvement with Holm-adjusted paired p < 0.05 in {held} of {len(cs)} cells "
+                  f"(unadjusted signed-rank p < 0.05: {raw})")
+        else:
+            ev = f"improvement with p < 0.05 in {held} of {len(cs)} cells"
         if untestable:
             ev += f"; untestable (too few seeds for p < 0.05): {', '.join(untestable)}"
         if worse:
@@ -555,7 +721,8 @@ def claim_verdicts(comps, models) -> list[tuple[str, str, str]]:
         holm_held = sum(1 for c, _ in cs if math.isfinite(c[key].get("p_holm", float("nan")))
                         and c[key]["p_holm"] < ALPHA
                         and (c[key]["delta"] > 0 if HIGHER_IS_BETTER[key] else c[key]["delta"] < 0))
-        ev += f"; after Holm: {holm_held}"
+        if not paired:
+            ev += f"; after Holm: {holm_held}"
         if len(untestable) == len(cs):
             return "cannot be tested", ev
         return ("holds" if held == len(cs) else "does not hold"), ev
@@ -592,24 +759,127 @@ def claim_verdicts(comps, models) -> list[tuple[str, str, str]]:
     return out
 
 
+def effects_table(comps, key: str) -> str:
+    """One metric: per cell the paired effect, its bootstrap CI, both p-values, Holm and the
+    minimum detectable effect."""
+    pct = key in ("acc7", "acc2", "f1", "acc2_nonzero", "f1_nonzero")
+
+    def f(v, sign=True):
+        if v is None or not math.isfinite(v):
+            return "–"
+        v = 100 * v if pct else v
+        return (f"{v:+.2f}" if sign else f"{v:.2f}") if pct else (f"{v:+.3f}" if sign else f"{v:.3f}")
+
+    def pv(v):
+        return "–" if v is None or not math.isfinite(v) else (f"{v:.4f}" if v >= 0.0001 else f"{v:.1e}")
+
+    lines = ["| model | penalty | pairs | none | penalty | Δ (paired mean) | 95 % bootstrap CI | WMW p | "
+             "signed-rank p | Holm p (signed-rank) | MDE (80 %: α = 0.05 / α/m) | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in comps:
+        x = c[key]
+        lines.append(f"| {c['model']} | {PAPER_PENALTY[c['penalty']]} | {len(x['seeds'])} | "
+                     f"{f(x['base_mean'], False)} | {f(x['mean'], False)} | {f(x['delta'])} | "
+                     f"[{f(x['ci'][0])}, {f(x['ci'][1])}] | {pv(x['p'])} | {pv(x['p_signed'])} | "
+                     f"{pv(x.get('p_holm'))} | {f(x['mde'], False)} / {f(x.get('mde_holm'), False)} | "
+                     f"{cell_verdict(x, key)} |")
+    return "\n".join(lines)
+
+
+def best_epoch_table(runs, penalties) -> str:
+    """Each arm's best-epoch distribution and how many runs early stopping ended (the rest hit
+    the epoch cap: truncated)."""
+    lines = ["| table | model | penalty | runs | best epoch: median [min–max] | epochs run: median [max] | "
+             "ended by early stopping | best epoch within the last patience epochs of the cap |",
+             "|---|---|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r.get("variant") or "main", r["model"]) for r in runs))
+    for v, m in keys:
+        for p in penalties:
+            rs = [r for r in runs if (r.get("variant") or "main") == v and r["model"] == m and r["penalty"] == p]
+            if not rs:
+                continue
+            be = [r["best_epoch"] for r in rs if r.get("best_epoch")]
+            er = [r["epochs_run"] for r in rs if r.get("epochs_run")]
+            cap = [r["config"]["epochs"] for r in rs if r.get("config")]
+            pat = [r["config"]["patience"] for r in rs if r.get("config")]
+            stopped = sum(1 for r, e, c in zip(rs, er, cap) if e < c)
+            late = sum(1 for b, c, q in zip(be, cap, pat) if b > c - q)
+            lines.append(f"| {v} | {m} | {PAPER_PENALTY[p]} | {len(rs)} | {np.median(be):g} [{min(be)}–{max(be)}] | "
+                         f"{np.median(er):g} [{max(er)}] | {stopped} of {len(rs)} | {late} |")
+    return "\n".join(lines)
+
+
+def cap_table(runs, penalties) -> str:
+    """How often ``--dependency-cap`` bound: batches whose model term was the constant
+    -λ·cap (zero gradient), summed over every epoch of every run of the arm."""
+    lines = ["| table | model | penalty | runs | cap | batches capped / batches trained | runs with any capped batch | "
+             "largest epoch-mean dependency |", "|---|---|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r.get("variant") or "main", r["model"]) for r in runs))
+    for v, m in keys:
+        for p in penalties:
+            if p == "none":
+                continue
+            rs = [r for r in runs if (r.get("variant") or "main") == v and r["model"] == m and r["penalty"] == p]
+            if not rs:
+                continue
+            logged = [r for r in rs if r.get("cap_binds") is not None]
+            caps = sorted({str(r["config"].get("dependency_cap")) for r in rs if r.get("config")})
+            capped = sum(r["cap_binds"] for r in logged)
+            total = sum(r["batches"] or 0 for r in logged)
+            dep = [r["max_dependency"] for r in rs if r.get("max_dependency") is not None]
+            note = "" if len(logged) == len(rs) else f" ({len(rs) - len(logged)} runs without counts)"
+            lines.append(f"| {v} | {m} | {PAPER_PENALTY[p]} | {len(rs)} | {', '.join(caps)} | "
+                         f"{capped} / {total}{note} | {sum(1 for r in logged if r['cap_binds'])} | "
+                         f"{_fmt(max(dep) if dep else float('nan'))} |")
+    return "\n".join(lines)
+
+
+def change_table(prev_comps, comps, keys=("acc7", "acc2", "mae", "corr")) -> str:
+    """Per cell: the earlier report's effect and WMW p next to this report's paired effect and
+    Holm-adjusted p; 'changed' where the significance call (p < 0.05, by each report's rule)
+    or the sign of the effect differs."""
+    old = {(c["model"], c["penalty"]): c for c in prev_comps}
+    names = METRIC_NAMES
+    lines = ["| model | penalty | " + " | ".join(f"{names[k]}: earlier → now" for k in keys) + " |",
+             "|" + "---|" * (2 + len(keys))]
+
+    def sig(x, p):
+        if not math.isfinite(x.get("delta", float("nan"))) or p is None or not math.isfinite(p) or p >= ALPHA:
+            return "n.s."
+        return "up" if x["delta"] > 0 else "down"
+
+    for c in comps:
+        o = old.get((c["model"], c["penalty"]))
+        if o is None:
+            continue
+        cells = []
+        for k in keys:
+            pct = k in ("acc7", "acc2")
+            fx = (lambda v: f"{100 * v:+.1f}") if pct else (lambda v: f"{v:+.3f}")
+            ox, nx = o[k], c[k]
+            od = fx(ox["delta"]) if ox.get("delta") is not None and math.isfinite(ox["delta"]) else "–"
+            nd = fx(nx["delta"]) if math.isfinite(nx["delta"]) else "–"
+            a, b = sig(ox, ox.get("p")), sig(nx, nx.get("p_holm"))
+            flag = " **changed**" if a != b else ""
+            cells.append(f"{od} ({a}) → {nd} ({b}){flag}")
+        lines.append(f"| {c['model']} | {PAPER_PENALTY[c['penalty']]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_report(result: dict, doc_path: Path) -> None:
     doc_path = Path(doc_path)
     fig_dir = doc_path.parent / "reproduction"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    runs, models, penalties = result["runs"], result["models"], result["penalties"]
+    all_runs, models, penalties = result["runs"], result["models"], result["penalties"]
+    runs = [r for r in all_runs if not r.get("variant")]
     comps = result["comparisons"]
+    extra = result.get("extra") or {}
     present = [m for m in models if any(r["model"] == m for r in runs)]
     for key in ("acc7", "acc2"):
         if present:
             dot_plot(runs, present, penalties, key, fig_dir / f"dots_{key}.png")
     _write_json(result, fig_dir / "reproduce.json")
     rel = fig_dir.name
-    by_model = {}
-    for m in models:
-        rs = [r for r in runs if r["model"] == m]
-        ts = [r["train_seconds"] for r in rs if r.get("train_seconds")]
-        eps = sorted({r["config"]["epochs"] for r in rs if r.get("config")})
-        by_model[m] = (len(rs), sorted({r["seed"] for r in rs}), float(np.mean(ts)) if ts else float("nan"), eps)
     L = ["# Reproducing the MOSI table of Colombo et al. (EMNLP 2021)", "",
          "Generated by `python -m mdm_kernels.train.analyze reproduce` "
          "(`mdm_kernels/train/reproduce.py`); every number below comes from the runs listed in "
@@ -617,45 +887,117 @@ def write_report(result: dict, doc_path: Path) -> None:
     if result.get("command"):
         L += ["Command:", "", "```", result["command"], "```", ""]
     L += ["## What ran", "",
-          "| backbone | runs finished | seeds | epochs (max) | mean training time per run |", "|---|---|---|---|---|"]
-    for m in models:
-        n, seeds, t, eps = by_model[m]
-        L.append(f"| {m} | {n} | {','.join(map(str, seeds)) if seeds else '–'} | "
-                 f"{','.join(map(str, eps)) if eps else '–'} | {_fmt(t, d=0)} s |")
+          "| table | backbone | runs finished | seeds | epochs (max) | mean training time per run |",
+          "|---|---|---|---|---|---|"]
+    for v, ms in [(None, models)] + [(v, mp[0]) for v, mp in extra.items()]:
+        for m in ms:
+            rs = [r for r in all_runs if r.get("variant") == v and r["model"] == m]
+            ts = [r["train_seconds"] for r in rs if r.get("train_seconds")]
+            eps = sorted({r["config"]["epochs"] for r in rs if r.get("config")})
+            seeds = sorted({r["seed"] for r in rs})
+            L.append(f"| {v or 'main'} | {m} | {len(rs)} | {_seed_ranges(seeds) if seeds else '–'} | "
+                     f"{','.join(map(str, eps)) if eps else '–'} | {_fmt(float(np.mean(ts)) if ts else float('nan'), d=0)} s |")
+    planned = result.get("planned_final_runs")
+    if planned:
+        L += ["", f"Final runs finished: **{len(all_runs)} of {planned} planned**."]
     if result["missing"]:
         L += ["", f"**Not run** ({len(result['missing'])} final runs): " + _missing_summary(result["missing"]) + "."]
     if result.get("notes"):
         L += ["", result["notes"].rstrip()]
     L += ["", "### Differences from the paper's setup", "", SETUP_NOTES.rstrip()]
     L += ["", f"Shared settings: `{json.dumps(result['base'], default=str)}`; per-model options: "
-          f"`{json.dumps(result['model_options'], default=str)}`.", ""]
+          f"`{json.dumps(result['model_options'], default=str)}`"
+          + (f"; second tables: `{json.dumps(result.get('variants', {}))}`" if extra else "") + ".", ""]
     L += ["## Our table in the paper's layout", "",
           "Cells: Acc-7 (%) / Acc-2 (%) / MAE / Corr, ours = mean over seeds on the test split "
           "(MOSI: the 752 test segments of the bc-LSTM split); the paper's row below ours. Std, F1 and the non-zero variants are in the full table.",
-          "", paper_layout_table(runs, models, penalties), "",
-          "## Each penalty minus its baseline", "",
-          "Δ (penalty − none, same backbone; accuracies in points), two-sided Wilcoxon–Mann–Whitney p-value "
-          "of the seeds, and the Holm-adjusted p over the whole table (one family per metric). With n seeds "
-          "per side the smallest attainable p is 2/C(2n, n): 0.029 at 4 seeds, 0.0002 at 10, ≥ 0.1 at 3 or fewer.",
-          "", delta_pvalue_table(comps), "",
+          "", paper_layout_table(runs, models, penalties), ""]
+    L += ["## Each penalty minus its baseline (paired by seed)", "",
+          "Both arms of a cell ran on the same seeds: same data order, same model initialisation and the "
+          "same dropout stream (the critic is initialised from its own seed, so it does not shift the "
+          "model's random numbers). Per cell: the mean of the per-seed differences (penalty − none; "
+          "accuracies in points) with its 95 % percentile bootstrap interval (10,000 resamples of the "
+          "seeds), the two-sided Wilcoxon–Mann–Whitney p (the arms as independent samples), the two-sided "
+          "Wilcoxon signed-rank p of the paired differences (**the test of record**), and that p "
+          "Holm-adjusted over **the family of every (backbone, penalty) cell of the same metric in the "
+          "same table** (m = " + str(len(comps)) + " here; each second table is its own family). "
+          "**MDE** is the smallest true mean difference the design detects with 80 % power "
+          "(normal approximation for the signed-rank test: (z₁₋α/₂ + z₀.₈)·sd(differences)/√n / √(3/π)), "
+          "at α = 0.05 and at α/m (Holm's first step). A verdict needs Holm p < 0.05; with n pairs the "
+          "smallest signed-rank p is 2/2ⁿ.", ""]
+    for key in ("acc7", "acc2", "mae", "corr", "robust_ratio"):
+        name = {**METRIC_NAMES, "robust_ratio": "Robustness ratio"}[key]
+        L += [f"### {name}", "", effects_table(comps, key), ""]
+    if result.get("previous"):
+        prev = result["previous"]
+        L += ["## What changed since the earlier report", "",
+              f"The earlier report ({prev.get('path')}: `{prev.get('command')}`) tested each cell with the "
+              "unadjusted two-sided WMW p of independent seeds; this one with the Holm-adjusted paired "
+              "signed-rank p. Per cell: earlier Δ (its call) → now Δ (its call); up/down = significant "
+              "improvement/worsening of the number (for MAE down is better), n.s. = not significant.", "",
+              change_table(prev.get("comparisons", []), comps), ""]
+        old_claims = {c: (v, e) for c, v, e in claim_verdicts(prev.get("comparisons", []), models, paired=False)}
+    else:
+        old_claims = {}
+    L += ["## Verdicts", "",
+          "| paper's claim | verdict here | evidence | earlier verdict |", "|---|---|---|---|"]
+    for claim, v, ev in claim_verdicts(comps, models):
+        ov = old_claims.get(claim, ("–", ""))[0]
+        changed = " (**changed**)" if ov not in ("–", v) else ""
+        L.append(f"| {claim} | **{v}**{changed} | {ev} | {ov} |")
+    for v, (ms, ps) in extra.items():
+        vr = [r for r in all_runs if r.get("variant") == v]
+        vc = (result.get("extra_comparisons") or {}).get(v, [])
+        L += ["", f"## Second table: `{json.dumps(VARIANTS.get(v, {}))}` ({v})", "",
+              "Same protocol, seeds and validation selection as the main table, with the text read as "
+              "word sequences (GloVe 840B vectors of the transcript) instead of the bc-LSTM utterance vector.", "",
+              "| model | " + " | ".join(PAPER_PENALTY[p] for p in ps) + " |", "|" + "---|" * (1 + len(ps))]
+        for m in ms:
+            n = len({r['seed'] for r in vr if r['model'] == m})
+            L.append(f"| {PAPER_BACKBONE.get(m, m)} ({n} seeds) | " + " | ".join(_cell(vr, m, p) for p in ps) + " |")
+        for key in ("acc7", "acc2", "mae", "corr"):
+            L += ["", f"### {v}: {METRIC_NAMES[key]}", "", effects_table(vc, key)]
+        L += [""]
+    L += ["", "## Best epochs: does early stopping end every arm?", "",
+          "A run that stops before the epoch cap was ended by early stopping; one whose best epoch lies within "
+          "the last `patience` epochs of the cap may have been cut short.", "",
+          best_epoch_table(all_runs, penalties), "",
+          "## The cap on the model's term (`--dependency-cap`)", "",
+          "Every epoch of every run logs `cap_binds`: the batches whose model term was capped at −λ·log B "
+          "(B = 32: log B = 3.47) and so gave the model no gradient from the penalty. Wasserstein is not "
+          "capped by `log_batch`.", "", cap_table(all_runs, penalties), "",
           "## Robustness: Acc-2(text removed) / Acc-2(all)", "",
           "Train on all modalities; at test time the text input is zeroed (and, for MAG, the transcript is "
           "emptied). Mean ± std over seeds.", "", robustness_table(runs, models, penalties), "",
           "## Per-seed dots", "", f"![Acc-7 per seed]({rel}/dots_acc7.png)", "",
-          f"![Acc-2 per seed]({rel}/dots_acc2.png)", "",
-          "## Verdicts", "", "| paper's claim | verdict here | evidence |", "|---|---|---|"]
-    for claim, v, ev in claim_verdicts(comps, models):
-        L.append(f"| {claim} | **{v}** | {ev} |")
-    L += ["", "## Hyperparameters chosen on validation", "",
+          f"![Acc-2 per seed]({rel}/dots_acc2.png)", ""]
+    L += ["## Hyperparameters chosen on validation", "",
           f"Grid {json.dumps(result['grid'])} (λ = `weight`, Unroll = `critic_steps`, critic width = "
           f"`critic_hidden`), one run per point at seed {result['select_seed']}, trained with `skip_test` "
           "(the test split is never evaluated); chosen: the lowest best validation MAE (the early-stopping "
-          "criterion). The baseline has no penalty hyperparameters.", "",
+          "criterion). The baseline has no penalty hyperparameters. A cell's final runs start only once "
+          "its whole selection has finished.", "",
           selection_table(result["selection"], result["grid"]), "",
           "## Full metrics (mean ± std over seeds, test split)", "",
           sweep_table(summarise(runs) if runs else []), ""]
     doc_path.parent.mkdir(parents=True, exist_ok=True)
     doc_path.write_text("\n".join(L) + "\n")
+
+
+def _seed_ranges(seeds) -> str:
+    """[0, 1, 2, 5] -> '0–2, 5'."""
+    out, start, prev = [], None, None
+    for s in sorted(seeds):
+        if start is None:
+            start = prev = s
+        elif s == prev + 1:
+            prev = s
+        else:
+            out.append(f"{start}–{prev}" if prev > start else str(start))
+            start = prev = s
+    if start is not None:
+        out.append(f"{start}–{prev}" if prev > start else str(start))
+    return ", ".join(out)
 
 
 def parse_model_options(items) -> dict:
@@ -739,6 +1081,18 @@ def add_parser(sub, list_type) -> None:
     r.add_argument("--backend", default=None)
     r.add_argument("--notes", default=None, metavar="FILE.md",
                    help="markdown inserted under 'What ran' in the report (scale decisions, what did not run and why)")
+    r.add_argument("--glove-models", type=list_type(str), default=[], metavar="MODELS",
+                   help="a second table with --text-features glove for these models (same seeds, own selection)")
+    r.add_argument("--glove-penalties", type=list_type(str, PENALTIES), default=["none", "wasserstein"],
+                   help="penalties of the GloVe table (default none,wasserstein)")
+    r.add_argument("--order", default=None, metavar="BLOCKS",
+                   help="run order by value: blocks separated by ';', cells [VARIANT/]MODEL[:PEN+PEN] by ',', "
+                        "e.g. 'mfn:none+wasserstein;mfn:mine+nwj;ef_lstm;lmf;glove/mfn:none+wasserstein;mag'")
+    r.add_argument("--previous", default=None, metavar="REPRODUCE.json",
+                   help="an earlier reproduce.json: the report compares its verdicts with this one's")
+    r.add_argument("--drop-checkpoints", action="store_true",
+                   help="delete a final run's checkpoints once its metrics and robustness are written")
+    r.add_argument("--dependency-cap", default=None, metavar="{none,log_batch,C}")
     r.add_argument("--report-only", action="store_true",
                    help="train nothing: rebuild the report from the runs that have finished")
     r.add_argument("--no-skip-existing", action="store_true", help="retrain runs that already have metrics.json")
@@ -747,14 +1101,17 @@ def add_parser(sub, list_type) -> None:
 
 def run_cli(args, command: str) -> dict:
     base = {k: getattr(args, k) for k in ("epochs", "patience", "text_features", "dataset", "critic_input",
-                                          "batch_size", "device", "backend") if getattr(args, k) is not None}
+                                          "batch_size", "device", "backend", "dependency_cap")
+            if getattr(args, k) is not None}
     grid = {"weight": args.lambdas, "critic_steps": args.unrolls, "critic_hidden": args.critic_hiddens}
     res = run_reproduce(args.out, models=args.models, penalties=args.penalties, seeds=args.seeds, grid=grid,
                         base=base, model_options=parse_model_options(args.model_option),
                         model_seeds=parse_model_seeds(args.model_seeds), no_select=tuple(args.no_select),
                         select_seed=args.select_seed, doc=args.doc, progress=not args.no_progress,
                         skip_existing=not args.no_skip_existing, report_only=args.report_only, command=command,
-                        notes=_read_notes(args.notes))
+                        notes=_read_notes(args.notes), order=parse_order(args.order),
+                        extra={"glove": (args.glove_models, args.glove_penalties)} if args.glove_models else None,
+                        previous=args.previous, drop_checkpoints=args.drop_checkpoints)
     doc = args.doc or str(Path(args.out) / "reproduction.md")
     print(f"{len(res['runs'])} runs, {len(res['missing'])} not run; wrote {doc} and {Path(args.out) / 'reproduce.json'}")
     return res

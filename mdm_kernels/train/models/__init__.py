@@ -1,6 +1,8 @@
 """Fusion models: ``build_model(name, in_dims, **sizes)``; each returns (pred, (z_l, z_a, z_v))."""
 from __future__ import annotations
 
+from . import numerics  # noqa: F401  (first: pins MKL's code path before any matrix product)
+
 from .fusion import EFLSTM, LFLSTM, LMF, TFN, FusionModel, MulT
 from .mfn import MFN
 

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from .numerics import no_onednn
+
 
 def mlp(d_in: int, hidden: int, d_out: int, dropout: float = 0.0, layers: int = 2) -> nn.Sequential:
     mods: list[nn.Module] = []
@@ -30,11 +32,12 @@ class SeqEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         x = self.in_drop(x)
-        if lengths is None or x.shape[1] == 1:
-            _, (h, _) = self.lstm(x)
-        else:
-            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            _, (h, _) = self.lstm(packed)
+        with no_onednn():  # oneDNN's LSTM kernels depend on the CPU (models/numerics.py)
+            if lengths is None or x.shape[1] == 1:
+                _, (h, _) = self.lstm(x)
+            else:
+                packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+                _, (h, _) = self.lstm(packed)
         return self.out(self.drop(h[-1]))
 
 

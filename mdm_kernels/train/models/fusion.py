@@ -179,7 +179,9 @@ class MulT(FusionModel):
     def encode(self, batch):
         xs = [batch["text"], batch["audio"], batch["video"]]
         lens = [batch["text_len"], None, None]
-        hs = [self.in_drop(self.pos(p(x.transpose(1, 2)).transpose(1, 2))) for p, x in zip(self.proj, xs)]
+        # the k=1 convolutions as the matrix products they are: oneDNN's convolution kernels
+        # (forward and backward) depend on the CPU (models/numerics.py); same parameters
+        hs = [self.in_drop(self.pos(nn.functional.linear(x, p.weight[..., 0]))) for p, x in zip(self.proj, xs)]
         masks = [key_padding_mask(ln, h.shape[1], h.device) for ln, h in zip(lens, hs)]
         zs = []
         for t in range(3):
