@@ -672,7 +672,8 @@ def outer_sum_variants() -> list[Variant]:
             for red in reds if every else reds[:1]:
                 out.append(Variant("outer_sums", f"fwd nf={nf} red={red} {act_name}",
                                    osm._outer_fwd_kernel,
-                                   dict(NF=nf, RED=red, ACT=act, BLOCK_R=br, BLOCK_C=bc), ints))
+                                   dict(NF=nf, RED=red, ACT=act, BLOCK_R=br, BLOCK_C=bc), ints,
+                                   num_warps=osm.OUTER_FORWARD_WARPS))
             for gmode, owned in itertools.product(gmodes if every else gmodes[:1],
                                                   range(nf) if every else (0,)):
                 out.append(bwd(nf, gmode, owned, act_name, act))
@@ -682,7 +683,7 @@ def outer_sum_variants() -> list[Variant]:
         out.append(Variant("outer_sums", f"fwd nf={nf} red={reds[0]} gelu distinct",
                            osm._outer_fwd_kernel, dict(NF=nf, RED=reds[0], ACT=gelu,
                                                        BLOCK_R=br, BLOCK_C=bc, DISTINCT=True),
-                           ints))
+                           ints, num_warps=osm.OUTER_FORWARD_WARPS))
         out.append(bwd(nf, gmodes[0], 0, "gelu", gelu, distinct=True))
     out.append(Variant("outer_sums", "split sums", osm._sum_splits_kernel, dict(BLOCK=1024),
                        dict(n=256 * 512, NSPLIT=8), num_warps=4))

@@ -35,7 +35,7 @@ take 4 × 32 tiles, :data:`OUTER_BACKWARD_TILES`); the splits' partial ∂Fᵀ a
 split order by :func:`_sum_splits_kernel`,
 so the result is bitwise the same run to run on a given GPU model (the split count depends
 on B and the SM count).  Per tile it recomputes T with the forward's own loop — every launch sums z in the
-canonical order ((F_0 + F_1) + F_2), so the scores are bitwise the forward's and e^{T − LSE}
+canonical order (F_0 + F_2) + F_1 (:func:`_pair_preact`), so the scores are bitwise the forward's and e^{T − LSE}
 is consistent with the saved LSE even at |T| ~ 1e4 — forms g, then loops over h again: the
 sum over the swept side is in-thread and is added into ∂F_fᵀ[h, o] by the thread owning o.
 The first launch also accumulates the w_out partials.  Autograd carries ∂F_0 into P_1 and
@@ -65,25 +65,31 @@ from .triton_helpers import activation, activation_grad, launch_device
 def _pair_preact(Ft_ptr, h, S, HS, s_idx, s_scalar, o_idx, NF: tl.constexpr,
                  OWNED: tl.constexpr):
     """Pre-activation z[s, o] of hidden unit h on a (swept × owned) tile, always summed in
-    the canonical order ((F_0 + F_1) + F_2) whichever factor is owned, so that every launch
-    computes bitwise the same scores.  Fᵀ is (NF, H, S).  NF = 2: the swept index s_idx and
-    the owned index o_idx are the other factor's and factor OWNED's.  NF = 3: the swept side
-    is (s_scalar, s_idx) — one index of the lower remaining factor for the whole tile and a
-    vector of the higher one."""
+    the canonical order (F_0 + F_2) + F_1 whichever factor is owned, so that every launch
+    computes bitwise the same scores (float addition is commutative, so only the grouping
+    matters).  Fᵀ is (NF, H, S).  NF = 2: the swept index s_idx and the owned index o_idx
+    are the other factor's and factor OWNED's.  NF = 3: the swept side is (s_scalar, s_idx)
+    — one index of a factor for the whole tile and a vector of another: (F_0, F_1) when F_2
+    is owned (the forward), (F_2, F_1) when F_0 is, (F_0, F_2) when F_1 is.  The order puts
+    the scalar factor's add on the owned column, once per column, wherever F_1 is swept:
+    the forward's inner loop adds once per pair (it added twice per pair with
+    ((F_0 + F_1) + F_2), the 16-row partial recomputed by every column's thread)."""
     if NF == 2:
         w = tl.load(Ft_ptr + (1 - OWNED) * HS + h * S + s_idx)
         o = tl.load(Ft_ptr + OWNED * HS + h * S + o_idx)
         z = w[:, None] + o[None, :]
     else:
-        if OWNED == 2:
-            y = tl.load(Ft_ptr + h * S + s_scalar) + tl.load(Ft_ptr + HS + h * S + s_idx)
-            z = y[:, None] + tl.load(Ft_ptr + 2 * HS + h * S + o_idx)[None, :]
+        if OWNED == 1:  # swept (F_0 scalar, F_2 vector): y per swept row, + the owned F_1
+            y = tl.load(Ft_ptr + h * S + s_scalar) + tl.load(Ft_ptr + 2 * HS + h * S + s_idx)
+            z = y[:, None] + tl.load(Ft_ptr + HS + h * S + o_idx)[None, :]
         else:
-            if OWNED == 0:
-                x = tl.load(Ft_ptr + h * S + o_idx) + tl.load(Ft_ptr + HS + h * S + s_scalar)
-            else:
-                x = tl.load(Ft_ptr + h * S + s_scalar) + tl.load(Ft_ptr + HS + h * S + o_idx)
-            z = tl.load(Ft_ptr + 2 * HS + h * S + s_idx)[:, None] + x[None, :]
+            # the scalar swept factor joins the owned one's column (one add per column,
+            # not per pair), the swept vector is always F_1
+            if OWNED == 2:  # the forward's layout: rows (F_0 scalar, F_1 vector), columns F_2
+                c = tl.load(Ft_ptr + h * S + s_scalar) + tl.load(Ft_ptr + 2 * HS + h * S + o_idx)
+            else:           # OWNED == 0: swept (F_2 scalar, F_1 vector)
+                c = tl.load(Ft_ptr + h * S + o_idx) + tl.load(Ft_ptr + 2 * HS + h * S + s_scalar)
+            z = tl.load(Ft_ptr + HS + h * S + s_idx)[:, None] + c[None, :]
     return z
 
 
@@ -267,12 +273,19 @@ def _sum_splits_kernel(part_ptr, out_ptr, n, NSPLIT, BLOCK: tl.constexpr):
 
 
 def _fwd_tiles(device) -> tuple[int, int]:
-    """Forward (BLOCK_R, BLOCK_C) = 16 × 256 pairs at 8 warps: Triton lays the warps along the
-    columns, so a thread holds 16 rows × 1 column and reads the 16 row values of a hidden
-    unit with four 128-bit loads.  In the PTX of the h loop (python/compile_sm90.py) that is
-    48 of 84 instructions doing add/max/fma (57%), against 48 of 108 (16 scalar loads and
-    their address arithmetic) for a 64 × 64 tile."""
+    """Forward (BLOCK_R, BLOCK_C) = 16 × 256 pairs at :data:`OUTER_FORWARD_WARPS` = 4 warps:
+    Triton lays the warps along the columns, so a thread holds 16 rows × 2 columns and reads
+    the 16 row values of a hidden unit with four 128-bit loads, once for both columns.
+    sm_90 SASS of the h loop (python/sass_report.py, relu, docs/performance_counts.md):
+    m = 3 125 instructions per 32 pair·units = 3.91 (was 5.56 at 8 warps with the 16-row
+    partial F_0 + F_1 recomputed per column, 4.62 with the order of :func:`_pair_preact`
+    at 8 warps); m = 2 3.84 (was 4.31)."""
     return (16, 256) if uses_gpu_launches(device) else (8, 16)
+
+
+#: Warps of the forward's 16 × 256 tile: 4, so a thread holds 16 rows × 2 columns and each
+#: 16-row vector load of F_1 and each w_out load serves 32 pairs (python/sass_report.py).
+OUTER_FORWARD_WARPS = 4
 
 
 def _bwd_tiles(device) -> tuple[int, int]:
@@ -415,7 +428,7 @@ def outer_forward(kind, act, factors, wout, bout, distinct=False):
     with launch_device(Ft):
         _outer_fwd_kernel[(G,)](Ft, wout, bout, stats, row_lse, B, S, H, NF=nf, RED=red,
                                 ACT=act, BLOCK_R=br, BLOCK_C=bc, DISTINCT=distinct,
-                                num_warps=8 if uses_gpu_launches(device) else 1)
+                                num_warps=OUTER_FORWARD_WARPS if uses_gpu_launches(device) else 1)
     plan = marginal_plan(kind, B, nf, None, distinct)  # the sample and candidate counts
     value, stat = marginal_value(kind, stats, row_lse, plan.N, plan.candidates)
     return value, Ft, (Ft.new_empty(0) if stat is None else stat)
