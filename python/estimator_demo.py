@@ -4,7 +4,8 @@
 
 Two 4-d Gaussians with per-dimension correlation ρ = 0.6 have I = −2·log(1 − ρ²) ≈ 0.89 nats.
 An MLPCritic is trained with each loss; the printed estimates should approach I (InfoNCE is
-capped by log B).
+capped by log B).  Progress bars are drawn only on a terminal: piped or redirected output
+(a log file) gets the plain result lines, no carriage-return frames.
 """
 import argparse
 import math
@@ -13,6 +14,7 @@ import torch
 from tqdm import trange
 
 import mdm_kernels as mk
+from mdm_kernels._cli import interactive
 
 
 def sample(n, d, rho, generator, device):
@@ -25,7 +27,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="critic updates per estimator")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (already the case when the output is not a terminal)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--backend", default="auto", choices=mk.BACKEND_NAMES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -41,7 +44,7 @@ def main():
         g = torch.Generator(device=args.device).manual_seed(0)
         critic = mk.MLPCritic((d, d), hidden=(64,)).to(args.device)
         opt = torch.optim.Adam(critic.parameters(), lr=2e-3)
-        for _ in trange(args.steps, desc=name, leave=False, disable=args.quiet):
+        for _ in trange(args.steps, desc=name, leave=False, disable=args.quiet or not interactive()):
             x, y = sample(args.batch_size, d, rho, g, args.device)
             loss = loss_fn(critic, x, y, generator=g, backend=args.backend)
             opt.zero_grad()

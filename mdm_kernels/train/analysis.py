@@ -336,8 +336,9 @@ def sweep_table(summary: list[dict], keys=KEYS) -> str:
     lines = ["| model | penalty | seeds | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |",
              "|" + "---|" * (3 + len(keys))]
     for r in summary:
-        cells = [("n/a" if not math.isfinite(r[k][0]) else f"{r[k][0]:.4f} ± {r[k][1]:.4f}") for k in keys]
-
+        # one seed has no spread: the mean alone (the seeds column says n = 1), not "± 0.0000"
+        cells = [("n/a" if not math.isfinite(r[k][0]) else f"{r[k][0]:.4f}" if r["n"] < 2
+                  else f"{r[k][0]:.4f} ± {r[k][1]:.4f}") for k in keys]
         lines.append(f"| {r['model']} | {r['penalty']} | {r['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
