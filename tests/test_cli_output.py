@@ -44,13 +44,22 @@ def test_piped_training_prints_plain_epoch_lines(tmp_path):
     assert len(epochs) == 2 and "val MAE" in epochs[0]
 
 
-def test_benchmark_summary_at_the_end_of_pytest():
+def test_benchmark_summary_at_the_end_of_pytest(tmp_path):
+    saved = tmp_path / "summary.txt"
     proc = _run(["-m", "pytest", "benchmarks/test_ops.py", "--benchmark-only", "--bench-sizes", "smoke",
-                 "-q", "-p", "no:cacheprovider", "-k", "mine and B32 and not compile"], timeout=600)
+                 "-q", "-p", "no:cacheprovider", "-k", "mine and B32 and not compile",
+                 "--bench-summary", str(saved)], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
     out = proc.stdout
     summary = out[out.index("mdm_kernels benchmark summary"):]
     assert "Paper scale, m = 3" in summary and "B=32: eager " in summary
+    # a plain legend instead of "N× eager / compile ... mem ÷: its peak memory divided by ..."
+    assert "How to read it" in summary and "times less memory than eager" in summary
+    assert "N× eager / compile" not in summary
+    # findable: written to a file, whose path is the run's last line
+    assert "B=32: eager " in saved.read_text(encoding="utf-8")
+    assert out.strip().splitlines()[-1] == (f"mdm_kernels benchmark summary: {saved} (printed above "
+                                            "under 'mdm_kernels benchmark summary')")
     if not torch.cuda.is_available():
         assert "skipped rows, by reason:" in summary and "rows are GPU-only" in summary
         # CPU memory is torch's allocator, not one 4 kB page
