@@ -58,7 +58,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
 
 def test_config_file_and_precedence(tmp_path):
     cfg_file = tmp_path / "c.json"
-    cfg_file.write_text(json.dumps({"model": "tfn", "critic-steps": 3, "lr": 0.01}))
+    cfg_file.write_text(json.dumps({"model": "tfn", "penalty": "mine", "critic-steps": 3, "lr": 0.01}))
     cfg = parse_args(["--config", str(cfg_file), "--lr", "0.002"])
     assert cfg.model == "tfn" and cfg.critic_steps == 3 and cfg.lr == 0.002
     y = tmp_path / "c.yaml"
@@ -160,6 +160,8 @@ def test_debug_shows_the_traceback(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UsageError, match="--out"):
         main(SMALL + ["--out", str(tmp_path / "file"), "--debug"])
+    with pytest.raises(UsageError, match="--epochs must be >= 1"):  # refused while parsing too
+        main(SMALL + ["--epochs", "0", "--debug"])
 
 
 def test_ctrl_c_hint_resumes_exactly_as_written(tmp_path, capsys, monkeypatch):

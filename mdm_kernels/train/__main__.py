@@ -2,14 +2,20 @@
 
 A user error (a bad value, an ``--out`` that cannot be a directory, a refused checkpoint, a
 backend that cannot run here...) is one line naming the option and exit status 2;
-``--debug`` shows the traceback instead.  Ctrl-C prints the command that continues the run.
+``--debug`` shows the traceback first.  A refused run leaves no ``--out`` directory behind.
+
+The run's configuration is written to ``OUT/config.json`` before anything else (before the
+data and torch are even loaded), so Ctrl-C at any point -- it prints the command that
+continues the run -- can be followed by ``--resume --out OUT`` with the run's own options.
 """
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 
-from .._cli import ensure_out_dir, one_line_user_errors
+from .._cli import one_line_user_errors, out_dir_removed_if_refused
+from .checkpoint import RUN_CONFIG, write_run_config
 from .config import parse_args
 
 PROG = "python -m mdm_kernels.train"
@@ -27,8 +33,10 @@ def main(argv=None) -> int:
         return None
 
     try:
-        with one_line_user_errors(PROG, argv, name_the_option):
-            ensure_out_dir(cfg.out)
+        with one_line_user_errors(PROG, argv, name_the_option), \
+                out_dir_removed_if_refused(cfg.out, disposable=(RUN_CONFIG,)):
+            if os.environ.get("RANK", "0") == "0":  # under torchrun: written once, by rank 0
+                write_run_config(cfg.to_dict(), cfg.out)  # on disk before the first epoch
             from .loop import train
             train(cfg)
     except KeyboardInterrupt:

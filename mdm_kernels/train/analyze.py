@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 
-from .._cli import OneLineParser, ensure_out_dir, one_line_user_errors
+from .._cli import OneLineParser, one_line_user_errors, out_dir_removed_if_refused
 from .config import PENALTIES
 from .models import MODELS
 
@@ -94,9 +95,10 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     from . import analysis
-    with one_line_user_errors(PROG, argv):  # one line naming the option, exit status 2
-        if getattr(args, "out", None) is not None:
-            ensure_out_dir(args.out)
+    # one line naming the option, exit status 2; a refused run leaves no empty --out behind
+    with one_line_user_errors(PROG, argv), (
+            out_dir_removed_if_refused(args.out) if getattr(args, "out", None) is not None
+            else contextlib.nullcontext()):
         if args.cmd == "drop":
             res = analysis.run_drop(args.runs, args.out, modes=args.modes, split=args.split, device=args.device,
                                     seed=args.seed)

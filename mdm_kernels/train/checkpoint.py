@@ -6,11 +6,17 @@ stores is of those types: model/optimizer state dicts, the configuration as a di
 values, and the RNG states (torch/generator states are uint8 tensors, Python's is a tuple of
 ints, NumPy's is converted by :func:`numpy_state_to_plain`).
 
+The run's configuration is also on disk from the start, before the first epoch:
+``OUT/config.json`` (:func:`write_run_config`, plain JSON, never unpickled), so that a run
+interrupted before its first checkpoint still resumes with its own options.
 :func:`mdm_kernels.train.config.resume_values` restores a run's own configuration for
-``--resume`` from what :func:`load_checkpoint` returns.
+``--resume`` from ``last.pt`` (:func:`load_checkpoint`) or, before the first checkpoint, from
+``config.json`` (:func:`read_run_config`).
 """
 from __future__ import annotations
 
+import json
+import os
 import pickle
 import re
 from pathlib import Path
@@ -60,3 +66,31 @@ def numpy_state_from_plain(st: dict) -> tuple:
     """Inverse of :func:`numpy_state_to_plain`, for ``np.random.set_state``."""
     keys = st["keys"].cpu().numpy().astype(np.uint32)
     return st["name"], keys, st["pos"], st["has_gauss"], st["cached_gaussian"]
+
+
+#: The run's configuration, written by ``python -m mdm_kernels.train`` before training starts.
+RUN_CONFIG = "config.json"
+
+
+def write_run_config(config: dict, out) -> Path:
+    """Write ``config`` (plain values) to ``OUT/config.json`` atomically; returns the path."""
+    path = Path(out) / RUN_CONFIG
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_run_config(out) -> dict:
+    """The configuration in ``OUT/config.json`` (JSON only: nothing is unpickled); a file
+    that is not a JSON object raises :class:`CheckpointError` naming it."""
+    path = Path(out) / RUN_CONFIG
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable run configuration ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a run configuration of python -m mdm_kernels.train "
+                              "(expected a JSON object of option names to values)")
+    return data

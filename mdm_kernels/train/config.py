@@ -60,8 +60,9 @@ HELP = {
     "weight": "lambda: the model minimises task loss - lambda * dependency (default: 0.1)",
     "critic_steps": "critic updates (maximising the bound) before each model update (default: 1)",
     "negatives": "negative samples for the bound: 'shuffle' (one permutation), an integer K "
-                 "(K shuffled negatives per sample) or 'all' (every combination of rows: B^m samples) (default: the estimator's "
-                 "own: all for infonce, shuffle otherwise)",
+                 "(K shuffled negatives per sample), 'all' (every combination of rows: B^m samples) or "
+                 "'distinct' (every combination of pairwise distinct rows, the unbiased form) (default: "
+                 "the estimator's own: all for infonce, shuffle otherwise)",
     "ema_decay": "mine only: moving-average bias correction of the MINE critic loss with this "
                  "decay, e.g. 0.99 (default: off)",
     "critic_hidden": "hidden width of the critic MLP (default: 128)",
@@ -95,8 +96,9 @@ HELP = {
     "out": "output directory: metrics.json, best.pt, last.pt (default: runs/mosi)",
     "resume": "continue the run in OUT from OUT/last.pt with the run's own configuration "
               "(an explicit flag that contradicts it is an error; --epochs, --patience, "
-              "--device, --backend, --data-dir and --quiet may change); starts fresh, with a "
-              "note, when there is no checkpoint",
+              "--device, --backend, --data-dir and --quiet may change); a run interrupted "
+              "before its first checkpoint restarts from OUT/config.json (written at the start) "
+              "with its own configuration; a directory with neither is refused",
     "skip_test": "do not evaluate the test split at the end (model selection on validation)",
     "quiet": "no progress bars or per-epoch lines (the final table is still printed)",
     "dist_timeout": "under torchrun: seconds a process may wait in init_process_group or in a "
@@ -110,13 +112,14 @@ def _negatives(v) -> str | int | None:
         return None
     if isinstance(v, int) and not isinstance(v, bool):
         k = v
-    elif isinstance(v, str) and v in ("shuffle", "all"):
+    elif isinstance(v, str) and v in ("shuffle", "all", "distinct"):
         return v
     else:
         try:
             k = int(str(v))
         except ValueError:
-            raise ValueError(f"--negatives must be 'shuffle', 'all' or a positive integer, got {v!r}") from None
+            raise ValueError(f"--negatives must be 'shuffle', 'all', 'distinct' or a positive integer, "
+                             f"got {v!r}") from None
     if k < 1:
         raise ValueError(f"--negatives must be a positive integer, got {k}")
     return k
@@ -220,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--penalty", choices=PENALTIES, default=S, help=HELP["penalty"])
     p.add_argument("--weight", type=float, default=S, metavar="LAMBDA", help=HELP["weight"])
     p.add_argument("--critic-steps", type=int, default=S, metavar="N", help=HELP["critic_steps"])
-    p.add_argument("--negatives", default=S, metavar="{shuffle,K,all}", help=HELP["negatives"])
+    p.add_argument("--negatives", default=S, metavar="{shuffle,K,all,distinct}", help=HELP["negatives"])
     p.add_argument("--ema-decay", type=float, default=S, help=HELP["ema_decay"])
     p.add_argument("--critic-hidden", type=int, default=S, metavar="N", help=HELP["critic_hidden"])
     p.add_argument("--critic-lr", type=float, default=S, help=HELP["critic_lr"])
@@ -262,18 +265,23 @@ def resume_values(explicit: dict, defaults: dict) -> dict:
     """The configuration of ``--resume``: the run's own configuration from ``OUT/last.pt``,
     with the explicitly given values (flags, ``--config`` file) on top.  An explicit value of
     an option outside :data:`RESUME_MAY_CHANGE` that differs from the checkpoint's raises
-    ValueError naming the flag.  Without a checkpoint ``explicit`` is returned unchanged
-    (training starts fresh, with a note).
+    ValueError naming the flag.  Before the first checkpoint the configuration comes from
+    ``OUT/config.json`` (written when the run started); a directory with neither is refused
+    (ValueError saying what ``--resume`` needs).
 
     ``explicit``: option name -> value as given; ``defaults``: option name -> default (the
     options known to this version; checkpoint keys outside it are ignored)."""
-    from .checkpoint import CheckpointError, load_checkpoint
+    from .checkpoint import RUN_CONFIG, CheckpointError, load_checkpoint, read_run_config
     out = Path(explicit.get("out", defaults["out"]))
     path = out / "last.pt"
-    if not path.is_file():
-        return explicit
+    if not path.is_file() and not (out / RUN_CONFIG).is_file():
+        raise ValueError(f"--resume: no run to continue in {out} (neither last.pt nor {RUN_CONFIG}); "
+                         f"--resume needs the --out of a run started by python -m mdm_kernels.train, "
+                         f"or drop --resume to start a new run there")
     try:
-        saved = {k: v for k, v in load_checkpoint(path)["config"].items() if k in defaults}
+        saved = load_checkpoint(path)["config"] if path.is_file() else read_run_config(out)
+        saved = {k: v for k, v in saved.items() if k in defaults}
+        saved.pop("resume", None)
     except CheckpointError as exc:
         raise CheckpointError(f"--resume: {exc}") from None
     saved_cfg = validate(TrainConfig(**{**saved, "out": str(out)}))
@@ -290,6 +298,35 @@ def resume_values(explicit: dict, defaults: dict) -> dict:
     return merged
 
 
+#: Options that act only through the dependency penalty: with ``--penalty none`` a value other
+#: than the default changes nothing, so the command line refuses it.
+PENALTY_ONLY = ("weight", "critic_steps", "negatives", "ema_decay", "critic_hidden", "critic_lr", "gp_weight",
+                "critic_input", "dependency_cap", "backend")
+
+
+def check_effective(cfg: TrainConfig, given) -> None:
+    """Refuse options in ``given`` (the names set on the command line or in ``--config``) that
+    contradict the configuration or would have no effect in it: a penalty option with
+    ``--penalty none`` (e.g. ``--backend triton``: the baseline launches no penalty kernel),
+    ``--gp-weight`` without ``--penalty wasserstein`` and ``--data-dir`` with ``--dataset
+    synthetic``.  ValueError naming the option."""
+    defaults = TrainConfig()
+    if "data_dir" in given and cfg.data_dir is not None and cfg.dataset != "mosi":
+        raise ValueError(f"--data-dir {cfg.data_dir} has no effect with --dataset {cfg.dataset} (it is "
+                         f"where MOSI is read from); drop --data-dir or use --dataset mosi")
+    for name in given:
+        if name not in PENALTY_ONLY or getattr(cfg, name) == getattr(defaults, name):
+            continue
+        flag = f"--{name.replace('_', '-')} {getattr(cfg, name)}"
+        if cfg.penalty == "none":
+            raise ValueError(f"{flag} has no effect with --penalty none (the baseline has no dependency "
+                             f"penalty, so no critic and no penalty kernels); add --penalty "
+                             f"{{{','.join(PENALTIES[1:])}}} or drop {flag.split()[0]}")
+        if name == "gp_weight" and cfg.penalty != "wasserstein":
+            raise ValueError(f"{flag} has no effect with --penalty {cfg.penalty} (the gradient penalty "
+                             f"belongs to --penalty wasserstein); drop --gp-weight")
+
+
 def parse_args(argv=None) -> TrainConfig:
     parser = build_parser()
     ns = vars(parser.parse_args(argv))
@@ -299,8 +336,15 @@ def parse_args(argv=None) -> TrainConfig:
         if "config" in ns:
             values.update(load_config_file(ns.pop("config")))
         values.update(ns)
+        given = set(values)
         if values.get("resume"):  # the run's own configuration from OUT/last.pt, flags on top
-            values = resume_values(values, {f.name: f.default for f in fields(TrainConfig)})
-        return validate(TrainConfig(**values))
+            try:
+                values = resume_values(values, {f.name: f.default for f in fields(TrainConfig)})
+            except ValueError as e:  # about the run directory, not the syntax: no "(see --help)"
+                from .._cli import UsageError
+                raise UsageError(str(e)) from e
+        cfg = validate(TrainConfig(**values))
+        check_effective(cfg, given)
+        return cfg
     except (ValueError, FileNotFoundError, ImportError, TypeError) as e:
         parser.error(str(e))

@@ -190,8 +190,9 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
                 _set_rng_state(ck["rng"], gens)
             log(f"resumed from {last_path} after epoch {state['epoch']}")
         else:
-            log(f"--resume: no checkpoint in {out}, starting fresh")
-
+            # interrupted before its first checkpoint: cfg is the run's own (OUT/config.json)
+            log(f"--resume: no checkpoint in {out} yet (interrupted before epoch 1 ended): "
+                f"starting at epoch 1 with the run's configuration")
 
     loss_fn = nn.L1Loss()
     net = model  # what the training step calls; DDP-wrapped under torchrun
