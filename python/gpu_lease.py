@@ -1590,7 +1590,7 @@ def summary(out: Path, print_=print) -> int:
         print_(f"no {path}")
         return 1
     stages: dict = {}
-    fails, recal = [], None
+    fails, recal, smoke, warmed = [], None, [], []
     for line in path.read_text().splitlines():
         try:
             r = json.loads(line)
@@ -1612,11 +1612,25 @@ def summary(out: Path, print_=print) -> int:
             st["seconds"], st["status"] = r["seconds"], r["stage_end"]
         if "max_work_recalibrated" in r:
             recal = r
+        if r["stage"] == "smoke" and "ok" in r:
+            smoke.append(r)
+        if r["stage"] == "precompile" and "kernel" in r:
+            warmed.append(r)
     print_(f"{'stage':16s} {'pass':>5s} {'fail':>5s} {'skip':>5s} {'seconds':>8s}  status")
     for name, st in stages.items():
         print_(f"{name:16s} {st['ok']:5d} {st['fail']:5d} {st['skipped']:5d} "
                f"{st['seconds'] if st['seconds'] is not None else '-':>8}  "
                f"{st['status'] or 'unfinished'}")
+    if warmed:
+        print_(f"precompile: {len(warmed)} keys, "
+               f"{sum(1 for w in warmed if 'error' not in w)} in the cache, "
+               f"{sum(1 for w in warmed if 'fallback' in w)} by running their item, "
+               f"{sum(1 for w in warmed if 'error' in w)} failed; "
+               f"{sum(w.get('seconds', 0) for w in warmed):.0f} worker-seconds")
+    for r in smoke:
+        print_(f"smoke {r['item']:22s} [{r.get('path')}] max_rel {r.get('max_rel', float('nan')):.2e}"
+               f" (tol {r.get('tol')}) first call {r.get('first_call_s', float('nan')):.2f} s "
+               f"{'PASS' if r['ok'] else 'FAIL'}")
     for f in fails[:20]:
         print_(f"FAIL {f}")
     if recal:
