@@ -637,9 +637,13 @@ def capture_item(item: Item, execute: bool = False) -> list[dict]:
 
 
 def source_hash() -> str:
-    """Hash of the kernel sources and of this file: a stored plan is stale when it changes."""
+    """Hash of the package's sources, the benchmark workloads and this file: a stored plan
+    is stale when any of them changes (the launches depend on the routing, the samples'
+    layout and the critic too, not only on the kernels)."""
     h = hashlib.sha256()
-    for path in sorted((ROOT / "mdm_kernels" / "ops").glob("*.py")) + [Path(__file__)]:
+    paths = sorted((ROOT / "mdm_kernels").rglob("*.py"))
+    for path in paths + [ROOT / "benchmarks" / "mdm_bench.py", Path(__file__)]:
+        h.update(str(path.relative_to(ROOT)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
