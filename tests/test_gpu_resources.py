@@ -145,6 +145,43 @@ def test_variants_compile_at_the_launch_num_stages():
             assert v.num_stages is None and v.stages() == 3, v.label
 
 
+def test_the_gate_compiles_every_headline_launch_as_launched():
+    """Every launch the library makes at paper scale (m = 3, d = 64, H = 128; B = 256 and
+    1,024: MINE, "all" over m = 2 and 3, the penalty), recorded under the sm_90 launch
+    emulation without executing (python/sass_report.py), has a gate variant of the same
+    kernel with the same tile constexprs, num_warps and num_stages."""
+    sys.path.insert(0, str(ROOT / "python"))
+    try:
+        import sass_report
+    finally:
+        sys.path.pop(0)
+    launches = sass_report.capture(sass_report.headline_workloads((256, 1024)))
+    compiled = {}
+    for v in gr.all_variants():
+        tiles = tuple(sorted((k, val) for k, val in v.constexprs.items()
+                             if k in _TILE_KEYS))
+        compiled.setdefault(getattr(v.kernel, "fn", v.kernel).__name__, set()).add(
+            (tiles, v.num_warps, v.stages()))
+    assert {rec["kernel"] for rec in launches} >= {
+        "_outer_fwd_kernel", "_outer_bwd_kernel", "_sum_splits_kernel", "_gp_kernel",
+        "_single_program_fwd_kernel", "_single_program_bwd_kernel", "_bounds_fwd_kernel",
+        "_bounds_bwd_kernel"}
+    missing = []
+    for rec in launches:
+        tiles = tuple(sorted((k, val) for k, val in rec["constexprs"].items()
+                             if k in _TILE_KEYS))
+        if (tiles, rec["num_warps"], rec["num_stages"]) not in compiled[rec["kernel"]]:
+            missing.append(f"{rec['workload']}: {rec['kernel']} {dict(tiles)} "
+                           f"num_warps={rec['num_warps']} num_stages={rec['num_stages']}")
+    assert not missing, "launches the gate does not compile:\n" + "\n".join(missing)
+
+
+#: Constexprs that set a launch's tile (the gate compiles each at the widest hidden layer,
+#: so the hidden-layer blocks may differ).
+_TILE_KEYS = {"BLOCK_N", "BLOCK_R", "BLOCK_C", "BLOCK_S", "BLOCK_O", "BLOCK", "BLOCK_K",
+              "BLOCK_D"}
+
+
 #: Fresh process, Triton cache empty: compile a sample of table rows as their launches do and
 #: take the figures from the ptxas run Triton itself makes (its command line and log are
 #: captured where Triton's backend calls subprocess.run), not from the gate's measuring code.
