@@ -282,7 +282,7 @@ def ncu_items() -> list[Item]:
 
 #: launch-cost stage: B of the forced one-program / multi-program sweep (MINE shuffle,
 #: m = 3, d = 64, H = 128: the cost model's workload).
-CROSSOVER_BATCHES = (256, 1024, 4096)
+CROSSOVER_BATCHES = (256, 512, 1024, 2048, 4096)
 
 
 def launch_cost_items() -> list[Item]:
