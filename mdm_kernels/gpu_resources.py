@@ -685,7 +685,8 @@ def outer_sum_variants() -> list[Variant]:
                                                        BLOCK_R=br, BLOCK_C=bc, DISTINCT=True),
                            ints, num_warps=osm.OUTER_FORWARD_WARPS))
         out.append(bwd(nf, gmodes[0], 0, "gelu", gelu, distinct=True))
-    out.append(Variant("outer_sums", "split sums", osm._sum_splits_kernel, dict(BLOCK=1024),
+    out.append(Variant("outer_sums", "split sums", osm._sum_splits_kernel,
+                       dict(BLOCK=osm.SPLIT_SUM_BLOCK),
                        dict(n=256 * 512, NSPLIT=8), num_warps=4))
     return out
 

@@ -12,10 +12,11 @@ import atexit
 import json
 import os
 
-#: constexprs that only size a tile to the layer widths (or select the activation): two
-#: launches differing only in these run the same launch decisions.
+#: constexprs that only size a tile to the layer widths, count the modalities or the
+#: backward's row/column blocks, or select the activation: two launches differing only in
+#: these make the same launch decisions (tile table, warps, stages, structural switches).
 WIDTH_CONSTEXPRS = frozenset({"ACT", "BLOCK_H1", "BLOCK_H2", "BH1", "BH2", "BK", "BHO", "BC",
-                              "BJ", "BLOCK_D", "DOT_PREC"})
+                              "BJ", "BLOCK_D", "DOT_PREC", "M", "M_TERMS", "NRB", "NHB"})
 
 
 def launch_identity(kernel: str, constexprs: dict, num_warps: int, num_stages: int) -> str:

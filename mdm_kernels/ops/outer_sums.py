@@ -385,6 +385,13 @@ def outer_backward_grid(batch_size: int, num_factors: int, num_sms: int,
                              owned_programs, triton.cdiv(swept_blocks, per_split), per_split)
 
 
+#: Elements per program of the split sums: 256 (2 per thread at 4 warps), so the H × S
+#: slice of a paper-scale launch (128 × 256) is 128 programs, about one per SM of an
+#: H100/H200 — each reads its column of every split serially, a memory-bound loop
+#: (1,024 gave 32 programs, a quarter of the SMs drawing bandwidth; issue 24).
+SPLIT_SUM_BLOCK = 256
+
+
 def _sum_splits(parts: torch.Tensor) -> torch.Tensor:
     """Σ_q parts[q] over the leading (split) axis, in split order, by one launch."""
     if parts.shape[0] == 1:
@@ -392,9 +399,8 @@ def _sum_splits(parts: torch.Tensor) -> torch.Tensor:
     out = fresh_empty(parts.shape[1:], device=parts.device, dtype=parts.dtype)
     n = out.numel()
     gpu = uses_gpu_launches(parts.device)
-    block = 1024 if gpu else 256
-    _sum_splits_kernel[(triton.cdiv(n, block),)](parts, out, n, parts.shape[0], BLOCK=block,
-                                                  num_warps=4 if gpu else 1)
+    _sum_splits_kernel[(triton.cdiv(n, SPLIT_SUM_BLOCK),)](
+        parts, out, n, parts.shape[0], BLOCK=SPLIT_SUM_BLOCK, num_warps=4 if gpu else 1)
     return out
 
 
