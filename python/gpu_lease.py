@@ -906,6 +906,14 @@ def stage_launch_cost(ctx: Ctx) -> None:
             cross = sp.single_program_work(b, list(PAPER["dims"]), list(PAPER["hidden"]), b)
             break
     res["measured_crossover_work"] = cross
+    # the launch cost the paper-scale steps imply: their difference over the difference
+    # of dispatched ops (the cost model's L_multi − L_one), where the work is ~equal
+    a, g_ = steps.get(f"mine-B{CROSSOVER_BATCHES[0]}-single"), \
+        steps.get(f"mine-B{CROSSOVER_BATCHES[0]}-grid")
+    if a is not None and g_ is not None and g_ > a:
+        implied = (g_ - a) / (sp.MULTI_PROGRAM_OPS - sp.SINGLE_PROGRAM_OPS)
+        res.update(t_launch_implied_s=implied,
+                   max_work_implied=sp.single_program_max_work(launch_overhead_s=implied))
     ctx.rec.emit("launch_cost", **res)
     ctx.rec.log(f"launch_cost: t_launch measured {t_launch * 1e6:.2f} µs (assumed "
                 f"{sp.LAUNCH_OVERHEAD_S * 1e6:.0f} µs; empty Triton launch "
@@ -913,6 +921,11 @@ def stage_launch_cost(ctx: Ctx) -> None:
                 f"{res['torch_tiny_op_s'] * 1e6:.2f} µs"
                 + (f", graph replay {res['cuda_graph_replay_per_op_s'] * 1e6:.2f} µs/op"
                    if "cuda_graph_replay_per_op_s" in res else "") + ")")
+    if "t_launch_implied_s" in res:
+        ctx.rec.log(f"launch_cost: the paper-scale steps imply {res['t_launch_implied_s'] * 1e6:.2f}"
+                    f" µs per dispatched op (their difference over "
+                    f"{sp.MULTI_PROGRAM_OPS - sp.SINGLE_PROGRAM_OPS} ops): W* "
+                    f"{res['max_work_implied']:.3g}")
     ctx.rec.log(f"RECALIBRATION SINGLE_PROGRAM_MAX_WORK: now {w_now:.3g}; cost model with the "
                 f"measured t_launch {w_model:.3g}; measured crossover "
                 f"{'none below B=' + str(CROSSOVER_BATCHES[-1]) if cross is None else f'{cross:.3g}'}"
