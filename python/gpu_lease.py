@@ -13,7 +13,7 @@ time-out keeps what finished.
     python3 python/gpu_lease.py plan --out FILE                   # the launch list only
     python3 python/gpu_lease.py measure-compiles [--per-kernel N] # compile times, sm_90
 
-Call 1 (the evidence; ~8 minutes): ``env`` (GPU, driver, versions, copy bandwidth) →
+Call 1 (the evidence; budget 440 s): ``env`` (GPU, driver, versions, copy bandwidth) →
 ``precompile`` (the distinct Triton compilations of the call, warmed into Triton's cache by a
 process pool, ``Pool.apply_async`` in launch-list order, while the next stages run) →
 ``smoke`` (every family at paper scale against the float64 reference, values and gradients)
@@ -21,7 +21,7 @@ process pool, ``Pool.apply_async`` in launch-list order, while the next stages r
 each autotune candidate) → ``launch_cost`` (empty Triton launch, tiny torch op, CUDA-graph
 replay, one-program vs multi-program forced; prints the recalibrated one-program threshold)
 → ``bench`` (the headline rows beside eager and ``torch.compile``, incremental).
-Call 2 (~4 minutes): ``cuda_build`` (the extension, built in the background since call 1
+Call 2 (budget 310 s): ``cuda_build`` (the extension, built in the background since call 1
 when the machine stayed warm) → ``sanitize_triton`` (compute-sanitizer memcheck, one launch
 per Triton family) → ``cuda_tests`` → ``sanitize_cuda`` (memcheck + racecheck of the CUDA
 ops) → ``bench_cuda`` → ``ncu`` (the two headline kernels, if time remains).
