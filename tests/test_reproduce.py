@@ -125,3 +125,91 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         analyze.main(TINY + ["--seeds", "0", "--out", str(tmp_path / "o"), "--lambdas", "0.1,x"])
     assert e.value.code == 2 and "--lambdas" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- issue 25
+def test_plan_order_blocks_variants_and_pairs():
+    grid = {"weight": (0.1, 1.0), "critic_steps": (1,), "critic_hidden": (8,)}
+    order = rep.parse_order("mfn:none+wasserstein; glove/mfn:none+wasserstein")
+    assert order == [[(None, "mfn", ["none", "wasserstein"])], [("glove", "mfn", ["none", "wasserstein"])]]
+    p = rep.plan(["mfn"], ["none", "mine", "wasserstein"], [0, 1], grid,
+                 extra={"glove": (["mfn"], ["none", "wasserstein"])}, order=order)
+    labels = [(r["phase"], r["variant"], r["penalty"], r.get("seed")) for r in p]
+    assert labels == [
+        # block 1: its selection, then both arms seed by seed
+        ("select", None, "wasserstein", None), ("select", None, "wasserstein", None),
+        ("final", None, "none", 0), ("final", None, "wasserstein", 0),
+        ("final", None, "none", 1), ("final", None, "wasserstein", 1),
+        # block 2: the GloVe table, selected on its own
+        ("select", "glove", "wasserstein", None), ("select", "glove", "wasserstein", None),
+        ("final", "glove", "none", 0), ("final", "glove", "wasserstein", 0),
+        ("final", "glove", "none", 1), ("final", "glove", "wasserstein", 1),
+        # the cells no block named come last
+        ("select", None, "mine", None), ("select", None, "mine", None),
+        ("final", None, "mine", 0), ("final", None, "mine", 1)]
+    with pytest.raises(ValueError, match="variant"):
+        rep.parse_order("bert/mfn")
+
+
+def test_paired_statistics_match_scipy_and_hand_values():
+    from scipy.stats import norm, wilcoxon
+    a = [0.70, 0.72, 0.71, 0.75, 0.74, 0.73, 0.76, 0.70]
+    b = [0.69, 0.70, 0.71, 0.72, 0.73, 0.70, 0.74, 0.68]
+    d = [x - y for x, y in zip(a, b)]
+    assert rep.signed_rank(a, b) == pytest.approx(wilcoxon(d).pvalue)
+    assert math.isnan(rep.signed_rank([1.0, 2.0], [1.0, 2.0]))  # no non-zero difference
+    assert rep.min_signed_rank_p(5) == pytest.approx(0.0625) and rep.min_signed_rank_p(6) < 0.05
+    lo, hi = rep.bootstrap_ci(d)
+    assert lo < sum(d) / len(d) < hi and (lo, hi) == rep.bootstrap_ci(d)  # fixed generator: exact rerun
+    sd = float(torch.tensor(d, dtype=torch.float64).std())
+    want = (norm.ppf(0.975) + norm.ppf(0.8)) * sd / math.sqrt(len(d)) / math.sqrt(3 / math.pi)
+    assert rep.min_detectable_effect(sd, len(d)) == pytest.approx(want)
+    assert rep.min_detectable_effect(sd, len(d), alpha=0.05 / 9) > want
+
+
+def _run(m, p, seed, acc7):
+    return {"model": m, "penalty": p, "seed": seed, "metrics": {k: acc7 for k in ("acc7", "acc2", "f1",
+            "acc2_nonzero", "f1_nonzero", "mae", "corr", "robust_ratio")}}
+
+
+def test_compare_pairs_by_seed_and_holm_over_the_family():
+    base = [0.30, 0.31, 0.32, 0.33, 0.34, 0.35, 0.36, 0.37]
+    runs = [_run("mfn", "none", s, v) for s, v in enumerate(base)]
+    runs += [_run("mfn", "wasserstein", s, v + 0.02 + 0.001 * s) for s, v in enumerate(base)]
+    runs += [_run("mfn", "mine", s, v - 0.001 * (s + 1)) for s, v in enumerate(base[:5])]  # 5 seeds only
+    rows = rep.compare(runs, ["mfn"], ["none", "mine", "wasserstein"])
+    w = next(r for r in rows if r["penalty"] == "wasserstein")["acc7"]
+    assert w["seeds"] == list(range(8)) and w["delta"] == pytest.approx(0.0235)
+    assert w["p_signed"] == pytest.approx(2 / 2 ** 8) and w["p_holm"] == pytest.approx(2 * w["p_signed"])
+    assert w["family"] == 2 and rep.cell_verdict(w, "acc7") == "holds"
+    assert rep.cell_verdict(w, "mae") == "does not hold (significantly worse)"  # higher MAE is worse
+    k = next(r for r in rows if r["penalty"] == "mine")["acc7"]
+    assert k["seeds"] == [0, 1, 2, 3, 4] and rep.cell_verdict(k, "acc7") == "cannot be tested"
+
+
+def test_tiny_grid_with_glove_table_order_and_previous(tmp_path):
+    out, doc = tmp_path / "grid", tmp_path / "docs" / "reproduction.md"
+    args = ["reproduce", "--dataset", "synthetic", "--models", "ef_lstm", "--penalties", "none,nwj",
+            "--epochs", "2", "--patience", "1", "--lambdas", "0.1", "--unrolls", "1", "--critic-hiddens", "8",
+            "--no-progress", "--seeds", "0,1", "--out", str(out), "--doc", str(doc),
+            "--glove-models", "ef_lstm", "--glove-penalties", "none,nwj", "--drop-checkpoints",
+            "--order", "glove/ef_lstm;ef_lstm"]
+    assert analyze.main(args) == 0
+    res = json.loads((out / "reproduce.json").read_text())
+    assert len(res["runs"]) == 8 and not res["missing"] and res["planned_final_runs"] == 8
+    glove = [r for r in res["runs"] if r["variant"] == "glove"]
+    assert len(glove) == 4 and all(r["config"]["text_features"] == "glove" for r in glove)
+    assert all("/glove/runs/" in r["run_dir"] for r in glove)
+    assert not list(out.rglob("runs/*/*.pt"))  # --drop-checkpoints: the JSON results stay
+    pen = [r for r in res["runs"] if r["penalty"] == "nwj"]
+    assert all(r["cap_binds"] is not None and r["batches"] > 0 for r in pen)
+    (c,) = res["comparisons"]
+    assert c["acc7"]["seeds"] == [0, 1] and "p_signed" in c["acc7"] and len(c["acc7"]["ci"]) == 2
+    # a second report compares its verdicts with the first one's
+    prev = tmp_path / "prev.json"
+    prev.write_text((out / "reproduce.json").read_text())
+    assert analyze.main(args + ["--report-only", "--previous", str(prev)]) == 0
+    text = doc.read_text()
+    for section in ("## Each penalty minus its baseline (paired by seed)", "## What changed since the earlier report",
+                    "## Second table", "## Best epochs", "## The cap on the model's term", "earlier verdict"):
+        assert section in text, section

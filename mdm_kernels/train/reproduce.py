@@ -477,12 +477,25 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
     if previous is not None and Path(previous).is_file():
         prev = json.loads(Path(previous).read_text())
         result["previous"] = {"path": str(previous), "command": prev.get("command"),
-                              "comparisons": prev.get("comparisons", [])}
+                              "comparisons": _nan(prev.get("comparisons", []))}
     out.mkdir(parents=True, exist_ok=True)
     _write_json(result, out / "reproduce.json")
     doc_path = Path(doc) if doc is not None else out / "reproduction.md"
     write_report(result, doc_path)
     return result
+
+
+def _nan(obj):
+    """JSON's null (how NaN is written) back to NaN, recursively."""
+    if obj is None:
+        return float("nan")
+    if isinstance(obj, dict):
+        return {k: _nan(v) if k in ("mean", "std", "delta", "p", "p_holm", "p_signed", "min_p", "base_mean",
+                                     "base_std", "mde", "mde_holm", "delta_sd") else v for k, v in obj.items()} \
+            if "delta" in obj else {k: _nan(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan(v) for v in obj]
+    return obj
 
 
 def _same_config(mpath: Path, cfg: TrainConfig) -> bool:
@@ -537,10 +550,10 @@ def compare(runs, models, penalties, keys=KEYS + ("robust_ratio",)) -> list[dict
                           "p_signed": signed_rank(a, b), "min_p_signed": min_signed_rank_p(nz),
                           "mde": min_detectable_effect(sd, nd)}
             rows.append(row)
-    m_family = len(rows)
     for k in keys:
         adj = holm([r[k]["p_signed"] for r in rows])
         adj_wmw = holm([r[k]["p"] for r in rows])
+        m_family = sum(1 for r in rows if math.isfinite(r[k]["p_signed"]))  # the cells Holm counts
         for r, q, qw in zip(rows, adj, adj_wmw):
             r[k]["p_holm"] = q
             r[k]["p_holm_wmw"] = qw
