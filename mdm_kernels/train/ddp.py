@@ -206,27 +206,47 @@ def init_process_group(backend: str, timeout_s: float) -> None:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
-def continue_after_restart(cfg):
+def continue_after_restart(cfg, info: Dist, device=None):
     """``cfg`` with ``resume=True`` when ``torchrun`` restarted this round after a crash and
     ``OUT/last.pt`` holds a checkpoint of this same configuration (every option outside
     :data:`~mdm_kernels.train.config.RESUME_MAY_CHANGE` equal): the restarted workers
     continue from the last complete epoch, whether or not the command line says
     ``--resume``.  Before the first checkpoint (or with another run's checkpoint in OUT,
-    which the crashed round had not overwritten yet) the round starts from epoch 1 again."""
+    which the crashed round had not overwritten yet) the round starts from epoch 1 again.
+
+    Every rank takes the same decision: on several nodes the launchers count restarts each
+    for itself (a node whose worker did not fail still says 0), so the flag is the maximum
+    over ranks -- a rank that started from epoch 1 beside ranks that resumed would pair its
+    collectives with theirs and train on silently out of step."""
     import dataclasses
     from pathlib import Path
     from .checkpoint import load_checkpoint
     from .config import RESUME_MAY_CHANGE
-    if cfg.resume or elastic_restart() == 0:
+    restarted = elastic_restart() > 0
+    if info.enabled:
+        restarted = bool(_max_over_ranks([restarted], device)[0])
+    if cfg.resume or not restarted:
         return cfg
     last = Path(cfg.out) / "last.pt"
-    if not last.is_file():
-        return cfg
-    saved = load_checkpoint(last)["config"]
-    mine = cfg.to_dict()
-    if any(saved[k] != mine[k] for k in mine if k in saved and k not in RESUME_MAY_CHANGE):
-        return cfg
-    return dataclasses.replace(cfg, resume=True)
+    can = last.is_file()
+    if can:
+        saved = load_checkpoint(last)["config"]
+        mine = cfg.to_dict()
+        can = all(saved[k] == mine[k] for k in mine if k in saved and k not in RESUME_MAY_CHANGE)
+    if info.enabled:
+        some_can, some_cannot = _max_over_ranks([can, not can], device)
+        if some_can and some_cannot:
+            raise ValueError(f"rank {info.rank}: {last} {'is' if can else 'is not'} a checkpoint of "
+                             f"this run here, but not on every rank: --out must be a directory "
+                             f"every node reads (shared storage) for a restart to continue the run")
+    return dataclasses.replace(cfg, resume=True) if can else cfg
+
+
+def _max_over_ranks(flags, device) -> list:
+    t = torch.tensor([int(f) for f in flags], device=device if device is not None else "cpu")
+    with collective("all_reduce (restart flags)"):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
 
 
 def elastic_restart() -> int:

@@ -116,8 +116,8 @@ def train(cfg: TrainConfig, *, _interrupt_after_epoch: int | None = None) -> dic
     return the metrics dict.  ``_interrupt_after_epoch`` (tests) raises KeyboardInterrupt
     right after that epoch's checkpoint is written."""
     validate(cfg)
-    cfg = ddp.continue_after_restart(cfg)  # torchrun --max-restarts: continue from OUT/last.pt
     with ddp.distributed(resolve_device(cfg.device), cfg.dist_timeout) as (info, device):
+        cfg = ddp.continue_after_restart(cfg, info, device)  # torchrun --max-restarts: from OUT/last.pt
         return _train(cfg, device, info, _interrupt_after_epoch)
 
 
