@@ -148,3 +148,21 @@ def test_dependency_cap_option():
     pen = build_penalty(validate(TrainConfig(penalty="mine", dependency_cap="log_batch")), (4, 4, 4),
                         torch.device("cpu"))
     assert pen.cap == "log_batch"
+
+
+def test_cap_binds_are_counted_in_every_epoch_of_the_history(tmp_path):
+    # a cap just above zero binds on every batch whose estimate is positive; either way each
+    # epoch logs the count and the number of batches
+    def run(cap, name):
+        cfg = TrainConfig(model="lf_lstm", dataset="synthetic", penalty="nwj", weight=1.0, epochs=2,
+                          device="cpu", quiet=True, skip_test=True, dependency_cap=cap, out=str(tmp_path / name))
+        with contextlib.redirect_stdout(io.StringIO()):
+            return train(cfg)["history"]
+    tiny = run(1e-6, "tiny")
+    assert all(0 <= h["cap_binds"] <= h["batches"] for h in tiny) and sum(h["cap_binds"] for h in tiny) > 0
+    default = run("log_batch", "default")
+    assert all(0 <= h["cap_binds"] <= h["batches"] for h in default)
+    pen = DependencyPenalty("nwj", (4, 4, 4), cap=1e-6)
+    zs = [torch.randn(8, 4) for _ in range(3)]
+    pen(*zs)
+    assert pen.last_capped == bool(pen.last_bound > 1e-6)
