@@ -5,7 +5,7 @@ Every estimator, every activation, one and two hidden layers, ``"all"`` and ``"d
 m = 2, 3, 4 on odd shapes (B prime or 2, non-power-of-two widths), with block sizes that
 split the grid into many row and column blocks: values and the gradients of the critic's
 parameters and of every z.  Then extreme scores (|T| ~ 1e4), gradcheck, half inputs,
-``torch.compile`` (one graph break), the memory bound, ``"auto"``'s threshold, and the
+``torch.compile(fullgraph=True)`` and opcheck of the custom ops, the memory bound, ``"auto"``'s threshold, and the
 :class:`~mdm_kernels.reference.estimators.GridTooLarge` guard.
 """
 import math
@@ -193,6 +193,7 @@ def test_memory_is_linear_in_batch():
     assert peak * 10 < ref.reference_bytes(critic, zs, 24 ** 3, 24 ** 3)
 
 
+@pytest.mark.parametrize("kind,hidden", [("dv", (6, 4))])
 def test_torch_compile_fullgraph(kind, hidden):
     """Under torch.compile the block loop is two custom ops (fake kernels, autograd formula):
     fullgraph=True traces, and the compiled loss equals eager in value and gradients (one
