@@ -115,22 +115,24 @@ def sm_count(device) -> int | None:
     return None
 
 
+def _set_env(values: dict) -> None:
+    """Set the environment variables in ``values`` (``None``: unset)."""
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @contextlib.contextmanager
 def _env(**values):
+    """The variables in ``values`` set inside the block, the previous values restored."""
     old = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_env(values)
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_env(old)
 
 
 @contextlib.contextmanager
