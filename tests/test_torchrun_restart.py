@@ -42,11 +42,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env() -> dict:
+TAG = "MDM_TORCHRUN_TEST"  # marks every process a test starts (torchrun's workers included)
+
+
+def _env(tag: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
+    env[TAG] = tag
     return env
+
+
+def _start(cmd, tag: str, env=None, **kw):
+    proc = subprocess.Popen(cmd, text=True, env=env or _env(tag), start_new_session=True, **kw)
+    proc.tag = tag
+    return proc
 
 
 def _torchrun(out, *extra, max_restarts=0):
@@ -54,14 +64,12 @@ def _torchrun(out, *extra, max_restarts=0):
            "--max-restarts", str(max_restarts), "--monitor-interval", "0.2",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
            "-m", "mdm_kernels.train", *RUN, "--out", str(out), *extra]
-    # own session: a hang is killed with all its workers
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env(), start_new_session=True)
+    return _start(cmd, str(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _finish(proc, timeout=120):
     """``proc``'s output (stdout, or (stdout, stderr) when piped apart); on a timeout it is
-    killed with its workers (torchrun starts each worker in a session of its own)."""
+    killed with every process it started."""
     try:
         return _output(proc.communicate(timeout=timeout))
     except subprocess.TimeoutExpired:
@@ -76,30 +84,34 @@ def _output(pair):
 
 
 def _kill(proc) -> None:
-    """SIGKILL ``proc``'s session and every worker it launched (no stray process survives)."""
-    for pid in [*_workers(proc.pid).values(), proc.pid]:
+    """SIGKILL every process carrying ``proc``'s tag: torchrun starts each worker in a
+    session of its own, and a worker can outlive its launcher (then holding the pipes)."""
+    for pid in [proc.pid, *_tagged(proc.tag)]:
         try:
-            os.killpg(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
 
 
-def _workers(agent_pid: int) -> dict:
-    """{(restart count, rank): pid} of the agent's worker processes."""
+def _tagged(tag: str) -> dict:
+    """{pid: environment} of the live processes carrying ``tag``."""
     found = {}
     for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
             continue
         try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid != agent_pid:
-                continue
             env = dict(kv.split("=", 1) for kv in (d / "environ").read_text().split("\0") if "=" in kv)
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError):
             continue
-        if "RANK" in env:
-            found[(int(env.get("TORCHELASTIC_RESTART_COUNT", "0")), int(env["RANK"]))] = int(d.name)
+        if env.get(TAG) == tag:
+            found[int(d.name)] = env
     return found
+
+
+def _workers(tag: str) -> dict:
+    """{(restart count, rank): pid} of the tagged worker processes."""
+    return {(int(env.get("TORCHELASTIC_RESTART_COUNT", "0")), int(env["RANK"])): pid
+            for pid, env in _tagged(tag).items() if "RANK" in env}
 
 
 def _same_metrics(a: dict, b: dict) -> None:
@@ -118,7 +130,7 @@ def test_killed_worker_restarts_and_matches_uninterrupted_run(tmp_path):
     deadline = time.monotonic() + 90
     while killed is None and proc.poll() is None and time.monotonic() < deadline:
         if (out / "last.pt").is_file():  # epoch 1 is complete: kill rank 0 mid-run
-            pid = _workers(proc.pid).get((0, 0))
+            pid = _workers(proc.tag).get((0, 0))
             if pid is not None:
                 os.kill(pid, signal.SIGKILL)
                 killed = pid
@@ -151,7 +163,7 @@ _KILL_BEFORE_RENAME = textwrap.dedent("""
 
 def test_kill_between_write_and_rename_keeps_previous_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
-    proc = subprocess.run([sys.executable, "-c", _KILL_BEFORE_RENAME, str(path)], env=_env(),
+    proc = subprocess.run([sys.executable, "-c", _KILL_BEFORE_RENAME, str(path)], env=_env(str(path)),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     tmp = tmp_path / "last.pt.tmp"
@@ -168,11 +180,10 @@ def test_kill_between_write_and_rename_keeps_previous_checkpoint(tmp_path):
 
 def _direct(out, rank, port, *extra):
     """One rank of a 2-process run launched without torchrun (own env)."""
-    env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+    env = dict(_env(str(out)), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cmd = [sys.executable, "-m", "mdm_kernels.train", *RUN, "--quiet", "--out", str(out), *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    return _start(cmd, str(out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def test_missing_peer_in_init_is_one_line_error_within_timeout(tmp_path):
