@@ -10,11 +10,13 @@ from .estimators import (MineEMA, dependency_terms, dv_bound, gradient_penalty, 
                          wasserstein_dependency, wasserstein_loss)
 from .negatives import MarginalSamples, product_of_marginals
 from .penalty import DependencyPenalty
+from .reference.estimators import GridTooLarge
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ACTIVATIONS", "BACKEND_NAMES", "BackendUnavailable", "DependencyPenalty", "MLPCritic",
+    "ACTIVATIONS", "BACKEND_NAMES", "BackendUnavailable", "DependencyPenalty", "GridTooLarge",
+    "MLPCritic",
     "MarginalSamples", "MineEMA", "dependency_terms", "dv_bound", "gradient_penalty",
     "infonce_bound", "infonce_loss", "js_bound", "js_loss", "mine_loss", "nwj_bound", "nwj_loss",
     "product_of_marginals", "wasserstein_dependency", "wasserstein_loss", "__version__",

@@ -6,10 +6,10 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ..dispatch import BACKEND_NAMES as BACKENDS
 from .models import MODELS
 
 PENALTIES = ("none", "mine", "nwj", "js", "infonce", "wasserstein")
-BACKENDS = ("auto", "triton", "cuda", "reference")
 #: --critic-input -> DependencyPenalty(normalize=...)
 CRITIC_INPUTS = {"rms": "rms", "raw": None}
 
