@@ -37,6 +37,7 @@ Usage::
     nice -n 10 python python/gp_precision.py            # paper scale, 3 seeds (~2 min)
     python python/gp_precision.py --quick               # one small case
     python python/gp_precision.py --json out.json       # also write every number
+    nice -n 10 python python/gp_precision.py --sass     # sm_90 loop counts per precision
 """
 from __future__ import annotations
 
@@ -196,7 +197,8 @@ def emulated_penalty(params: dict, joint: torch.Tensor, marginal: torch.Tensor,
     params: float32 ``W1`` (H1 × D), ``b1``, ``wout``, and for two layers ``W2`` (H2 × H1),
     ``b2``.  joint / marginal: N × D (modalities concatenated); eps: (N,).
     Returns {"gp", "W1", "b1", "W2", "b2", "wout", "joint", "marginal"} (fp32; b1, b2 and
-    the inputs are None for relu, whose σ'' = 0 makes them identically zero).
+    the inputs are None for relu, whose σ'' = 0 makes them identically zero) and "norm",
+    the per-row ‖∇_x T(x̂)‖ the kernel computed.
     """
     f32 = torch.float32
     w1 = params["W1"].to(f32)
@@ -216,7 +218,7 @@ def emulated_penalty(params: dict, joint: torch.Tensor, marginal: torch.Tensor,
     wmat = w1 @ w1.t() if gram else w1
     inv_n = 1.0 / n
 
-    loss_parts = []
+    loss_parts, norms = [], []
     db1 = torch.zeros(h1n, dtype=f32)
     dwout = torch.zeros(h2n if two else h1n, dtype=f32)
     dmat = torch.zeros_like(wmat)
@@ -245,6 +247,7 @@ def emulated_penalty(params: dict, joint: torch.Tensor, marginal: torch.Tensor,
         s = torch.clamp(s, min=0.0)
         alive = s > 0
         nu = torch.sqrt(s)
+        norms.append(nu)
         gap = nu - 1.0
         loss_parts.append((gap * gap).sum() * inv_n)
         beta = torch.where(alive, 2.0 * gap * inv_n / torch.where(alive, nu, 1.0),
@@ -285,7 +288,8 @@ def emulated_penalty(params: dict, joint: torch.Tensor, marginal: torch.Tensor,
     gp = torch.stack(loss_parts).sum()
     # torch autograd after the op (fp32): G = W1 W1ᵀ and P = rows W1ᵀ
     dw1 = dmat @ w1 + dmat.t() @ w1 if gram else dmat.clone()
-    out = {"gp": gp, "W1": dw1, "wout": dwout, "b1": None, "joint": None, "marginal": None}
+    out = {"gp": gp, "W1": dw1, "wout": dwout, "b1": None, "joint": None, "marginal": None,
+           "norm": torch.cat(norms)}
     if curved:
         dp = torch.cat([dsj, dsm])
         out["W1"] = dw1 + dp.t() @ rows
@@ -410,7 +414,7 @@ def grad_norm_stats(critic, joint, marginal, eps, dims):
         [eps.double()[:, None]] * len(dims))]
     g = torch.autograd.grad(c64(*x).sum(), x)
     nu = torch.sqrt(sum((t * t).sum(1) for t in g))
-    return float(nu.median()), float((nu - 1).abs().median())
+    return float(nu.median()), float((nu - 1).abs().median()), nu
 
 
 def run_case(dims, hidden, act, seed, n, regime, train_steps, gp_weight=10.0):
@@ -430,7 +434,7 @@ def run_case(dims, hidden, act, seed, n, regime, train_steps, gp_weight=10.0):
     g_dep2, g_gp2 = dependency_and_penalty_grad(critic, j2, m2, e2, dims, gp_weight)
     total = g_dep + g_gp
     noise = float((g_dep2 + g_gp2 - total).norm() / total.norm())
-    med_nu, med_gap = grad_norm_stats(critic, joint, marginal, eps, dims)
+    med_nu, med_gap, nu_ref = grad_norm_stats(critic, joint, marginal, eps, dims)
     result = {"dims": list(dims), "hidden": list(hidden), "act": act, "seed": seed,
               "regime": regime, "block_n": block_n, "median_norm": med_nu,
               "median_abs_gap": med_gap, "gp_ref": float(ref["gp"]),
@@ -442,6 +446,8 @@ def run_case(dims, hidden, act, seed, n, regime, train_steps, gp_weight=10.0):
         flat = _flatten_like_critic(out, ref, dims)
         flat_ref = g_gp / gp_weight
         errs["critic_loss_grad"] = float((gp_weight * (flat - flat_ref)).norm() / total.norm())
+        # signed mean relative error of the per-row norm ν = ‖∇_x T(x̂)‖ (a bias, not noise)
+        errs["norm_bias"] = float((out["norm"].double() / nu_ref - 1.0).mean())
         result["modes"][mode] = errs
     return result
 
@@ -460,6 +466,78 @@ def _flatten_like_critic(out, ref, dims):
     return torch.cat(parts)
 
 
+# ------------------------------------------------------- machine code per precision
+
+
+#: Critics whose _gp_kernel launches are compiled per precision (m = 3, d = 64, N = 256):
+#: sass_report.py's GP workload (relu, one layer) and the curved two-layer kernel.
+SASS_CASES = (("relu", (128,)), ("gelu", (128, 128)))
+SASS_PRECISIONS = ("tf32x3", "tf32", "bf16x3")
+
+
+def _capture_gp_launches(cases) -> list:
+    """Launch records of ``fused_gradient_penalty`` forward + backward on each (act, hidden)
+    critic under the sm_90 launch emulation (autotune candidates 0 and 1), via
+    sass_report's recorder.  Needs TRITON_INTERPRET=1 before Triton is imported."""
+    import types
+    import sass_report as sr
+    from mdm_kernels.ops.triton_ops import fused_gradient_penalty
+
+    def run(w):
+        torch.manual_seed(0)
+        dims = (64, 64, 64)
+        critic = MLPCritic(dims, w.hidden, w.act)
+        zs = [torch.randn(w.n, d, requires_grad=True) for d in dims]
+        marg = [z[torch.randperm(w.n)] for z in zs]
+        fused_gradient_penalty(critic, zs, marg, torch.rand(w.n), False).backward()
+
+    sr._run_workload = run
+    work = [types.SimpleNamespace(name=f"{act} {'x'.join(map(str, hidden))}", act=act,
+                                  hidden=tuple(hidden), n=256) for act, hidden in cases]
+    return sr.capture_in_process(work)
+
+
+def sass_counts(cases=SASS_CASES, precisions=SASS_PRECISIONS) -> list[dict]:
+    """Compile each captured launch for sm_90 at every precision (the kernel's DOT_PREC
+    constexpr, nothing else changed) and count its innermost loops as
+    python/sass_report.py does."""
+    import os
+    import subprocess
+    import sass_report as sr
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__, "--capture-launches",
+                           json.dumps([[a, list(h)] for a, h in cases])],
+                          env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    records = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = []
+    for rec in records:
+        for prec in precisions:
+            r = copy.deepcopy(rec)
+            r["constexprs"]["DOT_PREC"] = prec
+            a = sr.analyse(r, sr.compile_launch(r))
+            mma = [l for l in a["loops"] if l["role"] == "mma"]
+            rows.append(dict(critic=rec["workload"], block_n=rec["constexprs"]["BLOCK_N"],
+                             precision=prec, registers=a["registers"],
+                             spill_stores=a["spill_stores"], shared=a["shared"],
+                             loops=[(l["instructions"], l["hmma"]) for l in mma]))
+    return rows
+
+
+def sass_markdown(rows) -> str:
+    lines = ["| critic | BLOCK_N | precision | mma loops: instructions (HMMA) | total | "
+             "HMMA share | registers | spill B | shared B |", "|---" * 9 + "|"]
+    for r in rows:
+        total = sum(i for i, _ in r["loops"])
+        hmma = sum(h for _, h in r["loops"])
+        loops = ", ".join(f"{i} ({h})" for i, h in r["loops"])
+        lines.append(f"| {r['critic']} | {r['block_n']} | {r['precision']} | {loops} | {total} "
+                     f"| {100 * hmma / total:.1f} % | {r['registers']} | {r['spill_stores']} "
+                     f"| {r['shared']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -467,7 +545,21 @@ def main(argv=None):
     ap.add_argument("--train-steps", type=int, default=150)
     ap.add_argument("--quick", action="store_true", help="one small case (smoke test)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--sass", action="store_true",
+                    help="instead: compile the kernel for sm_90 at each precision and count "
+                         "its mma loops (python/sass_report.py's counting)")
+    ap.add_argument("--capture-launches", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.capture_launches:
+        cases = [(a, tuple(h)) for a, h in json.loads(args.capture_launches)]
+        print(json.dumps(_capture_gp_launches(cases), default=str))
+        return
+    if args.sass:
+        rows = sass_counts()
+        print(sass_markdown(rows))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+        return
     torch.set_num_threads(1)
     dims = (64, 64, 64)
     if args.quick:
@@ -495,9 +587,9 @@ def report(results) -> str:
     for regime in sorted({r["regime"] for r in results}):
         rs = [r for r in results if r["regime"] == regime]
         lines.append(f"\n### regime: {regime} (max over {len({r['seed'] for r in rs})} seeds)\n")
-        lines.append("| critic | median ‖∇T‖ | GP share of ‖∇L‖ | batch noise | mode | "
-                     + " | ".join(quantities) + " |")
-        lines.append("|---" * (5 + len(quantities)) + "|")
+        lines.append("| critic | median ‖∇T‖ | median abs(‖∇T‖ − 1) | GP share of ‖∇L‖ | "
+                     "batch noise | mode | " + " | ".join(quantities) + " | ν bias |")
+        lines.append("|---" * (7 + len(quantities)) + "|")
         configs = []
         for r in rs:
             key = (tuple(r["hidden"]), r["act"])
@@ -514,19 +606,23 @@ def report(results) -> str:
                     cells.append(f"{max(vals):.1e}" if vals else "—")
                 head = (f"{label} | {min(r['median_norm'] for r in group):.2f}–"
                         f"{max(r['median_norm'] for r in group):.2f} | "
+                        f"{min(r['median_abs_gap'] for r in group):.3f}–"
+                        f"{max(r['median_abs_gap'] for r in group):.3f} | "
                         f"{max(r['gp_share'] for r in group):.2f} | "
-                        f"{min(r['batch_noise'] for r in group):.2f}") if i == 0 else " | | |"
-                lines.append(f"| {head} | {mode} | " + " | ".join(cells) + " |")
+                        f"{min(r['batch_noise'] for r in group):.2f}") if i == 0 else " | | | |"
+                bias = sum(r["modes"][mode]["norm_bias"] for r in group) / len(group)
+                lines.append(f"| {head} | {mode} | " + " | ".join(cells) + f" | {bias:+.1e} |")
         lines.append("\nworst over every critic of this regime:\n")
-        lines.append("| mode | " + " | ".join(quantities) + " |")
-        lines.append("|---" * (1 + len(quantities)) + "|")
+        lines.append("| mode | " + " | ".join(quantities) + " | ν bias (largest) |")
+        lines.append("|---" * (2 + len(quantities)) + "|")
         for mode in MODES:
             cells = []
             for q in quantities:
                 vals = [r["modes"][mode].get(q) for r in rs]
                 vals = [v for v in vals if v is not None and not math.isnan(v)]
                 cells.append(f"{max(vals):.1e}" if vals else "—")
-            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+            worst = max((r["modes"][mode]["norm_bias"] for r in rs), key=abs)
+            lines.append(f"| {mode} | " + " | ".join(cells) + f" | {worst:+.1e} |")
     return "\n".join(lines)
 
 
