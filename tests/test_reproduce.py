@@ -208,8 +208,11 @@ def test_tiny_grid_with_glove_table_order_and_previous(tmp_path):
     # a second report compares its verdicts with the first one's
     prev = tmp_path / "prev.json"
     prev.write_text((out / "reproduce.json").read_text())
-    assert analyze.main(args + ["--report-only", "--previous", str(prev)]) == 0
+    notes = tmp_path / "notes.md"
+    notes.write_text("State: __FINISHED__ of __PLANNED__ final runs.\n")
+    assert analyze.main(args + ["--report-only", "--previous", str(prev), "--notes", str(notes)]) == 0
     text = doc.read_text()
+    assert "State: 8 of 8 final runs." in text
     for section in ("## Each penalty minus its baseline (paired by seed)", "## What changed since the earlier report",
                     "## Second table", "## Best epochs", "## The cap on the model's term", "earlier verdict"):
         assert section in text, section

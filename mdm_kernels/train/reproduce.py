@@ -934,7 +934,11 @@ def write_report(result: dict, doc_path: Path) -> None:
     if result["missing"]:
         L += ["", f"**Not run** ({len(result['missing'])} final runs): " + _missing_summary(result["missing"]) + "."]
     if result.get("notes"):
-        L += ["", result["notes"].rstrip()]
+        # the notes may name the grid's state: __FINISHED__, __PLANNED__ (final runs), __WHEN__
+        notes = (result["notes"].replace("__FINISHED__", str(len(all_runs)))
+                 .replace("__PLANNED__", str(planned or "?"))
+                 .replace("__WHEN__", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
+        L += ["", notes.rstrip()]
     L += ["", "### Differences from the paper's setup", "", SETUP_NOTES.rstrip()]
     L += ["", f"Shared settings: `{json.dumps(result['base'], default=str)}`; per-model options: "
           f"`{json.dumps(result['model_options'], default=str)}`"
