@@ -44,6 +44,7 @@ def test_piped_training_prints_plain_epoch_lines(tmp_path):
     assert len(epochs) == 2 and "val MAE" in epochs[0]
 
 
+@pytest.mark.slow
 def test_benchmark_summary_at_the_end_of_pytest(tmp_path):
     saved = tmp_path / "summary.txt"
     proc = _run(["-m", "pytest", "benchmarks/test_ops.py", "--benchmark-only", "--bench-sizes", "smoke",

@@ -35,6 +35,7 @@ def _refused(proc, *needles):
 
 # ------------------------------------------------------------------ 1. Ctrl-C before epoch 1
 
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_checkpoint_resumes_with_the_runs_configuration(tmp_path):
     out = tmp_path / "run"
     run = ["--model", "ef_lstm", "--text-features", "utterance", "--epochs", "2", "--batch-size", "64",
@@ -99,6 +100,7 @@ def test_ineffective_options_are_refused(flags, needle, tmp_path):
 
 # ------------------------------------------------------------------ 3. --negatives distinct
 
+@pytest.mark.slow
 def test_negatives_distinct_trains(tmp_path):
     # B(B-1)(B-2) marginal samples a step on the reference backend: a small batch and critic
     proc = _run(TRAIN + SMALL + ["--penalty", "mine", "--negatives", "distinct", "--epochs", "1",
@@ -111,6 +113,7 @@ def test_negatives_distinct_trains(tmp_path):
 
 # ------------------------------------------------------------------ 4. one --debug rule
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [
     TRAIN + ["--epochs", "0"],                                   # a value refused by validation
     TRAIN + ["--model", "bert"],                                 # argparse's own refusal

@@ -41,6 +41,7 @@ def _cfg(out, **kw):
     return TrainConfig(**base)
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     penalty = "infonce" if HAS_PENALTY else "none"  # a penalty also checks the critic's state
     full = train(_cfg(tmp_path / "full", penalty=penalty))
@@ -164,6 +165,7 @@ def test_debug_shows_the_traceback(tmp_path):
         main(SMALL + ["--epochs", "0", "--debug"])
 
 
+@pytest.mark.slow
 def test_ctrl_c_hint_resumes_exactly_as_written(tmp_path, capsys, monkeypatch):
     """Interrupt a non-default run; the printed command alone continues it with the run's own
     configuration (model, lr, ...) and ends where an uninterrupted run ends."""
