@@ -121,6 +121,16 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+
+def _three_pass(a, b, split, operand_rounding):
+    """The x3 modes: a = a_hi + a_lo, b likewise; lo·hi, then hi·lo (NaNs zeroed), then hi·hi
+    accumulated in that order, as Triton 3.9 emits them."""
+    a_hi, a_lo = split(a)
+    b_hi, b_lo = split(b)
+    acc = _mma(a_lo, b_hi, None, operand_rounding)
+    acc = _zero_nans(_mma(a_hi, b_lo, acc, operand_rounding))
+    return _mma(a_hi, b_hi, acc, operand_rounding)
+
 def dot(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
     """``tl.dot(a, b, input_precision=mode)`` for fp32 a (M × K), b (K × N), emulated."""
     a = a.to(torch.float32)
@@ -132,17 +142,9 @@ def dot(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "tf32rna":
         return _mma(tf32_round(a), tf32_round(b), None, tf32_truncate)
     if mode == "tf32x3":
-        a_hi, a_lo = split_tf32(a)
-        b_hi, b_lo = split_tf32(b)
-        acc = _mma(a_lo, b_hi, None, tf32_truncate)
-        acc = _zero_nans(_mma(a_hi, b_lo, acc, tf32_truncate))
-        return _mma(a_hi, b_hi, acc, tf32_truncate)
+        return _three_pass(a, b, split_tf32, tf32_truncate)
     if mode == "bf16x3":
-        a_hi, a_lo = split_bf16(a)
-        b_hi, b_lo = split_bf16(b)
-        acc = _mma(a_lo, b_hi, None, _identity)
-        acc = _zero_nans(_mma(a_hi, b_lo, acc, _identity))
-        return _mma(a_hi, b_hi, acc, _identity)
+        return _three_pass(a, b, split_bf16, _identity)
     if mode == "bf16":
         return _mma(bf16_round(a), bf16_round(b), None, _identity)
     raise ValueError(f"unknown mode {mode!r}")

@@ -150,16 +150,7 @@ def test_public_losses_and_wasserstein_gp():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def _saved_elements(fn):
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total[0]
+from test_backend_integration import _saved_elements  # noqa: E402  (tests/ on sys.path)
 
 
 def test_memory_is_linear_in_batch():
