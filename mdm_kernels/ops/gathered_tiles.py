@@ -272,10 +272,10 @@ _FWD_ARG_NAMES = tuple(_bounds_fwd_kernel.arg_names)
 _BWD_ARG_NAMES = tuple(_bounds_bwd_kernel.arg_names)
 
 
-def _tuning_key(args, meta, keys) -> tuple:
-    """The tuning case of a launch: the values of the autotuner's ``keys`` (the kernels'
-    argument names, from the positional ``args`` and the constexpr ``meta``)."""
-    named = dict(zip(_FWD_ARG_NAMES if keys is _FWD_KEYS else _BWD_ARG_NAMES, args), **meta)
+def _tuning_key(arg_names, args, meta, keys) -> tuple:
+    """The tuning case of a launch: the values of the autotuner's ``keys``, looked up by the
+    kernel's ``arg_names`` in the positional ``args`` and in the constexpr ``meta``."""
+    named = dict(zip(arg_names, args), **meta)
     return tuple(named[k] for k in keys)
 
 
@@ -303,7 +303,7 @@ def _launch_fwd(plan, red, P, perms, b1, W2, b2, wout, bout, act):
                 DISTINCT=plan.distinct)
     with launch_device(P):
         launch_tuned(_bounds_fwd_kernel, _launch_grid(plan, device), args, meta,
-                     _candidates(meta, device), _tuning_key(args, meta, _FWD_KEYS))
+                     _candidates(meta, device), _tuning_key(_FWD_ARG_NAMES, args, meta, _FWD_KEYS))
     return stats, row_lse
 
 
@@ -347,7 +347,7 @@ def _launch_bwd(plan, gmode, scale, shift, row_lse, P, perms, b1, W2, b2, wout, 
                 DISTINCT=plan.distinct, PARAM_GRADS=param_grads)
     with launch_device(P):
         launch_tuned(_bounds_bwd_kernel, _launch_grid(plan, device), args, meta,
-                     _candidates(meta, device), _tuning_key(args, meta, _BWD_KEYS))
+                     _candidates(meta, device), _tuning_key(_BWD_ARG_NAMES, args, meta, _BWD_KEYS))
     if not param_grads:
         return dP, None
     grads = [gb1.sum(0), gwout.sum(0), gbout.sum(0).reshape(1)]

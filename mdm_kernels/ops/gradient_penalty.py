@@ -414,10 +414,10 @@ def _launch(sj, sm, mi, eps, b1, wmat, w2, b2, wout, jb, gram, one_sided, act, c
     else:
         dsj = dsm = parts
     gather = mi is not None
+    n_bucket = triton.next_power_of_2(n)
     args = (sj, sm, mi if gather else eps, eps, b1, wmat,
             w2 if two_layers else wout, b2 if two_layers else wout, wout,
-            parts, scratch, dsj, dsm, n, jb, h1, h2, k, 1.0 / n, triton.next_power_of_2(n),
-            pstride)
+            parts, scratch, dsj, dsm, n, jb, h1, h2, k, 1.0 / n, n_bucket, pstride)
     meta = dict(M_TERMS=mi.shape[0] if gather else 1, GATHER=gather, ATOMIC=atomic,
                 TWO_LAYERS=two_layers, GRAM=gram, ONE_SIDED=bool(one_sided), ACT=act,
                 COMPUTE_GRAD=compute_grad, DOT_PREC=DOT_PRECISION, **blocks)
@@ -425,7 +425,7 @@ def _launch(sj, sm, mi, eps, b1, wmat, w2, b2, wout, jb, gram, one_sided, act, c
         if gpu:
             launch_tuned(_gp_kernel_tuned, lambda _: (progs,), args, meta,
                          gp_configs(h1, h2 if two_layers else None),
-                         tuple(meta.items()) + (h1, h2, k, args[-2]))
+                         tuple(meta.items()) + (h1, h2, k, n_bucket))
         else:
             _gp_kernel[(progs,)](*args, **meta, BLOCK_N=_INTERP_BLOCK_N, num_warps=4)
     total = parts.sum(0)
