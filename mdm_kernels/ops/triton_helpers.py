@@ -208,12 +208,12 @@ _CHOSEN_CONFIGS: dict = {}
 
 
 def _capturing(args) -> bool:
-    """Whether a CUDA graph is being captured on the current stream of the launch's device."""
+    """Whether a CUDA graph is being captured on the current stream (the launch's device is
+    current already: every family launches under :func:`launch_device`)."""
     dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-    if dev is None or dev.type != "cuda" or not torch.cuda.is_available():
+    if dev is None or dev.type != "cuda":
         return False
-    with torch.cuda.device(dev):
-        return torch.cuda.is_current_stream_capturing()
+    return torch.cuda.is_current_stream_capturing()
 
 
 def launch_tuned(kernel, grid, args, meta, candidates, key):
