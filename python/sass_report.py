@@ -167,7 +167,7 @@ def loop_shares(loop: Loop) -> dict:
     mem = sum(v for k, v in c.items() if k.startswith(("LD", "ST")) or k in ("LDGSTS",))
     return dict(instructions=n, hmma=c["HMMA"], ffma=c["FFMA"], fmnmx=c["FMNMX"],
                 fadd=c["FADD"], fp32=sum(c[k] for k in FP32_ALU), memory=mem,
-                stg=c["STG"], ldg=c["LDG"], bar=c["BAR"],
+                stg=c["STG"], ldg=c["LDG"], bar=c["BAR"], fsel=c["FSEL"],
                 hmma_share=c["HMMA"] / n if n else 0.0,
                 ffma_share=c["FFMA"] / n if n else 0.0,
                 fp32_share=sum(c[k] for k in FP32_ALU) / n if n else 0.0)
@@ -455,6 +455,15 @@ def loop_roles(rec: dict, loops: list[Loop]) -> list[dict]:
                 row.update(role="scores", per_iter=s["fmnmx"], tile_per_thread=tile,
                            consistent=s["fmnmx"] % tile == 0 and s["ffma"] == s["fmnmx"],
                            launch_pair_units=pu)
+        elif name == "_outer_bwd_fused_kernel" and s["fp32"]:
+            tile = c["BLOCK_R"] * c["BLOCK_O"] // threads
+            row.update(launch_pair_units=_fused_pair_units(c, ints))
+            if s["fmnmx"]:
+                row.update(role="scores", per_iter=s["fmnmx"], tile_per_thread=tile,
+                           consistent=s["fmnmx"] % tile == 0 and s["ffma"] == s["fmnmx"])
+            elif s["fsel"] and c["ACT"] == 0:  # relu: one σ' select per (pair, unit)
+                row.update(role="gradients", per_iter=s["fsel"], tile_per_thread=tile,
+                           consistent=s["fsel"] % tile == 0)
         elif name == "_sum_splits_kernel" and s["fadd"]:
             n, nsplit = ints["n"], ints.get("NSPLIT", c.get("NSPLIT"))
             row.update(role="split sums", per_iter=s["fadd"],
@@ -465,6 +474,10 @@ def loop_roles(rec: dict, loops: list[Loop]) -> list[dict]:
         if row["per_iter"]:
             row["per_pair_unit"] = s["instructions"] / row["per_iter"]
         rows.append(row)
+    if name == "_outer_bwd_fused_kernel":
+        for extra in _fused_unit_overhead(rec, loops, rows, threads):
+            extra["per_pair_unit"] = extra["instructions"] / extra["per_iter"]
+            rows.append(extra)
     # ptxas unrolls some loops and keeps a remainder loop: per role, the loop doing the
     # most pair·units per iteration is the steady state ("main"); the others run at most
     # unroll − 1 iterations and are left out of the per-pair·unit figures
@@ -474,6 +487,41 @@ def loop_roles(rec: dict, loops: list[Loop]) -> list[dict]:
         for r in same:
             r["main"] = r is best
     return rows
+
+
+def _fused_pair_units(c, ints) -> int:
+    """Pair·units the fused backward's tiles cover (padded rows and columns included)."""
+    B = ints["B"]
+    return (_cdiv(B, c["BLOCK_R"]) * c["BLOCK_R"] * _cdiv(B, c["BLOCK_O"]) * c["BLOCK_O"]
+            * (B if c["NF"] == 3 else 1) * ints["H"])
+
+
+def _fused_unit_overhead(rec, loops, rows, threads) -> list[dict]:
+    """The fused backward's per-(hidden unit, chunk) work outside its gradient loop — the
+    cross-thread row sums, the slot updates, ∂w_out — as a pseudo-loop: the instructions of
+    the loop enclosing the gradient loop, less the gradient loop's, over the CHUNK tiles
+    that one iteration serves (full chunks)."""
+    c, ints = rec["constexprs"], _ints(rec)
+    grads = [r for r in rows if r["role"] == "gradients"]
+    if not grads:
+        return []
+    g = max(grads, key=lambda r: r["per_iter"])
+    inner = next(l for l in loops if l.start == g["start"])
+    around = [l for l in loops if l is not inner and l.start <= inner.start
+              and inner.end <= l.end]
+    if not around:
+        return []
+    outer = min(around, key=lambda l: l.end - l.start)
+    own = [i for i in outer.body
+           if not any(o is not outer and o.start <= i.addr <= o.end for o in loops
+                      if outer.start <= o.start and o.end <= outer.end)]
+    tile = c["BLOCK_R"] * c["BLOCK_O"] // threads
+    n = len(own)
+    return [dict(start=outer.start, end=outer.end, instructions=n, hmma=0, ffma=0, fmnmx=0,
+                 fadd=sum(i.base == "FADD" for i in own), fp32=0, memory=0, stg=0, ldg=0,
+                 bar=0, fsel=0, hmma_share=0.0, ffma_share=0.0, fp32_share=0.0,
+                 role="per-unit sums", per_iter=c["CHUNK"] * tile, tile_per_thread=tile,
+                 consistent=True, launch_pair_units=_fused_pair_units(c, ints))]
 
 
 def issue_bound_us(warp_instructions: float, programs: int, warps: int, sms: int = SMS,
@@ -505,6 +553,8 @@ def analyse(rec: dict, compiled: dict, sms: int = SMS) -> dict:
 
 def _tile(rec) -> str:
     c = rec["constexprs"]
+    if "CHUNK" in c:
+        return f"{c['BLOCK_R']}×{c['BLOCK_O']} chunk {c['CHUNK']}"
     for a, b in (("BLOCK_R", "BLOCK_C"), ("BLOCK_S", "BLOCK_O")):
         if a in c and b in c:
             return f"{c[a]}×{c[b]}" + (f" owned {c['OWNED']}" if a == "BLOCK_S" else "")
@@ -540,7 +590,8 @@ def summary(rows: list[dict]) -> list[dict]:
         rs = [r for r in rows if r["workload"] == name and r["config"] == 0]
         fwd = sum(l["per_pair_unit"] for r in rs if r["kernel"] == "_outer_fwd_kernel"
                   for l in r["loops"] if l.get("main"))
-        bwd = sum(l["per_pair_unit"] for r in rs if r["kernel"] == "_outer_bwd_kernel"
+        bwd = sum(l["per_pair_unit"] for r in rs
+                  if r["kernel"] in ("_outer_bwd_kernel", "_outer_bwd_fused_kernel")
                   for l in r["loops"] if l.get("main"))
         mma = [l["hmma_share"] for r in rs for l in r["loops"] if l["role"] == "mma"]
         out.append(dict(workload=name, launches=sum(r["count"] for r in rs),
@@ -559,7 +610,7 @@ def _f(x, fmt="{:.2f}"):
 def markdown(rows: list[dict]) -> str:
     """The tables of docs/performance_counts.md."""
     lines = ["| workload | launches | fewest programs per SM | outer fwd instr / pair·unit | "
-             "outer bwd instr / pair·unit (3 launches) | (fwd + bwd) / fwd | "
+             "outer bwd instr / pair·unit (every launch) | (fwd + bwd) / fwd | "
              "HMMA % of the mma loops | issue-bound µs (modelled launches) |",
              "|---|---|---|---|---|---|---|---|"]
     for s in summary(rows):

@@ -89,8 +89,8 @@ def test_poisoned_fresh_buffers():
 
 # ------------------------------------------------ the outer-sum ∂w_out bug (issue 22), 132 SMs
 BUG_CASES = [  # (kind, B, dims): BLOCK_O < 256, so columns [⌈B/BLOCK_O⌉·BLOCK_O, S) unwritten
+    # (two factors: the per-factor launches; three take the fused backward, tested below)
     pytest.param("dv", 40, (3, 4), id="dv-B40-m2"),
-    pytest.param("dv", 20, (3, 4, 2), id="dv-B20-m3"),
     pytest.param("nwj", 100, (3, 4), id="nwj-B100-m2", marks=pytest.mark.slow),
     pytest.param("infonce", 300, (3, 4), id="infonce-B300-m2", marks=pytest.mark.slow),
 ]
@@ -103,6 +103,7 @@ def test_outer_backward_wout_on_132_sms(kind, B, dims, strategy):
     strategy("grid")
     with emulate_gpu("sm_90"):
         assert _route(kind, B, dims, (3,), "all", "grid") == "outer"
+        assert not outer_sums.uses_fused_backward(B, len(dims), 132)
         launch = outer_sums.outer_backward_grid(B, len(dims), 132,
                                                 outer_sums.OUTER_BACKWARD_TILES)
         written = -(-B // launch.block_owned) * launch.block_owned
@@ -128,17 +129,68 @@ def _switch_points(num_factors, sms, limit):
 SMALL_GPU_SMS = 4
 
 
-@pytest.mark.parametrize("num_factors,which", [(2, 0), (2, 1), (3, 0)])
+@pytest.mark.parametrize("num_factors,which", [(2, 0), (2, 1)])
 @pytest.mark.parametrize("side", ["below", "above"])
 def test_outer_sums_straddle_tile_switches(num_factors, which, side, strategy):
     strategy("grid")
     points = _switch_points(num_factors, SMALL_GPU_SMS, 200)
     b = points[which] - (1 if side == "below" else 0)
-    dims = (3, 4) if num_factors == 2 else (3, 2, 4)
-    kind = {(2, 0): "dv", (2, 1): "infonce", (3, 0): "nwj"}[(num_factors, which)]
+    dims = (3, 4)
+    kind = {(2, 0): "dv", (2, 1): "infonce"}[(num_factors, which)]
+    assert not outer_sums.uses_fused_backward(b, num_factors, SMALL_GPU_SMS)
     with emulate_gpu("sm_90", sms=SMALL_GPU_SMS):
         assert _route(kind, b, dims, (5,), "all", "grid") == "outer"
         bounds.check(kind, B=b, dims=dims, hidden=(5,), act="gelu", negatives="all", seed=1)
+
+
+# ------------------------------------------- the fused outer-sum backward (issue 24, item 2)
+def _fused_plan(B, num_factors, sms):
+    """The fused plan the emulated GPU's launch takes (GPU tile), asserted to be taken."""
+    assert outer_sums.uses_fused_backward(B, num_factors, sms)
+    return outer_sums.outer_fused_plan(B, num_factors, sms)
+
+
+@pytest.mark.parametrize("kind,B,dims,act,negatives", [
+    # two factors: four row blocks, a partial last row and column block
+    ("dv", 100, (3, 4), "relu", "all"),
+    ("infonce", 100, (3, 4), "gelu", "all"),
+    # three factors: partial row / column blocks, several chunks of F_0 and splits
+    ("nwj", 37, (3, 2, 4), "leaky_relu", "all"),
+    ("js", 37, (3, 2, 4), "tanh", "all"),
+    pytest.param("wasserstein", 37, (2, 3, 4), "relu", "distinct", marks=pytest.mark.slow),
+])
+def test_fused_outer_backward_gpu_tile(kind, B, dims, act, negatives, strategy):
+    """The fused backward with the GPU's 32 × 32 tiles and chunks on a 4-SM emulated GPU
+    (the 132-SM grid of these batches would be mostly empty programs), poisoned buffers:
+    every slot the sums read was written; the homogeneous (relu, leaky relu) ∂w_out
+    identity and the per-sample one both match the float64 reference."""
+    strategy("grid")
+    with emulate_gpu("sm_90", sms=SMALL_GPU_SMS):
+        plan = _fused_plan(B, len(dims), SMALL_GPU_SMS)
+        assert (plan.block_rows, plan.block_cols) == outer_sums.OUTER_FUSED_TILE[:2]
+        assert plan.row_blocks > 1 and plan.programs >= SMALL_GPU_SMS
+        if len(dims) == 3:
+            assert plan.splits > 1 and plan.span > plan.chunk or B > plan.span
+        assert _route(kind, B, dims, (5,), negatives, "grid") == "outer"
+        bounds.check(kind, B=B, dims=dims, hidden=(5,), act=act, negatives=negatives, seed=5)
+
+
+def test_fused_outer_backward_is_bitwise_reproducible(strategy):
+    """Slots summed in a fixed order, no atomics: the same bits twice, GPU tiles."""
+    strategy("grid")
+    critic, zs = bounds._make(37, (3, 2, 4), (6,), "relu", torch.float32, 9)
+    grads = []
+    with emulate_gpu("sm_90", sms=SMALL_GPU_SMS):
+        for _ in range(2):
+            for z in zs:
+                z.grad = None
+            critic.zero_grad()
+            j, m = bounds._terms("dv", critic, zs, None)
+            (j - m).backward()
+            grads.append([z.grad.clone() for z in zs]
+                         + [p.grad.clone() for p in critic.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kind,dims", [("js", (3, 4)), ("wasserstein", (2, 3, 4))])

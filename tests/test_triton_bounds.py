@@ -150,6 +150,7 @@ def test_two_layers_wide(kind):
     ("infonce", 37, (5, 3), "shuffle"),
     ("js", 11, (2, 3), "all"),
     ("nwj", 11, (3, 2, 5), "all"),  # m = 3 "all": B not a multiple of any tile
+    ("dv", 40, (3, 2), "all"),      # m = 2 "all": fused, chunks of 2, 2 and 1 column blocks
 ])
 def test_odd_shapes(kind, B, dims, negatives):
     check(kind, B=B, dims=dims, hidden=(13,), act="softplus", negatives=negatives, seed=3)
@@ -388,20 +389,21 @@ def test_distinct_public_api_and_wasserstein_loss(strategy):
 
 
 @pytest.mark.parametrize("dims,hidden,expected", [
-    ((3, 4), (7,), (1, 2, 0)), ((3, 4, 2), (7,), (1, 3, 0)), ((3, 4), (7, 5), (0, 0, 3))],
+    ((3, 4), (7,), (1, 1, 0, 0)), ((3, 4, 2), (7,), (1, 1, 0, 0)),
+    ((3, 4), (7, 5), (0, 0, 0, 3))],
     ids=["m2-1layer", "m3-1layer", "m2-2layers"])
 def test_all_grid_takes_outer_sum_kernels(monkeypatch, dims, hidden, expected):
     """"all" over two or three modalities with one hidden layer runs the outer-sum kernels
-    (one forward launch, one backward launch per factor); two hidden layers stay on the
+    (one forward launch, one fused backward launch); two hidden layers stay on the
     gathered-tile kernels (their backward: the joint term, then one launch per factor)."""
     from mdm_kernels.ops import gathered_tiles, outer_sums
-    outer = _count_launches(monkeypatch, outer_sums,
-                            ["_outer_fwd_kernel", "_outer_bwd_kernel"])
+    names = ["_outer_fwd_kernel", "_outer_bwd_fused_kernel", "_outer_bwd_kernel"]
+    outer = _count_launches(monkeypatch, outer_sums, names)
     grid = _count_launches(monkeypatch, gathered_tiles, ["_bounds_bwd_kernel"])
     critic, zs = _make(5, dims, hidden, "relu", torch.float32, 18)
     joint, marg = fused_dependency_terms("dv", critic, zs, None, strategy="grid")
     (joint - marg).backward()
-    got = (outer["_outer_fwd_kernel"], outer["_outer_bwd_kernel"], grid["_bounds_bwd_kernel"])
+    got = (*(outer[n] for n in names), grid["_bounds_bwd_kernel"])
     assert got == expected
 
 

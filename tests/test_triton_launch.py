@@ -105,13 +105,13 @@ def test_launch_device_is_a_no_op_on_cpu():
 H200_SMS = 132
 
 
-@pytest.mark.parametrize("B,num_factors", [(256, 2), (256, 3), (257, 3), (300, 2), (1000, 3),
-                                           (1040, 2), (4096, 2), (16384, 2), (65536, 2)])
+@pytest.mark.parametrize("B,num_factors", [(256, 2), (300, 2), (1040, 2), (4096, 2),
+                                           (16384, 2), (65536, 2)])
 def test_outer_backward_grid_fills_the_gpu(B, num_factors):
-    """At every B ≥ 256 at least two programs per SM (the paper-scale "all" step, B = 256
-    with m = 3, was one CTA per launch; two factors at B = 256 have only 16 tiles of
-    16 × 256, so they take smaller tiles), every swept block in exactly one split, no empty
-    split, and not many more programs than needed (each split costs H × S floats)."""
+    """Per-factor launches (two factors): at every B ≥ 256 at least two programs per SM
+    (B = 256 has only 16 tiles of 16 × 256, so it takes smaller tiles), every swept block in
+    exactly one split, no empty split, and not many more programs than needed (each split
+    costs H × S floats)."""
     from mdm_kernels.ops.outer_sums import OUTER_BACKWARD_TILES, outer_backward_grid
     launch = outer_backward_grid(B, num_factors, H200_SMS)
     assert (launch.block_swept, launch.block_owned) in OUTER_BACKWARD_TILES
@@ -119,7 +119,7 @@ def test_outer_backward_grid_fills_the_gpu(B, num_factors):
     assert launch.programs >= 2 * H200_SMS
     assert launch.programs <= 4 * H200_SMS + launch.owned_programs
     assert launch.grid == (launch.owned_programs, launch.splits)
-    swept_blocks = triton.cdiv(B, launch.block_swept) * (B if num_factors == 3 else 1)
+    swept_blocks = triton.cdiv(B, launch.block_swept)
     assert (launch.splits - 1) * launch.blocks_per_split < swept_blocks
     assert launch.splits * launch.blocks_per_split >= swept_blocks
     assert launch.owned_programs <= triton.cdiv(B, launch.block_owned)
@@ -132,16 +132,75 @@ def test_outer_backward_grid_tile_choice():
     from mdm_kernels.ops.outer_sums import outer_backward_grid
     big = outer_backward_grid(4096, 2, H200_SMS)
     assert (big.block_swept, big.block_owned, big.num_warps) == (16, 256, 8)
-    assert (outer_backward_grid(256, 3, H200_SMS).block_owned,
-            outer_backward_grid(256, 2, H200_SMS).block_owned) == (256, 32)
+    assert outer_backward_grid(256, 2, H200_SMS).block_owned == 32
     many = outer_backward_grid(256 * 300, 2, H200_SMS)
     assert (many.owned_programs, many.splits) == (2 * H200_SMS, 1)
     fixed = outer_backward_grid(256, 2, H200_SMS, tiles=((16, 256),))
     assert (fixed.owned_programs, fixed.splits, fixed.blocks_per_split) == (1, 16, 1)
-    with pytest.raises(ValueError, match="num_factors must be 2 or 3"):
-        outer_backward_grid(256, 4, H200_SMS)
+    with pytest.raises(ValueError, match="takes num_factors = 2, got 3"):
+        outer_backward_grid(256, 3, H200_SMS)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         outer_backward_grid(0, 2, H200_SMS)
+
+
+# --- the fused backward's plan (issue 24, item 2) ------------------------------------------
+def _fused_work(plan, B):
+    """(row block, column block, F_0 index or None) → programs that take it, from the plan
+    exactly as the kernel walks it (module docstring of ``_outer_bwd_fused_kernel``)."""
+    n_ob = triton.cdiv(B, plan.block_cols)
+    seen = {}
+    for rb in range(plan.row_blocks):
+        for j in range(plan.col_groups):
+            for q in range(plan.splits):
+                if plan.num_factors == 3:
+                    items = [(ob, k) for ob in range(j, n_ob, plan.col_groups)
+                             for k in range(q * plan.span, min(B, (q + 1) * plan.span))]
+                else:
+                    items = [(ob, None)
+                             for ob in range(q * plan.span, min(n_ob, (q + 1) * plan.span))]
+                for ob, k in items:
+                    seen.setdefault((rb, ob, k), []).append((rb, j, q))
+    return seen
+
+
+@pytest.mark.parametrize("B,num_factors", [(2, 2), (37, 2), (256, 2), (1024, 2), (4096, 2),
+                                           (2, 3), (37, 3), (256, 3), (300, 3)])
+def test_fused_plan_covers_every_tile_once(B, num_factors):
+    """Every (row block, column block[, F_0 index]) in exactly one program, no program
+    without work, chunks that divide the span, and the slot counts the kernel indexes."""
+    from mdm_kernels.ops.outer_sums import outer_fused_plan
+    plan = outer_fused_plan(B, num_factors, H200_SMS)
+    seen = _fused_work(plan, B)
+    n_ob = triton.cdiv(B, plan.block_cols)
+    expected = plan.row_blocks * n_ob * (B if num_factors == 3 else 1)
+    assert len(seen) == expected and all(len(p) == 1 for p in seen.values())
+    assert len({p[0] for p in seen.values()}) == plan.programs
+    assert plan.span % plan.chunk == 0 and plan.chunk >= 4
+    slots = {2: (plan.splits, plan.row_blocks, 0),
+             3: (plan.col_groups * plan.splits, plan.row_blocks * plan.splits,
+                 plan.row_blocks * plan.col_groups)}[num_factors]
+    assert plan.slots == slots
+
+
+@pytest.mark.parametrize("B", [256, 1024, 4096])
+def test_fused_plan_fills_the_gpu(B):
+    """Paper scale (three factors) and two factors from B = 1,024: at least one program per
+    SM with whole chunks of the largest size that does; two factors at B = 256 keep the
+    per-factor launches (the fused grid would be 16 one-warp programs)."""
+    from mdm_kernels.ops.outer_sums import (OUTER_FUSED_TILE, _fused_plan_at,
+                                            outer_fused_plan, uses_fused_backward)
+    three = outer_fused_plan(B, 3, H200_SMS)
+    assert three.programs >= H200_SMS and three.chunk == OUTER_FUSED_TILE[2]
+    assert uses_fused_backward(B, 2, H200_SMS) == (B >= 1024)
+    if B >= 1024:
+        two = outer_fused_plan(B, 2, H200_SMS)
+        assert two.programs >= H200_SMS
+        assert two.chunk == OUTER_FUSED_TILE[2] or _fused_plan_at(
+            B, 2, 2 * H200_SMS, *OUTER_FUSED_TILE[:2], 2 * two.chunk).programs < H200_SMS
+    with pytest.raises(ValueError, match="num_factors must be 2 or 3"):
+        outer_fused_plan(B, 4, H200_SMS)
+    with pytest.raises(ValueError, match="num_sms must be >= 1"):
+        outer_fused_plan(B, 3, 0)
 
 
 # --- one program or many: the cost model (issue 14, item 5) -------------------------------

@@ -26,25 +26,27 @@ Backward, from g = ∂term/∂T (the φ of :mod:`~mdm_kernels.ops.marginal_terms
     ∂F_f[i]  = w_out ⊙ Σ_{samples with i_f = i} g · σ'(z)
     ∂w_out   = Σ g · σ(z),      ∂b_out = Σ g
 
-in one launch per factor, without atomics (deterministic): a program owns a block of that
-factor's indices, one per thread, and sweeps one contiguous split of the combinations of the
-other factors in blocks.  The tile and the grid (owned blocks) × (splits) come from
-:func:`outer_backward_grid`: at least 2 programs per SM at every B ≥ 256 (three factors at
-B = 256: one owned block, 274 splits on an H200 instead of one CTA; two factors at B = 256
-take 4 × 32 tiles, :data:`OUTER_BACKWARD_TILES`); the splits' partial ∂Fᵀ are summed in
-split order by :func:`_sum_splits_kernel`,
-so the result is bitwise the same run to run on a given GPU model (the split count depends
-on B and the SM count).  Per tile it recomputes T with the forward's own loop — every launch sums z in the
-canonical order (F_0 + F_2) + F_1 (:func:`_pair_preact`), so the scores are bitwise the forward's and e^{T − LSE}
-is consistent with the saved LSE even at |T| ~ 1e4 — forms g, then loops over h again: the
-sum over the swept side is in-thread and is added into ∂F_fᵀ[h, o] by the thread owning o.
-The first launch also accumulates the w_out partials.  Autograd carries ∂F_0 into P_1 and
-b_1, and the other factors' gradients into their projections.
+in one launch for every factor (:func:`_outer_bwd_fused_kernel`): per chunk of tiles the
+scores once — with the forward's own loop and its canonical sum (F_0 + F_2) + F_1
+(:func:`_pair_preact`), so they are bitwise the forward's and e^{T − LSE} is consistent with
+the saved LSE even at |T| ~ 1e4 — then g to a per-program scratch, then per hidden unit
+a = g·σ'(z) summed three ways: over the rows in-thread (the column factor; with three
+factors also F_0, across threads once per tile and unit), and over the columns in-thread
+across the chunk's tiles, across threads once per chunk and unit (the row factor).  sm_90
+SASS, relu (docs/performance_counts.md): 3.97 + 6.00 + 0.36 instructions per pair·unit
+against 33.2 for the former one-launch-per-factor backward (three score recomputations).
+Two factors at small B (too few tiles to give every SM a chunk) keep one launch per factor
+(:func:`_outer_bwd_kernel`, :func:`outer_backward_grid`), which fills the GPU with small
+tiles instead.  No atomics in either: every partial sum has its own slot and the slots are
+summed in a fixed order by :func:`_sum_splits_kernel`, so the result is bitwise the same run
+to run on a given GPU model (the slot count depends on B and the SM count).  Autograd carries
+∂F_0 into P_1 and b_1, and the other factors' gradients into their projections.
 
-Memory: Fᵀ (NF·H·S floats, S = B padded to 256), for one launch at a time the splits'
-partial ∂Fᵀ and w_out partials (2·splits·H·S floats: ~2·SMs·256·H when B ≤ 256, e.g.
-35 MB each at H = 128 on an H200; splits fall as B grows, ≈ 2·SMs/⌈B/256⌉), B row LSEs,
-one partial per program — O(B·H) for a fixed GPU.
+Memory: Fᵀ (NF·H·S floats, S = B padded to 256); the fused launch's slots (Σ of
+:attr:`OuterFusedPlan.slots` × H × S floats: 16 MB at m = 3, B = 256, H = 128 on an H200;
+O(B²·H/32) as B grows, 1 GB at B = 4,096) and its g scratch (programs × 16 × 32 × 32
+floats, 64 KB per program); the per-factor launches' split partials (2·splits·H·S floats);
+B row LSEs; one partial per program.
 """
 from __future__ import annotations
 
@@ -59,37 +61,27 @@ from .sample_tiles import marginal_plan
 from .marginal_terms import (MARGINAL_RED, NEG_BIG, score_grad, marginal_grad_args,
                             marginal_value)
 from .runtime_flags import fresh_empty, sm_count, uses_gpu_launches
-from .triton_helpers import activation, activation_grad, launch_device
+from .triton_helpers import (HOMOGENEOUS_ACTIVATIONS, activation, activation_grad,
+                             launch_device, times_activation_grad)
 
 @triton.jit
 def _pair_preact(Ft_ptr, h, S, HS, s_idx, s_scalar, o_idx, NF: tl.constexpr,
                  OWNED: tl.constexpr):
-    """Pre-activation z[s, o] of hidden unit h on a (swept × owned) tile, always summed in
-    the canonical order (F_0 + F_2) + F_1 whichever factor is owned, so that every launch
-    computes bitwise the same scores (float addition is commutative, so only the grouping
-    matters).  Fᵀ is (NF, H, S).  NF = 2: the swept index s_idx and the owned index o_idx
-    are the other factor's and factor OWNED's.  NF = 3: the swept side is (s_scalar, s_idx)
-    — one index of a factor for the whole tile and a vector of another: (F_0, F_1) when F_2
-    is owned (the forward), (F_2, F_1) when F_0 is, (F_0, F_2) when F_1 is.  The order puts
-    the scalar factor's add on the owned column, once per column, wherever F_1 is swept:
-    the forward's inner loop adds once per pair (it added twice per pair with
-    ((F_0 + F_1) + F_2), the 16-row partial recomputed by every column's thread)."""
+    """Pre-activation z[s, o] of hidden unit h on a (swept × owned) tile.  Fᵀ is
+    (NF, H, S).  NF = 2: the swept index s_idx and the owned index o_idx are the other
+    factor's and factor OWNED's.  NF = 3 (OWNED = 2, the only layout: rows (F_0 scalar,
+    F_1 vector), columns F_2): summed in the canonical order (F_0 + F_2) + F_1, the scalar
+    factor joining the column once per column, so the inner loop adds once per pair (it
+    added twice with ((F_0 + F_1) + F_2), the 16-row partial recomputed by every column's
+    thread); the fused backward sums in the same order (bitwise the same scores)."""
     if NF == 2:
         w = tl.load(Ft_ptr + (1 - OWNED) * HS + h * S + s_idx)
         o = tl.load(Ft_ptr + OWNED * HS + h * S + o_idx)
         z = w[:, None] + o[None, :]
     else:
-        if OWNED == 1:  # swept (F_0 scalar, F_2 vector): y per swept row, + the owned F_1
-            y = tl.load(Ft_ptr + h * S + s_scalar) + tl.load(Ft_ptr + 2 * HS + h * S + s_idx)
-            z = y[:, None] + tl.load(Ft_ptr + HS + h * S + o_idx)[None, :]
-        else:
-            # the scalar swept factor joins the owned one's column (one add per column,
-            # not per pair), the swept vector is always F_1
-            if OWNED == 2:  # the forward's layout: rows (F_0 scalar, F_1 vector), columns F_2
-                c = tl.load(Ft_ptr + h * S + s_scalar) + tl.load(Ft_ptr + 2 * HS + h * S + o_idx)
-            else:           # OWNED == 0: swept (F_2 scalar, F_1 vector)
-                c = tl.load(Ft_ptr + h * S + o_idx) + tl.load(Ft_ptr + 2 * HS + h * S + s_scalar)
-            z = tl.load(Ft_ptr + HS + h * S + s_idx)[:, None] + c[None, :]
+        tl.static_assert(OWNED == 2, "three factors: the owned (column) factor is F_2")
+        c = tl.load(Ft_ptr + h * S + s_scalar) + tl.load(Ft_ptr + 2 * HS + h * S + o_idx)
+        z = tl.load(Ft_ptr + HS + h * S + s_idx)[:, None] + c[None, :]
     return z
 
 
@@ -198,8 +190,9 @@ def _outer_bwd_kernel(Ft_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, row_lse_
                       NF: tl.constexpr, OWNED: tl.constexpr, GMODE: tl.constexpr,
                       PARAM_GRADS: tl.constexpr, ACT: tl.constexpr, BLOCK_S: tl.constexpr,
                       BLOCK_O: tl.constexpr, DISTINCT: tl.constexpr = False):
-    """Gradient of factor OWNED, all other factors swept: tiles of BLOCK_S swept × BLOCK_O
-    owned indices, one owned index per thread.  Grid (owned programs G, splits): program
+    """Gradient of factor OWNED (two factors; three take :func:`_outer_bwd_fused_kernel`),
+    the other factor swept: tiles of BLOCK_S swept × BLOCK_O owned indices, one owned index
+    per thread.  Grid (owned programs G, splits): program
     (p, q) takes the owned blocks p, p + G, … and the swept blocks [q·SPLIT_BLOCKS,
     (q + 1)·SPLIT_BLOCKS) (:func:`outer_backward_grid`); split q's partial sums go to slice q
     of ∂Fᵀ (splits × H × S), which the program zeroes first for its owned blocks.  Per tile:
@@ -208,6 +201,7 @@ def _outer_bwd_kernel(Ft_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, row_lse_
     PARAM_GRADS also Σ_s g·σ(z) into the w_out partials gwᵀ[q, h, o]) by the thread that
     owns o — the same thread on every tile, so no atomics and no barrier.  The caller sums
     the slices in split order (:func:`_sum_splits_kernel`) and applies w_out."""
+    tl.static_assert(NF == 2, "the per-factor backward takes two factors")
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     split = tl.program_id(1)
@@ -217,10 +211,7 @@ def _outer_bwd_kernel(Ft_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, row_lse_
     scale = tl.load(scale_ptr)
     shift = tl.load(shift_ptr)
     gb = tl.zeros([BLOCK_S, BLOCK_O], tl.float32)
-    if NF == 2:
-        n_sb = tl.cdiv(B, BLOCK_S)
-    else:
-        n_sb = B * tl.cdiv(B, BLOCK_S)
+    n_sb = tl.cdiv(B, BLOCK_S)
     sb_lo = split * SPLIT_BLOCKS
     sb_hi = tl.minimum(sb_lo + SPLIT_BLOCKS, n_sb)
     dO_part = dOt_ptr + split * H * S
@@ -258,6 +249,176 @@ def _outer_bwd_kernel(Ft_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, row_lse_
                     tl.store(p_gw, tl.load(p_gw) + tl.sum(g * activation(z, ACT), axis=0))
     if PARAM_GRADS:
         tl.store(gbout_ptr + split * G + pid, tl.sum(tl.sum(gb, axis=1), axis=0))
+
+
+@triton.jit
+def _outer_bwd_fused_kernel(Ft_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, row_lse_ptr,
+                            g_ptr, drow_ptr, dcol_ptr, dscal_ptr, gw_ptr, gb_ptr,
+                            B, S, H, SPAN,
+                            NF: tl.constexpr, GMODE: tl.constexpr, ACT: tl.constexpr,
+                            HOMOGENEOUS: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_O: tl.constexpr, CHUNK: tl.constexpr,
+                            DISTINCT: tl.constexpr = False):
+    """Every factor's gradient, ∂w_out and ∂b_out in one launch, the scores computed once.
+
+    A tile is BLOCK_R rows (the row factor: F_1 of three factors, F_0 of two) × BLOCK_O
+    columns (the last factor), a thread holding all BLOCK_R rows of one column; a *chunk* is
+    up to CHUNK tiles that share the row block: with three factors CHUNK consecutive indices
+    k of F_0 over one column block, with two factors CHUNK consecutive column blocks.
+    Program (rb, j, q) of the grid (row blocks, column groups, splits) takes row block rb
+    and, with three factors, the column blocks j, j + n_j, … and the F_0 indices
+    [q·SPAN, (q + 1)·SPAN); with two factors (n_j = 1) the column blocks [q·SPAN, …).
+
+    Per chunk, two phases (the scratch slice g_ptr[pid] holds CHUNK tiles of g):
+
+    1. for each tile: T by :func:`_outer_scores` (bitwise the forward's), g = ∂term/∂T →
+       scratch, Σ g → ∂b_out;
+    2. for each hidden unit h, for each tile k of the chunk: z = F_row[r] + c_k[o] (the
+       forward's canonical sum, c_k = F_0[k] + F_2[o] or F_1[o]), a = g·σ'(z), and
+         rowacc[r, o] += a            (in-thread; the rows' sum over o waits for the chunk)
+         colsum_k[o]   = Σ_r a        (in-thread: the thread holds the column's rows)
+       three factors: ∂F_0[k, h] += Σ_o colsum_k (one cross-thread sum per tile and unit),
+       ∂F_2[o, h] += Σ_k colsum_k; two factors: ∂F_1[o_k, h] += colsum_k; after the tiles
+       ∂F_row[r, h] += Σ_o rowacc[r, o] — one cross-thread sum per chunk, not per tile —
+       and ∂w_out[h] += Σ g·σ(z) (relu, leaky relu: Σ_r F_row[r]·∂F_row + Σ_k Σ_o
+       c_k[o]·colsum_k[o], since σ(z) = z·σ'(z); else σ(z) per sample).
+
+    So each (pair, unit) costs the score loop's ≈ 3 instructions plus z, the σ' select and two
+    adds — the per-factor launches recompute T once per factor.  No atomics: every partial
+    sum has its own slot — ∂F_row slot (j, q) [three factors] or q, ∂F_col slot (rb, q) or
+    rb, ∂F_0 slot (rb, j), ∂w_out and ∂b_out slot pid — which the program zeroes first, and
+    the caller sums the slots in a fixed order (:func:`_sum_splits`): bitwise reproducible.
+    Barriers separate the zero fill, the scratch writes and the scratch reads (a tile's g
+    is written and read with the same layout, but nothing forces it)."""
+    rb = tl.program_id(0)
+    j = tl.program_id(1)
+    q = tl.program_id(2)
+    n_j = tl.num_programs(1)
+    n_q = tl.num_programs(2)
+    pid = (rb * n_j + j) * n_q + q
+    HS = H * S
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_o = tl.arange(0, BLOCK_O)
+    rows = rb * BLOCK_R + offs_r
+    rmask = rows < B
+    n_ob = tl.cdiv(B, BLOCK_O)
+    bout = tl.load(bout_ptr)
+    scale = tl.load(scale_ptr)
+    shift = tl.load(shift_ptr)
+    if NF == 3:
+        row_f = 1
+        drow = drow_ptr + (j * n_q + q) * HS
+        dcol = dcol_ptr + (rb * n_q + q) * HS
+        dscal = dscal_ptr + (rb * n_j + j) * HS
+        lo = q * SPAN
+        hi = tl.minimum(lo + SPAN, B)         # this program's F_0 indices
+        ob_lo = j
+        ob_hi = n_ob
+    else:
+        row_f = 0
+        drow = drow_ptr + q * HS
+        dcol = dcol_ptr + rb * HS
+        dscal = dscal_ptr
+        lo = q * SPAN
+        hi = tl.minimum(lo + SPAN, n_ob)      # this program's column blocks
+        ob_lo = 0
+        ob_hi = 1
+    scratch = g_ptr + pid * (CHUNK * BLOCK_R * BLOCK_O)
+    tile_offs = offs_r[:, None] * BLOCK_O + offs_o[None, :]
+
+    # ---- zero this program's slots (they are summed over every slot afterwards)
+    zero_r = tl.zeros([BLOCK_R], tl.float32)
+    zero_o = tl.zeros([BLOCK_O], tl.float32)
+    for h in range(0, H):
+        tl.store(drow + h * S + rows, zero_r)
+        tl.store(gw_ptr + pid * H + h, 0.0)
+    if NF == 3:
+        for ob in range(ob_lo, ob_hi, n_j):
+            for h in range(0, H):
+                tl.store(dcol + h * S + ob * BLOCK_O + offs_o, zero_o)
+        offs_c = tl.arange(0, CHUNK)
+        for k0 in range(lo, hi, CHUNK):
+            kk = k0 + offs_c
+            for h in range(0, H):
+                tl.store(dscal + h * S + kk, tl.zeros([CHUNK], tl.float32), mask=kk < hi)
+    else:
+        for ob in range(lo, hi):
+            for h in range(0, H):
+                tl.store(dcol + h * S + ob * BLOCK_O + offs_o, zero_o)
+    tl.debug_barrier()
+
+    gb = tl.zeros([BLOCK_R, BLOCK_O], tl.float32)
+    for ob in range(ob_lo, ob_hi, n_j):
+        cols = ob * BLOCK_O + offs_o           # three factors: the chunk's column block
+        for c0 in range(lo, hi, CHUNK):
+            n_k = tl.minimum(CHUNK, hi - c0)
+            # -- phase 1: the chunk's scores, once; g to the scratch
+            for k in range(0, n_k):
+                if NF == 3:
+                    s_scalar = c0 + k
+                    cols_k = cols
+                else:
+                    s_scalar = 0
+                    cols_k = (c0 + k) * BLOCK_O + offs_o
+                valid = rmask[:, None] & (cols_k < B)[None, :]
+                if DISTINCT:
+                    valid = valid & _distinct_pairs(rows, s_scalar, cols_k, NF)
+                t = _outer_scores(Ft_ptr, wout_ptr, bout, rows, s_scalar, cols_k, S, H, NF,
+                                  NF - 1, ACT)
+                if GMODE == 2:  # InfoNCE (two factors): the anchors are the rows
+                    row_shift = tl.load(row_lse_ptr + rows, mask=rmask, other=0.0)[:, None]
+                    g = score_grad(t, valid, scale, row_shift, GMODE)
+                else:
+                    g = score_grad(t, valid, scale, shift, GMODE)
+                gb += g
+                tl.store(scratch + k * (BLOCK_R * BLOCK_O) + tile_offs, g)
+            tl.debug_barrier()
+            # -- phase 2: per hidden unit, every tile of the chunk
+            for h in range(0, H):
+                f_row = tl.load(Ft_ptr + row_f * HS + h * S + rows)
+                if NF == 3:
+                    f_col = tl.load(Ft_ptr + 2 * HS + h * S + cols)
+                rowacc = tl.zeros([BLOCK_R, BLOCK_O], tl.float32)
+                colacc = tl.zeros([BLOCK_O], tl.float32)
+                zc = tl.zeros([BLOCK_O], tl.float32)
+                gwv = tl.zeros([BLOCK_R, BLOCK_O], tl.float32)
+                for k in range(0, n_k):
+                    g = tl.load(scratch + k * (BLOCK_R * BLOCK_O) + tile_offs)
+                    if NF == 3:
+                        # the forward's order: (F_0 + F_2) per column, then + F_1 per row
+                        c = tl.load(Ft_ptr + h * S + c0 + k) + f_col
+                    else:
+                        cols_k = (c0 + k) * BLOCK_O + offs_o
+                        c = tl.load(Ft_ptr + HS + h * S + cols_k)
+                    z = f_row[:, None] + c[None, :]
+                    a = times_activation_grad(g, z, ACT)
+                    rowacc += a
+                    colsum = tl.sum(a, axis=0)
+                    if HOMOGENEOUS:
+                        zc += c * colsum
+                    else:
+                        gwv += g * activation(z, ACT)
+                    if NF == 3:
+                        colacc += colsum
+                        p_scal = dscal + h * S + c0 + k
+                        tl.store(p_scal, tl.load(p_scal) + tl.sum(colsum, axis=0))
+                    else:
+                        p_col = dcol + h * S + cols_k
+                        tl.store(p_col, tl.load(p_col) + colsum)
+                d_row = tl.sum(rowacc, axis=1)
+                p_row = drow + h * S + rows
+                tl.store(p_row, tl.load(p_row) + d_row)
+                if NF == 3:
+                    p_col = dcol + h * S + cols
+                    tl.store(p_col, tl.load(p_col) + colacc)
+                if HOMOGENEOUS:
+                    gw_h = tl.sum(f_row * d_row, axis=0) + tl.sum(zc, axis=0)
+                else:
+                    gw_h = tl.sum(tl.sum(gwv, axis=1), axis=0)
+                p_gw = gw_ptr + pid * H + h
+                tl.store(p_gw, tl.load(p_gw) + gw_h)
+            tl.debug_barrier()  # the next chunk overwrites the scratch
+    tl.store(gb_ptr + pid, tl.sum(tl.sum(gb, axis=1), axis=0))
 
 
 @triton.jit
@@ -351,38 +512,134 @@ class OuterBackwardGrid:
 
 def outer_backward_grid(batch_size: int, num_factors: int, num_sms: int,
                         tiles=OUTER_BACKWARD_TILES) -> OuterBackwardGrid:
-    """Tile and grid of an outer-sum backward launch (pure Python; unit-tested without a GPU).
+    """Tile and grid of a per-factor backward launch (two factors at small B,
+    :func:`uses_fused_backward`; pure Python, unit-tested without a GPU).
 
-    With a tile (b_s, b_o) the owned factor has n_o = ⌈B / b_o⌉ blocks and the swept side
-    n_s = ⌈B / b_s⌉ (two factors) or B·⌈B / b_s⌉ (three) blocks: n_o·n_s tiles.  Target:
-    2 × ``num_sms`` programs, two CTAs per SM (one owned block alone — B = 256, the paper
-    scale — would otherwise be one CTA on one SM).  The tile is the first of ``tiles`` (largest
-    first) with at least that many tiles, else the last.  The owned blocks go to
-    min(n_o, target) persistent programs; the swept blocks are cut into ⌈target / programs⌉
-    contiguous splits of ⌊n_s / that⌋ blocks (so a few more splits, never fewer; at most
-    n_s), whose partial sums are reduced in a fixed order afterwards.  Hence programs ≥
-    min(2·num_sms, n_o·n_s) — with :data:`OUTER_BACKWARD_TILES`, ≥ 2·num_sms for every
-    B ≥ 256 (two factors: B²/128 tiles of 4 × 32) up to 256 SMs.
+    With a tile (b_s, b_o) the owned factor has n_o = ⌈B / b_o⌉ blocks and the swept one
+    n_s = ⌈B / b_s⌉: n_o·n_s tiles.  Target: 2 × ``num_sms`` programs.  The tile is the
+    first of ``tiles`` (largest first) with at least that many tiles, else the last.  The
+    owned blocks go to min(n_o, target) persistent programs; the swept blocks are cut into
+    ⌈target / programs⌉ contiguous splits of ⌊n_s / that⌋ blocks (so a few more splits,
+    never fewer; at most n_s), whose partial sums are reduced in a fixed order afterwards.
+    Hence programs ≥ min(2·num_sms, n_o·n_s) — with :data:`OUTER_BACKWARD_TILES`,
+    ≥ 2·num_sms for every B ≥ 256 (B²/128 tiles of 4 × 32) up to 256 SMs.
     """
     for name, value in (("batch_size", batch_size), ("num_sms", num_sms)):
         if int(value) < 1:
             raise ValueError(f"outer_backward_grid: {name} must be >= 1, got {value}")
-    if num_factors not in (2, 3):
-        raise ValueError(f"outer_backward_grid: num_factors must be 2 or 3, got {num_factors}")
+    if num_factors != 2:
+        raise ValueError("outer_backward_grid: the per-factor backward takes num_factors = 2, "
+                         f"got {num_factors} (three factors: outer_fused_plan)")
     if not tiles:
         raise ValueError("outer_backward_grid: tiles must name at least one tile")
     target = 2 * num_sms
     for block_swept, block_owned in tiles:
         owned_blocks = triton.cdiv(batch_size, block_owned)
         swept_blocks = triton.cdiv(batch_size, block_swept)
-        if num_factors == 3:
-            swept_blocks *= batch_size
         if owned_blocks * swept_blocks >= target:
             break
     owned_programs = min(owned_blocks, target)
     per_split = max(1, swept_blocks // triton.cdiv(target, owned_programs))
     return OuterBackwardGrid(block_swept, block_owned, max(1, block_owned // 32),
                              owned_programs, triton.cdiv(swept_blocks, per_split), per_split)
+
+
+#: Fused backward tile (BLOCK_R rows, BLOCK_O columns, CHUNK tiles per chunk) on a GPU: one
+#: warp, a thread holding 32 rows of one column (python/sass_report.py counts the loops);
+#: the CPU interpreter takes a small one so the tests' batches span several chunks (CHUNK,
+#: like the blocks, a power of two).
+OUTER_FUSED_TILE = (32, 32, 16)
+_INTERPRETER_FUSED_TILE = (4, 8, 2)
+
+
+def _fused_tile(device) -> tuple[int, int, int]:
+    return OUTER_FUSED_TILE if uses_gpu_launches(device) else _INTERPRETER_FUSED_TILE
+
+
+@dataclass(frozen=True)
+class OuterFusedPlan:
+    """One fused outer-sum backward launch (:func:`_outer_bwd_fused_kernel`): tiles of
+    ``block_rows`` × ``block_cols`` in chunks of ``chunk``; grid (``row_blocks``,
+    ``col_groups``, ``splits``), each split ``span`` F_0 indices (three factors) or column
+    blocks (two); partial-sum slots per factor (``slots``: row factor, column factor, F_0)."""
+    num_factors: int
+    block_rows: int
+    block_cols: int
+    chunk: int
+    row_blocks: int
+    col_groups: int
+    splits: int
+    span: int
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return (self.row_blocks, self.col_groups, self.splits)
+
+    @property
+    def programs(self) -> int:
+        return self.row_blocks * self.col_groups * self.splits
+
+    @property
+    def slots(self) -> tuple[int, int, int]:
+        if self.num_factors == 3:
+            return (self.col_groups * self.splits, self.row_blocks * self.splits,
+                    self.row_blocks * self.col_groups)
+        return (self.splits, self.row_blocks, 0)
+
+
+def _fused_plan_at(batch_size, num_factors, target, block_rows, block_cols, chunk):
+    row_blocks = triton.cdiv(batch_size, block_rows)
+    col_blocks = triton.cdiv(batch_size, block_cols)
+    if num_factors == 3:
+        col_groups = min(col_blocks, max(1, target // row_blocks))
+        extent = batch_size
+    else:
+        col_groups = 1
+        extent = col_blocks
+    wanted = triton.cdiv(target, row_blocks * col_groups)
+    span = chunk * triton.cdiv(triton.cdiv(extent, wanted), chunk)
+    return OuterFusedPlan(num_factors, block_rows, block_cols, chunk, row_blocks, col_groups,
+                          triton.cdiv(extent, span), span)
+
+
+def outer_fused_plan(batch_size: int, num_factors: int, num_sms: int,
+                     tile=OUTER_FUSED_TILE) -> OuterFusedPlan:
+    """Grid of the fused backward (pure Python; unit-tested without a GPU).
+
+    Rows: n_r = ⌈B / BLOCK_R⌉ blocks; columns: n_o = ⌈B / BLOCK_O⌉ blocks.  Target 2 ×
+    ``num_sms`` programs.  Three factors: the column blocks go to n_j = min(n_o,
+    max(1, target // n_r)) strided groups, the B indices of F_0 to splits of span = chunk ×
+    ⌈⌈B / wanted⌉ / chunk⌉ indices (whole chunks; wanted = ⌈target / (n_r·n_j)⌉).  Two
+    factors: splits of the n_o column blocks, span = chunk × ⌈⌈n_o / wanted⌉ / chunk⌉.
+    The chunk is the tile's CHUNK, halved (down to CHUNK / 4) while the grid has fewer
+    programs than SMs: a program's row sums cross threads once per chunk and unit, so a
+    smaller chunk costs instructions (docs/performance_counts.md) but fills the GPU.
+    Slots of partial sums: (n_j·splits, n_r·splits, n_r·n_j) for three factors,
+    (splits, n_r, 0) for two — × H × S floats each."""
+    for name, value in (("batch_size", batch_size), ("num_sms", num_sms)):
+        if int(value) < 1:
+            raise ValueError(f"outer_fused_plan: {name} must be >= 1, got {value}")
+    if num_factors not in (2, 3):
+        raise ValueError(f"outer_fused_plan: num_factors must be 2 or 3, got {num_factors}")
+    block_rows, block_cols, chunk = tile
+    smallest = max(1, chunk // 4)
+    while True:
+        plan = _fused_plan_at(batch_size, num_factors, 2 * num_sms, block_rows, block_cols,
+                              chunk)
+        if plan.programs >= num_sms or chunk <= smallest:
+            return plan
+        chunk //= 2
+
+
+def uses_fused_backward(batch_size: int, num_factors: int, num_sms: int,
+                        tile=OUTER_FUSED_TILE) -> bool:
+    """The fused backward for three factors always; for two factors when its plan puts at
+    least one program on every SM (at small B the per-factor launches of
+    :func:`outer_backward_grid` fill the GPU with 4 × 32 tiles instead: two factors at
+    B = 256 are a few µs either way, docs/performance_counts.md)."""
+    if num_factors == 3:
+        return True
+    return outer_fused_plan(batch_size, num_factors, num_sms, tile).programs >= num_sms
 
 
 #: Elements per program of the split sums: 256 (2 per thread at 4 warps), so the H × S
@@ -407,7 +664,7 @@ def _sum_splits(parts: torch.Tensor) -> torch.Tensor:
 def outer_stride(B, device):
     """Padded batch S of Fᵀ: a multiple of every block size (all powers of two); ``B`` may be
     a symbolic size (fake tensors)."""
-    step = max(*_fwd_tiles(device), *_bwd_tiles(device))
+    step = max(*_fwd_tiles(device), *_bwd_tiles(device), *_fused_tile(device)[:2])
     return (B + step - 1) // step * step
 
 
@@ -441,30 +698,70 @@ def outer_forward(kind, act, factors, wout, bout, distinct=False):
 
 
 def outer_backward(kind, act, Ft, wout, bout, stat, grad, B, distinct=False):
-    """(∂F_0, …, ∂F_{NF−1}, ∂w_out, ∂b_out) of grad·(marginal term), one launch per factor."""
+    """(∂F_0, …, ∂F_{NF−1}, ∂w_out, ∂b_out) of grad·(marginal term): one fused launch
+    (:func:`_outer_bwd_fused_kernel`) or, for two factors at small B, one launch per factor
+    (:func:`uses_fused_backward`)."""
     nf, H, S = Ft.shape
     plan = marginal_plan(kind, B, nf, None, distinct)
-    gmode, scale, shift, row_lse = marginal_grad_args(kind, grad, stat, plan.N, B)
+    args = marginal_grad_args(kind, grad, stat, plan.N, B)
+    sms = _sm_count(Ft.device)
+    tile = _fused_tile(Ft.device)
+    with launch_device(Ft):
+        if uses_fused_backward(B, nf, sms, tile):
+            return _fused_backward(act, Ft, wout, bout, args, B, distinct,
+                                   outer_fused_plan(B, nf, sms, tile))
+        return _per_factor_backward(act, Ft, wout, bout, args, B, distinct)
+
+
+def _fused_backward(act, Ft, wout, bout, grad_args, B, distinct, plan):
+    """The fused launch, then the fixed-order sums of its slots."""
+    nf, H, S = Ft.shape
+    gmode, scale, shift, row_lse = grad_args
+    f32 = dict(device=Ft.device, dtype=torch.float32)
+    n_row, n_col, n_scal = plan.slots
+    drow = fresh_empty(n_row, H, S, **f32)
+    dcol = fresh_empty(n_col, H, S, **f32)
+    dscal = fresh_empty(max(n_scal, 1), H, S, **f32)
+    scratch = fresh_empty(plan.programs, plan.chunk * plan.block_rows * plan.block_cols, **f32)
+    gw = fresh_empty(plan.programs, H, **f32)
+    gb = fresh_empty(plan.programs, **f32)
+    _outer_bwd_fused_kernel[plan.grid](
+        Ft, wout, bout, scale, shift, row_lse, scratch, drow, dcol, dscal, gw, gb, B, S, H,
+        plan.span, NF=nf, GMODE=gmode, ACT=act, HOMOGENEOUS=act in HOMOGENEOUS_ACTIVATIONS,
+        BLOCK_R=plan.block_rows, BLOCK_O=plan.block_cols, CHUNK=plan.chunk,
+        DISTINCT=distinct, num_warps=max(1, plan.block_cols // 32))
+    sums = [_sum_splits(drow), _sum_splits(dcol)]
+    if nf == 3:  # slots by factor: rows are F_1, columns F_2, the scalar side F_0
+        sums = [_sum_splits(dscal), *sums]
+    grads = [(d[:, :B] * wout[:, None]).t() for d in sums]
+    # ∂w_out: P × H partials, ∂b_out: P (torch's sums: a fixed order, no atomics)
+    return (*grads, gw.sum(0), gb.sum().reshape(1))
+
+
+def _per_factor_backward(act, Ft, wout, bout, grad_args, B, distinct):
+    """One launch per factor (:func:`_outer_bwd_kernel`), the w_out / b_out partials in the
+    first."""
+    nf, H, S = Ft.shape
+    gmode, scale, shift, row_lse = grad_args
     gpu = uses_gpu_launches(Ft.device)
     launch = outer_backward_grid(B, nf, _sm_count(Ft.device),
                                  OUTER_BACKWARD_TILES if gpu else (_bwd_tiles(Ft.device),))
     f32 = dict(device=Ft.device, dtype=torch.float32)
     grads = []
-    with launch_device(Ft):
-        for f in range(nf):  # one launch per factor, the w_out / b_out partials in the first
-            # per-split partials: the kernel writes every element (no zero fill)
-            dOt = fresh_empty(launch.splits, H, S, **f32)
-            gwt = fresh_empty(launch.splits, H, S, **f32) if f == 0 else dOt
-            gb = fresh_empty(launch.programs, **f32)
-            _outer_bwd_kernel[launch.grid](
-                Ft, wout, bout, scale, shift, row_lse, dOt, gwt, gb, B, S, H,
-                launch.blocks_per_split, NF=nf, OWNED=f, GMODE=gmode, PARAM_GRADS=f == 0,
-                ACT=act, BLOCK_S=launch.block_swept, BLOCK_O=launch.block_owned,
-                DISTINCT=distinct, num_warps=launch.num_warps if gpu else 1)
-            grads.append((_sum_splits(dOt)[:, :B] * wout[:, None]).t())
-            if f == 0:
-                # only the owned blocks' columns are written (⌈B / BLOCK_O⌉·BLOCK_O ≤ S):
-                # the columns up to B are the w_out partials, the rest is not ours to read
-                g_wout = _sum_splits(gwt)[:, :B].sum(1)
-                g_bout = gb.sum().reshape(1)
+    for f in range(nf):
+        # per-split partials: the kernel writes every element (no zero fill)
+        dOt = fresh_empty(launch.splits, H, S, **f32)
+        gwt = fresh_empty(launch.splits, H, S, **f32) if f == 0 else dOt
+        gb = fresh_empty(launch.programs, **f32)
+        _outer_bwd_kernel[launch.grid](
+            Ft, wout, bout, scale, shift, row_lse, dOt, gwt, gb, B, S, H,
+            launch.blocks_per_split, NF=nf, OWNED=f, GMODE=gmode, PARAM_GRADS=f == 0,
+            ACT=act, BLOCK_S=launch.block_swept, BLOCK_O=launch.block_owned,
+            DISTINCT=distinct, num_warps=launch.num_warps if gpu else 1)
+        grads.append((_sum_splits(dOt)[:, :B] * wout[:, None]).t())
+        if f == 0:
+            # only the owned blocks' columns are written (⌈B / BLOCK_O⌉·BLOCK_O ≤ S):
+            # the columns up to B are the w_out partials, the rest is not ours to read
+            g_wout = _sum_splits(gwt)[:, :B].sum(1)
+            g_bout = gb.sum().reshape(1)
     return (*grads, g_wout, g_bout)

@@ -103,6 +103,25 @@ def activation(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def times_activation_grad(g, x, ACT: tl.constexpr):
+    """g·σ'(x) without the multiply where σ' is piecewise constant: relu selects g or 0
+    (FSETP + FSEL), leaky relu g or 0.01·g; the others multiply by :func:`activation_grad`."""
+    if ACT == 0:
+        out = tl.where(x > 0, g, 0.0)
+    elif ACT == 1:
+        out = tl.where(x > 0, g, g * 0.01)
+    else:
+        out = g * activation_grad(x, ACT)
+    return out
+
+
+#: Activations with σ(x) = x·σ'(x) (positively homogeneous: relu, leaky relu): there
+#: Σ g·σ(z) = Σ (g·σ'(z))·z, so a backward that already has the sums of g·σ'(z) gets the
+#: output-weight gradient from them without evaluating σ per sample.
+HOMOGENEOUS_ACTIVATIONS = (0, 1)
+
+
+@triton.jit
 def activation_grad(x, ACT: tl.constexpr):
     """σ'(x)."""
     if ACT == 0:
