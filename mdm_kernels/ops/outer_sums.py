@@ -587,6 +587,12 @@ class OuterFusedPlan:
         return (self.splits, self.row_blocks, 0)
 
 
+#: Target programs per SM of the fused backward: its programs are one warp each, and an
+#: sm_90 SM issues from four schedulers — two one-warp programs per SM would leave half of
+#: them idle (python/sass_report.py's issue-bound model, docs/performance_counts.md).
+FUSED_PROGRAMS_PER_SM = 4
+
+
 def _fused_plan_at(batch_size, num_factors, target, block_rows, block_cols, chunk):
     row_blocks = triton.cdiv(batch_size, block_rows)
     col_blocks = triton.cdiv(batch_size, block_cols)
@@ -606,8 +612,8 @@ def outer_fused_plan(batch_size: int, num_factors: int, num_sms: int,
                      tile=OUTER_FUSED_TILE) -> OuterFusedPlan:
     """Grid of the fused backward (pure Python; unit-tested without a GPU).
 
-    Rows: n_r = ⌈B / BLOCK_R⌉ blocks; columns: n_o = ⌈B / BLOCK_O⌉ blocks.  Target 2 ×
-    ``num_sms`` programs.  Three factors: the column blocks go to n_j = min(n_o,
+    Rows: n_r = ⌈B / BLOCK_R⌉ blocks; columns: n_o = ⌈B / BLOCK_O⌉ blocks.  Target
+    :data:`FUSED_PROGRAMS_PER_SM` × ``num_sms`` programs (one warp each).  Three factors: the column blocks go to n_j = min(n_o,
     max(1, target // n_r)) strided groups, the B indices of F_0 to splits of span = chunk ×
     ⌈⌈B / wanted⌉ / chunk⌉ indices (whole chunks; wanted = ⌈target / (n_r·n_j)⌉).  Two
     factors: splits of the n_o column blocks, span = chunk × ⌈⌈n_o / wanted⌉ / chunk⌉.
@@ -624,8 +630,8 @@ def outer_fused_plan(batch_size: int, num_factors: int, num_sms: int,
     block_rows, block_cols, chunk = tile
     smallest = max(1, chunk // 4)
     while True:
-        plan = _fused_plan_at(batch_size, num_factors, 2 * num_sms, block_rows, block_cols,
-                              chunk)
+        plan = _fused_plan_at(batch_size, num_factors, FUSED_PROGRAMS_PER_SM * num_sms,
+                              block_rows, block_cols, chunk)
         if plan.programs >= num_sms or chunk <= smallest:
             return plan
         chunk //= 2
