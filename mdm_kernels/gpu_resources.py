@@ -641,50 +641,71 @@ def single_program_variants() -> list[Variant]:
 
 def outer_sum_variants() -> list[Variant]:
     """The outer-sum kernels of :mod:`~mdm_kernels.ops.outer_sums` (one hidden layer; H is a
-    loop bound, so their resources do not depend on it): two and three factors × each
-    reduction / score-gradient mode × each owned factor, at the GPU forward tile and the
-    first backward tile; every backward tile of
-    :data:`~mdm_kernels.ops.outer_sums.OUTER_BACKWARD_TILES` (BLOCK_O / 32 warps); the
-    "distinct" grid; every activation on three factors; the split-sum kernel."""
+    loop bound, so their resources do not depend on it): the forward (two and three factors
+    × each reduction, every activation on three factors, "distinct"); the fused backward at
+    :data:`~mdm_kernels.ops.outer_sums.OUTER_FUSED_TILE` (each score-gradient mode, every
+    activation on three factors — relu and leaky relu take the homogeneous ∂w_out path —
+    each chunk size the plan may pick, "distinct"); the per-factor backward (two factors:
+    each owned factor and mode, every tile of
+    :data:`~mdm_kernels.ops.outer_sums.OUTER_BACKWARD_TILES` at BLOCK_O / 32 warps,
+    "distinct"); the split-sum kernel."""
     from .ops import marginal_terms as mt
     from .ops import outer_sums as osm
+    from .ops.triton_helpers import HOMOGENEOUS_ACTIVATIONS
     out = []
     br, bc = 16, 256       # outer_sums._fwd_tiles() on a GPU
     first = osm.OUTER_BACKWARD_TILES[0]
-    ints = dict(B=256, S=256, H=512, SPLIT_BLOCKS=16)
+    rows, cols, chunk = osm.OUTER_FUSED_TILE
+    ints = dict(B=256, S=256, H=512, SPLIT_BLOCKS=16, SPAN=64)
 
-    def bwd(nf, gmode, owned, act_name, act, tile=first, distinct=False):
+    def bwd(gmode, owned, act_name, act, tile=first, distinct=False):
         bs, bo = tile
-        label = f"bwd nf={nf} g={gmode} owned={owned} {act_name}"
+        label = f"bwd nf=2 g={gmode} owned={owned} {act_name}"
         label += (f" tile={bs}x{bo}" if tile != first else "") + \
             (" distinct" if distinct else "")
         return Variant("outer_sums", label, osm._outer_bwd_kernel,
-                       dict(NF=nf, OWNED=owned, GMODE=gmode, PARAM_GRADS=owned == 0, ACT=act,
+                       dict(NF=2, OWNED=owned, GMODE=gmode, PARAM_GRADS=owned == 0, ACT=act,
                             BLOCK_S=bs, BLOCK_O=bo, DISTINCT=distinct), ints,
                        num_warps=max(1, bo // 32))
+
+    def fused(nf, gmode, act_name, act, chunk_size=chunk, distinct=False):
+        label = f"fused bwd nf={nf} g={gmode} {act_name}"
+        label += (f" chunk={chunk_size}" if chunk_size != chunk else "") + \
+            (" distinct" if distinct else "")
+        return Variant("outer_sums", label, osm._outer_bwd_fused_kernel,
+                       dict(NF=nf, GMODE=gmode, ACT=act,
+                            HOMOGENEOUS=act in HOMOGENEOUS_ACTIVATIONS, BLOCK_R=rows,
+                            BLOCK_O=cols, CHUNK=chunk_size, DISTINCT=distinct), ints,
+                       num_warps=max(1, cols // 32))
 
     for nf in (2, 3):
         kinds = ("dv", "js", "wasserstein") + (("infonce",) if nf == 2 else ())
         reds = sorted({mt.MARGINAL_RED[k] for k in kinds})
         gmodes = sorted({mt.MARGINAL_GMODE[k] for k in kinds})
         for act_name, act in _activations(None if nf == 3 else _ONE_ACT).items():
-            every = act_name == "gelu"          # every mode and owner once, with gelu
+            every = act_name == "gelu"          # every mode once, with gelu
             for red in reds if every else reds[:1]:
                 out.append(Variant("outer_sums", f"fwd nf={nf} red={red} {act_name}",
                                    osm._outer_fwd_kernel,
                                    dict(NF=nf, RED=red, ACT=act, BLOCK_R=br, BLOCK_C=bc), ints,
                                    num_warps=osm.OUTER_FORWARD_WARPS))
-            for gmode, owned in itertools.product(gmodes if every else gmodes[:1],
-                                                  range(nf) if every else (0,)):
-                out.append(bwd(nf, gmode, owned, act_name, act))
+            for gmode in gmodes if every else gmodes[:1]:
+                out.append(fused(nf, gmode, act_name, act))
         gelu = _activations(_ONE_ACT)["gelu"]
-        for tile in osm.OUTER_BACKWARD_TILES[1:]:
-            out.append(bwd(nf, gmodes[0], 0, "gelu", gelu, tile))
+        relu = _activations(("relu",))["relu"]
+        for smaller in (chunk // 2, chunk // 4):   # the plan's halved chunks
+            out.append(fused(nf, gmodes[0], "relu", relu, smaller))
+        out.append(fused(nf, gmodes[0], "gelu", gelu, distinct=True))
         out.append(Variant("outer_sums", f"fwd nf={nf} red={reds[0]} gelu distinct",
                            osm._outer_fwd_kernel, dict(NF=nf, RED=reds[0], ACT=gelu,
                                                        BLOCK_R=br, BLOCK_C=bc, DISTINCT=True),
                            ints, num_warps=osm.OUTER_FORWARD_WARPS))
-        out.append(bwd(nf, gmodes[0], 0, "gelu", gelu, distinct=True))
+        if nf == 2:
+            for gmode, owned in itertools.product(gmodes, range(2)):
+                out.append(bwd(gmode, owned, "gelu", gelu))
+            for tile in osm.OUTER_BACKWARD_TILES[1:]:
+                out.append(bwd(gmodes[0], 0, "gelu", gelu, tile))
+            out.append(bwd(gmodes[0], 0, "gelu", gelu, distinct=True))
     out.append(Variant("outer_sums", "split sums", osm._sum_splits_kernel,
                        dict(BLOCK=osm.SPLIT_SUM_BLOCK),
                        dict(n=256 * 512, NSPLIT=8), num_warps=4))

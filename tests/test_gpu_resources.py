@@ -163,7 +163,8 @@ def test_the_gate_compiles_every_headline_launch_as_launched():
         compiled.setdefault(getattr(v.kernel, "fn", v.kernel).__name__, set()).add(
             (tiles, v.num_warps, v.stages()))
     assert {rec["kernel"] for rec in launches} >= {
-        "_outer_fwd_kernel", "_outer_bwd_kernel", "_sum_splits_kernel", "_gp_kernel",
+        "_outer_fwd_kernel", "_outer_bwd_kernel", "_outer_bwd_fused_kernel",
+        "_sum_splits_kernel", "_gp_kernel",
         "_single_program_fwd_kernel", "_single_program_bwd_kernel", "_bounds_fwd_kernel",
         "_bounds_bwd_kernel"}
     missing = []
@@ -179,7 +180,7 @@ def test_the_gate_compiles_every_headline_launch_as_launched():
 #: Constexprs that set a launch's tile (the gate compiles each at the widest hidden layer,
 #: so the hidden-layer blocks may differ).
 _TILE_KEYS = {"BLOCK_N", "BLOCK_R", "BLOCK_C", "BLOCK_S", "BLOCK_O", "BLOCK", "BLOCK_K",
-              "BLOCK_D"}
+              "BLOCK_D", "CHUNK"}
 
 
 #: Fresh process, Triton cache empty: compile a sample of table rows as their launches do and

@@ -203,6 +203,29 @@ def test_fused_plan_fills_the_gpu(B):
         outer_fused_plan(B, 3, 0)
 
 
+@pytest.mark.parametrize("kind,B,programs", [("dv", 1024, 256), ("infonce", 1024, 64),
+                                             ("dv", 256, 16)])
+def test_outer_forward_grid_takes_column_tiles(monkeypatch, kind, B, programs):
+    """The forward's persistent programs take (row block, column block) tiles: two factors
+    at B = 1,024 are 64 × 4 tiles of 16 × 256, 256 programs on an H200 (was one per row
+    block, 64); InfoNCE keeps whole row blocks (its row log-sum-exp), B = 256 has 16 tiles.
+    The launch is recorded, not executed."""
+    from mdm_kernels.ops import outer_sums
+    from mdm_kernels.ops.runtime_flags import emulate_gpu
+    grids = []
+
+    class Recorded:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(outer_sums, "_outer_fwd_kernel", Recorded())
+    factors = [torch.zeros(B, 3), torch.zeros(B, 3)]
+    with emulate_gpu("sm_90"):
+        outer_sums.outer_forward(kind, 0, factors, torch.zeros(3), torch.zeros(1))
+    assert grids == [(programs,)]
+
+
 # --- one program or many: the cost model (issue 14, item 5) -------------------------------
 def test_single_program_threshold_follows_the_cost_model():
     """W* = (L_multi − L_one)·t_launch·F·f·n/(n − 1): at W* both modelled times are equal."""

@@ -132,7 +132,11 @@ def _outer_fwd_kernel(Ft_ptr, wout_ptr, bout_ptr, stats_ptr, row_lse_ptr, B, S, 
                       DISTINCT: tl.constexpr = False):
     """Per-program partial of the reduction over the grid (rows: the combinations of the
     first NF − 1 factors, columns: the last factor): stats[pid] = sum, or (max, Σ e^{T − max});
-    RED_LSE_ROW (InfoNCE, NF = 2) stores LSE_r of the rows a program owns."""
+    RED_LSE_ROW (InfoNCE, NF = 2) stores LSE_r of the rows a program owns.  The persistent
+    programs take (row block, column block) tiles pid, pid + G, … — a row block's column
+    blocks are separate tiles, so two factors at B = 1,024 (64 row blocks × 4 column blocks)
+    fill 256 programs, not 64 — except for RED_LSE_ROW, whose tiles are whole row blocks (a
+    row's log-sum-exp runs over every column in one program)."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     offs_r = tl.arange(0, BLOCK_R)
@@ -145,11 +149,20 @@ def _outer_fwd_kernel(Ft_ptr, wout_ptr, bout_ptr, stats_ptr, row_lse_ptr, B, S, 
         n_rb = tl.cdiv(B, BLOCK_R)
     else:
         n_rb = B * tl.cdiv(B, BLOCK_R)
-    for rb in range(pid, n_rb, G):
+    n_cb = tl.cdiv(B, BLOCK_C)
+    if RED == 4:
+        tiles_per_row = 1
+        cb_per_tile = n_cb
+    else:
+        tiles_per_row = n_cb
+        cb_per_tile = 1
+    for tile in range(pid, n_rb * tiles_per_row, G):
+        rb = tile // tiles_per_row
+        cb0 = tile % tiles_per_row
         rows, r_scalar, rmask = _swept_block(rb, offs_r, B, S, NF, BLOCK_R)
         row_m = tl.zeros([BLOCK_R], tl.float32) + NEG_BIG
         row_s = tl.zeros([BLOCK_R], tl.float32)
-        for cb in range(0, tl.cdiv(B, BLOCK_C)):
+        for cb in range(cb0, cb0 + cb_per_tile):
             cols = cb * BLOCK_C + offs_c
             cmask = cols < B
             t = _outer_scores(Ft_ptr, wout_ptr, bout, rows, r_scalar, cols, S, H, NF, NF - 1,
@@ -472,11 +485,11 @@ def _sm_count(device) -> int:
     return _INTERPRETER_SMS if sms is None else sms
 
 
-def _programs(blocks: int, device) -> int:
-    """Persistent forward grid: one program per row block, at most 4 per SM."""
+def _programs(tiles: int, device) -> int:
+    """Persistent forward grid: one program per tile, at most 4 per SM."""
     if not uses_gpu_launches(device):
-        return max(1, min(blocks, 3))
-    return max(1, min(blocks, 4 * _sm_count(device)))
+        return max(1, min(tiles, 3))
+    return max(1, min(tiles, 4 * _sm_count(device)))
 
 
 #: Backward tiles (BLOCK_S swept, BLOCK_O owned) a GPU launch may take, largest first, at
@@ -691,7 +704,8 @@ def outer_forward(kind, act, factors, wout, bout, distinct=False):
     br, bc = _fwd_tiles(device)
     red = MARGINAL_RED[kind]
     n_rb = triton.cdiv(B, br) if nf == 2 else B * triton.cdiv(B, br)
-    G = _programs(n_rb, device)
+    tiles = n_rb * (1 if red == MARGINAL_RED["infonce"] else triton.cdiv(B, bc))
+    G = _programs(tiles, device)
     stats = fresh_empty(G, 2, device=device, dtype=torch.float32)
     row_lse = fresh_empty(B, device=device, dtype=torch.float32)
     with launch_device(Ft):
