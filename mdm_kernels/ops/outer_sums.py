@@ -310,6 +310,7 @@ def _outer_bwd_fused_kernel(Ft_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, ro
     n_q = tl.num_programs(2)
     pid = (rb * n_j + j) * n_q + q
     HS = H * S
+    # slot offsets in 64 bits: slots × H × S passes 2³¹ floats at large B and H
     offs_r = tl.arange(0, BLOCK_R)
     offs_o = tl.arange(0, BLOCK_O)
     rows = rb * BLOCK_R + offs_r
@@ -320,17 +321,17 @@ def _outer_bwd_fused_kernel(Ft_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, ro
     shift = tl.load(shift_ptr)
     if NF == 3:
         row_f = 1
-        drow = drow_ptr + (j * n_q + q) * HS
-        dcol = dcol_ptr + (rb * n_q + q) * HS
-        dscal = dscal_ptr + (rb * n_j + j) * HS
+        drow = drow_ptr + (j * n_q + q).to(tl.int64) * HS
+        dcol = dcol_ptr + (rb * n_q + q).to(tl.int64) * HS
+        dscal = dscal_ptr + (rb * n_j + j).to(tl.int64) * HS
         lo = q * SPAN
         hi = tl.minimum(lo + SPAN, B)         # this program's F_0 indices
         ob_lo = j
         ob_hi = n_ob
     else:
         row_f = 0
-        drow = drow_ptr + q * HS
-        dcol = dcol_ptr + rb * HS
+        drow = drow_ptr + q.to(tl.int64) * HS
+        dcol = dcol_ptr + rb.to(tl.int64) * HS
         dscal = dscal_ptr
         lo = q * SPAN
         hi = tl.minimum(lo + SPAN, n_ob)      # this program's column blocks
