@@ -43,10 +43,10 @@ to run on a given GPU model (the slot count depends on B and the SM count).  Aut
 ∂F_0 into P_1 and b_1, and the other factors' gradients into their projections.
 
 Memory: Fᵀ (NF·H·S floats, S = B padded to 256); the fused launch's slots (Σ of
-:attr:`OuterFusedPlan.slots` × H × S floats: 16 MB at m = 3, B = 256, H = 128 on an H200;
-O(B²·H/32) as B grows, 1 GB at B = 4,096) and its g scratch (programs × 16 × 32 × 32
-floats, 64 KB per program); the per-factor launches' split partials (2·splits·H·S floats);
-B row LSEs; one partial per program.
+:attr:`OuterFusedPlan.slots` × H × S floats: 25 MB at m = 3, B = 256, H = 128 on an H200;
+O(B²·H/32) as B grows, 1.6 GB at B = 4,096) and its g scratch (programs × chunk × 32 × 32
+floats: 64 KB per program at chunk 16); the per-factor launches' split partials
+(2·splits·H·S floats); B row LSEs; one partial per program.
 """
 from __future__ import annotations
 
@@ -464,12 +464,11 @@ OUTER_FORWARD_WARPS = 4
 
 
 def _bwd_tiles(device) -> tuple[int, int]:
-    """Backward (BLOCK_S swept, BLOCK_O owned) = 16 × 256 at 8 warps (the largest of
-    :data:`OUTER_BACKWARD_TILES`; smaller ones for launches with few tiles): one owned index
-    and 16 swept ones per thread.  PTX of the h loops: T 84 instructions per 16 pairs, the ∂C sums
-    102 (the ∂A pass, with the w_out partials, 139).  32 swept per thread would halve the
-    read-modify-write traffic but the compiler then packs the σ' masks into 16-bit words
-    (289 instructions per 32 pairs)."""
+    """Per-factor backward (two factors at small B) (BLOCK_S swept, BLOCK_O owned) = 16 × 256
+    at 8 warps (the largest of :data:`OUTER_BACKWARD_TILES`; smaller ones for launches with
+    few tiles — at B = 256 on an H200, 4 × 32): one owned index and BLOCK_S swept ones per
+    thread.  sm_90 SASS per pair·unit at 4 × 32 (docs/performance_counts.md): scores 4.94,
+    gradients 10.00 with the w_out partials, 5.75 without."""
     return (16, 256) if uses_gpu_launches(device) else (4, 16)
 
 
