@@ -14,7 +14,11 @@ of 36.2 on another machine):
   code path with MKL's Conditional Numerical Reproducibility mode (``MKL_CBWR=AVX2,STRICT``:
   the AVX2 branch, which every x86-64 CPU of the last decade runs, so an AVX-512 machine
   computes what an AVX2 one does; STRICT makes the GEMM results independent of the number of
-  threads too -- without it a 2-thread LMF run differed from a 1-thread one in the last bits).  MKL reads the mode once, at its first call: this module sets it when it is imported,
+  threads too -- without it a 2-thread LMF run differed from a 1-thread one in the last bits).
+  On an AMD processor MKL takes no named branch but COMPATIBLE: asked for AVX2 it reports
+  ``AUTO,STRICT`` (seen on an AMD EPYC, 2026-12-02), and STRICT still makes a run independent
+  of the thread count and of ISA caps on that machine (``tests/test_determinism.py``); an
+  Intel and an AMD machine are not promised the same last bits.  MKL reads the mode once, at its first call: this module sets it when it is imported,
   before the training layer runs any matrix product; a process that already used MKL keeps
   its mode (then :func:`numerics_info` says so, and every run records it).
 
