@@ -19,8 +19,9 @@ of 36.2 on another machine):
   ``AUTO,STRICT`` (seen on an AMD EPYC, 2026-12-02), and STRICT still makes a run independent
   of the thread count and of ISA caps on that machine (``tests/test_determinism.py``); an
   Intel and an AMD machine are not promised the same last bits.  MKL reads the mode once,
-  at its first call: this module sets it when it is imported, before the training layer runs any matrix product; a process that already used MKL keeps
-  its mode (then :func:`numerics_info` says so, and every run records it).
+  at its first call: this module sets it when it is imported, before the training layer
+  runs any matrix product; a process that already used MKL keeps its mode (then
+  :func:`numerics_info` says so, and every run records it).
 
 MFN (``LSTMCell``: ATen kernels) was already machine-independent except for MKL.
 """
