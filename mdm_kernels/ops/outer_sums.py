@@ -33,7 +33,7 @@ the saved LSE even at |T| ~ 1e4 — then g to a per-program scratch, then per hi
 a = g·σ'(z) summed three ways: over the rows in-thread (the column factor; with three
 factors also F_0, across threads once per tile and unit), and over the columns in-thread
 across the chunk's tiles, across threads once per chunk and unit (the row factor).  sm_90
-SASS, relu (docs/performance_counts.md): 3.97 + 6.00 + 0.36 instructions per pair·unit
+SASS, relu (docs/performance_counts.md): 3.97 + 6.00 + 0.71 instructions per pair·unit
 against 33.2 for the former one-launch-per-factor backward (three score recomputations).
 Two factors at small B (too few tiles to give every SM a chunk) keep one launch per factor
 (:func:`_outer_bwd_kernel`, :func:`outer_backward_grid`), which fills the GPU with small
@@ -45,7 +45,7 @@ to run on a given GPU model (the slot count depends on B and the SM count).  Aut
 Memory: Fᵀ (NF·H·S floats, S = B padded to 256); the fused launch's slots (Σ of
 :attr:`OuterFusedPlan.slots` × H × S floats: 25 MB at m = 3, B = 256, H = 128 on an H200;
 O(B²·H/32) as B grows, 1.6 GB at B = 4,096) and its g scratch (programs × chunk × 32 × 32
-floats: 64 KB per program at chunk 16); the per-factor launches' split partials
+floats: 32 KB per program at chunk 8); the per-factor launches' split partials
 (2·splits·H·S floats); B row LSEs; one partial per program.
 """
 from __future__ import annotations
@@ -558,10 +558,15 @@ def outer_backward_grid(batch_size: int, num_factors: int, num_sms: int,
 
 
 #: Fused backward tile (BLOCK_R rows, BLOCK_O columns, CHUNK tiles per chunk) on a GPU: one
-#: warp, a thread holding 32 rows of one column (python/sass_report.py counts the loops);
-#: the CPU interpreter takes a small one so the tests' batches span several chunks (CHUNK,
-#: like the blocks, a power of two).
-OUTER_FUSED_TILE = (32, 32, 16)
+#: warp, a thread holding 32 rows of one column (python/sass_report.py counts the loops).
+#: CHUNK = 8: phase 2 re-reads a chunk's g (CHUNK × 4 KB) once per hidden unit, so the four
+#: programs an SM runs (:data:`FUSED_PROGRAMS_PER_SM`) should keep their scratch in L1 —
+#: 4 × 32 KB of the 256 KB an sm_90 SM shares between L1 and shared memory (at 16 the four
+#: would need all of it, 4 × 64 KB); each halving doubles the per-unit sums' share
+#: (0.36 → 0.71 instructions per pair·unit at m = 3, docs/performance_counts.md).  The CPU
+#: interpreter takes a small tile so the tests' batches span several chunks (CHUNK, like
+#: the blocks, a power of two).
+OUTER_FUSED_TILE = (32, 32, 8)
 _INTERPRETER_FUSED_TILE = (4, 8, 2)
 
 
@@ -626,10 +631,11 @@ def outer_fused_plan(batch_size: int, num_factors: int, num_sms: int,
     """Grid of the fused backward (pure Python; unit-tested without a GPU).
 
     Rows: n_r = ⌈B / BLOCK_R⌉ blocks; columns: n_o = ⌈B / BLOCK_O⌉ blocks.  Target
-    :data:`FUSED_PROGRAMS_PER_SM` × ``num_sms`` programs (one warp each).  Three factors: the column blocks go to n_j = min(n_o,
-    max(1, target // n_r)) strided groups, the B indices of F_0 to splits of span = chunk ×
-    ⌈⌈B / wanted⌉ / chunk⌉ indices (whole chunks; wanted = ⌈target / (n_r·n_j)⌉).  Two
-    factors: splits of the n_o column blocks, span = chunk × ⌈⌈n_o / wanted⌉ / chunk⌉.
+    :data:`FUSED_PROGRAMS_PER_SM` × ``num_sms`` programs (one warp each).  Three factors:
+    the column blocks go to n_j = min(n_o, max(1, target // n_r)) strided groups, the B
+    indices of F_0 to splits of span = chunk × ⌈⌈B / wanted⌉ / chunk⌉ indices (whole chunks;
+    wanted = ⌈target / (n_r·n_j)⌉).  Two factors: splits of the n_o column blocks,
+    span = chunk × ⌈⌈n_o / wanted⌉ / chunk⌉.
     The chunk is the tile's CHUNK, halved (down to CHUNK / 4) while the grid has fewer
     programs than SMs: a program's row sums cross threads once per chunk and unit, so a
     smaller chunk costs instructions (docs/performance_counts.md) but fills the GPU.
