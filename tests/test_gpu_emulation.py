@@ -175,6 +175,22 @@ def test_fused_outer_backward_gpu_tile(kind, B, dims, act, negatives, strategy):
         bounds.check(kind, B=B, dims=dims, hidden=(5,), act=act, negatives=negatives, seed=5)
 
 
+@pytest.mark.parametrize("kind,dims,act", [("dv", (3, 2, 4), "relu"),
+                                            ("infonce", (3, 4), "softplus")])
+def test_fused_outer_backward_row_groups(monkeypatch, kind, dims, act, strategy):
+    """Programs that loop over several row blocks (one row group: at large B every group
+    holds many, :data:`~mdm_kernels.ops.outer_sums.FUSED_MAX_ROW_GROUPS`), GPU tiles: the
+    slots they share across their row blocks are zeroed once and summed right."""
+    strategy("grid")
+    monkeypatch.setitem(outer_sums.FUSED_MAX_ROW_GROUPS, len(dims), 1)
+    B, sms = 70, 2
+    with emulate_gpu("sm_90", sms=sms):
+        plan = outer_sums.outer_fused_plan(B, len(dims), sms)
+        assert plan.row_groups == 1 and plan.row_blocks == 3
+        assert outer_sums.uses_fused_backward(B, len(dims), sms)
+        bounds.check(kind, B=B, dims=dims, hidden=(3,), act=act, negatives="all", seed=6)
+
+
 def test_fused_outer_backward_is_bitwise_reproducible(strategy):
     """Slots summed in a fixed order, no atomics: the same bits twice, GPU tiles."""
     strategy("grid")

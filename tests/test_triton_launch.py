@@ -6,6 +6,8 @@ The kernels themselves are tested against the reference in ``tests/test_triton_b
 """
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -149,17 +151,16 @@ def _fused_work(plan, B):
     exactly as the kernel walks it (module docstring of ``_outer_bwd_fused_kernel``)."""
     n_ob = triton.cdiv(B, plan.block_cols)
     seen = {}
-    for rb in range(plan.row_blocks):
-        for j in range(plan.col_groups):
-            for q in range(plan.splits):
-                if plan.num_factors == 3:
-                    items = [(ob, k) for ob in range(j, n_ob, plan.col_groups)
-                             for k in range(q * plan.span, min(B, (q + 1) * plan.span))]
-                else:
-                    items = [(ob, None)
-                             for ob in range(q * plan.span, min(n_ob, (q + 1) * plan.span))]
-                for ob, k in items:
-                    seen.setdefault((rb, ob, k), []).append((rb, j, q))
+    for p, j, q in itertools.product(*map(range, plan.grid)):
+        for rb in range(p, plan.row_blocks, plan.row_groups):
+            if plan.num_factors == 3:
+                items = [(ob, k) for ob in range(j, n_ob, plan.col_groups)
+                         for k in range(q * plan.span, min(B, (q + 1) * plan.span))]
+            else:
+                items = [(ob, None)
+                         for ob in range(q * plan.span, min(n_ob, (q + 1) * plan.span))]
+            for ob, k in items:
+                seen.setdefault((rb, ob, k), []).append((p, j, q))
     return seen
 
 
@@ -168,18 +169,20 @@ def _fused_work(plan, B):
 def test_fused_plan_covers_every_tile_once(B, num_factors):
     """Every (row block, column block[, F_0 index]) in exactly one program, no program
     without work, chunks that divide the span, and the slot counts the kernel indexes."""
-    from mdm_kernels.ops.outer_sums import outer_fused_plan
+    from mdm_kernels.ops.outer_sums import OUTER_FUSED_TILE, outer_fused_plan
     plan = outer_fused_plan(B, num_factors, H200_SMS)
     seen = _fused_work(plan, B)
     n_ob = triton.cdiv(B, plan.block_cols)
     expected = plan.row_blocks * n_ob * (B if num_factors == 3 else 1)
     assert len(seen) == expected and all(len(p) == 1 for p in seen.values())
     assert len({p[0] for p in seen.values()}) == plan.programs
-    assert plan.span % plan.chunk == 0 and plan.chunk >= 4
-    slots = {2: (plan.splits, plan.row_blocks, 0),
-             3: (plan.col_groups * plan.splits, plan.row_blocks * plan.splits,
-                 plan.row_blocks * plan.col_groups)}[num_factors]
+    assert plan.span % plan.chunk == 0 and plan.chunk >= OUTER_FUSED_TILE[2] // 4
+    slots = {2: (plan.splits, plan.row_groups, 0),
+             3: (plan.col_groups * plan.splits, plan.row_groups * plan.splits,
+                 plan.row_groups * plan.col_groups)}[num_factors]
     assert plan.slots == slots
+    # the row groups keep the slot count bounded whatever B (each slot is H × S floats)
+    assert sum(plan.slots) <= {2: 50, 3: 220}[num_factors]
 
 
 @pytest.mark.parametrize("B", [256, 1024, 4096])

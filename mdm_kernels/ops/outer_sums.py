@@ -43,9 +43,9 @@ to run on a given GPU model (the slot count depends on B and the SM count).  Aut
 ∂F_0 into P_1 and b_1, and the other factors' gradients into their projections.
 
 Memory: Fᵀ (NF·H·S floats, S = B padded to 256); the fused launch's slots (Σ of
-:attr:`OuterFusedPlan.slots` × H × S floats: 25 MB at m = 3, B = 256, H = 128 on an H200;
-O(B²·H/32) as B grows, 1.6 GB at B = 4,096) and its g scratch (programs × chunk × 32 × 32
-floats: 32 KB per program at chunk 8); the per-factor launches' split partials
+:attr:`OuterFusedPlan.slots` × H × S floats, at most 192 slots whatever B: 25 MB at m = 3,
+B = 256, H = 128 on an H200, 403 MB at B = 4,096) and its g scratch (programs × chunk × 32 ×
+32 floats: 32 KB per program at chunk 8, 17 MB); the per-factor launches' split partials
 (2·splits·H·S floats); B row LSEs; one partial per program.
 """
 from __future__ import annotations
@@ -278,9 +278,10 @@ def _outer_bwd_fused_kernel(Ft_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, ro
     columns (the last factor), a thread holding all BLOCK_R rows of one column; a *chunk* is
     up to CHUNK tiles that share the row block: with three factors CHUNK consecutive indices
     k of F_0 over one column block, with two factors CHUNK consecutive column blocks.
-    Program (rb, j, q) of the grid (row blocks, column groups, splits) takes row block rb
-    and, with three factors, the column blocks j, j + n_j, … and the F_0 indices
-    [q·SPAN, (q + 1)·SPAN); with two factors (n_j = 1) the column blocks [q·SPAN, …).
+    Program (p, j, q) of the grid (row groups, column groups, splits) takes the row blocks
+    p, p + n_p, … and, with three factors, the column blocks j, j + n_j, … and the F_0
+    indices [q·SPAN, (q + 1)·SPAN); with two factors (n_j = 1) the column blocks
+    [q·SPAN, …).
 
     Per chunk, two phases (the scratch slice g_ptr[pid] holds CHUNK tiles of g):
 
@@ -303,27 +304,27 @@ def _outer_bwd_fused_kernel(Ft_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, ro
     the caller sums the slots in a fixed order (:func:`_sum_splits`): bitwise reproducible.
     Barriers separate the zero fill, the scratch writes and the scratch reads (a tile's g
     is written and read with the same layout, but nothing forces it)."""
-    rb = tl.program_id(0)
+    pr = tl.program_id(0)
     j = tl.program_id(1)
     q = tl.program_id(2)
+    n_p = tl.num_programs(0)
     n_j = tl.num_programs(1)
     n_q = tl.num_programs(2)
-    pid = (rb * n_j + j) * n_q + q
+    pid = (pr * n_j + j) * n_q + q
     HS = H * S
-    # slot offsets in 64 bits: slots × H × S passes 2³¹ floats at large B and H
     offs_r = tl.arange(0, BLOCK_R)
     offs_o = tl.arange(0, BLOCK_O)
-    rows = rb * BLOCK_R + offs_r
-    rmask = rows < B
+    n_rb = tl.cdiv(B, BLOCK_R)
     n_ob = tl.cdiv(B, BLOCK_O)
     bout = tl.load(bout_ptr)
     scale = tl.load(scale_ptr)
     shift = tl.load(shift_ptr)
+    # slot offsets in 64 bits: slots × H × S passes 2³¹ floats at large B and H
     if NF == 3:
         row_f = 1
         drow = drow_ptr + (j * n_q + q).to(tl.int64) * HS
-        dcol = dcol_ptr + (rb * n_q + q).to(tl.int64) * HS
-        dscal = dscal_ptr + (rb * n_j + j).to(tl.int64) * HS
+        dcol = dcol_ptr + (pr * n_q + q).to(tl.int64) * HS
+        dscal = dscal_ptr + (pr * n_j + j).to(tl.int64) * HS
         lo = q * SPAN
         hi = tl.minimum(lo + SPAN, B)         # this program's F_0 indices
         ob_lo = j
@@ -331,7 +332,7 @@ def _outer_bwd_fused_kernel(Ft_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, ro
     else:
         row_f = 0
         drow = drow_ptr + q.to(tl.int64) * HS
-        dcol = dcol_ptr + rb.to(tl.int64) * HS
+        dcol = dcol_ptr + pr.to(tl.int64) * HS
         dscal = dscal_ptr
         lo = q * SPAN
         hi = tl.minimum(lo + SPAN, n_ob)      # this program's column blocks
@@ -343,8 +344,10 @@ def _outer_bwd_fused_kernel(Ft_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, ro
     # ---- zero this program's slots (they are summed over every slot afterwards)
     zero_r = tl.zeros([BLOCK_R], tl.float32)
     zero_o = tl.zeros([BLOCK_O], tl.float32)
+    for rb in range(pr, n_rb, n_p):
+        for h in range(0, H):
+            tl.store(drow + h * S + rb * BLOCK_R + offs_r, zero_r)
     for h in range(0, H):
-        tl.store(drow + h * S + rows, zero_r)
         tl.store(gw_ptr + pid * H + h, 0.0)
     if NF == 3:
         for ob in range(ob_lo, ob_hi, n_j):
@@ -362,76 +365,80 @@ def _outer_bwd_fused_kernel(Ft_ptr, wout_ptr, bout_ptr, scale_ptr, shift_ptr, ro
     tl.debug_barrier()
 
     gb = tl.zeros([BLOCK_R, BLOCK_O], tl.float32)
-    for ob in range(ob_lo, ob_hi, n_j):
-        cols = ob * BLOCK_O + offs_o           # three factors: the chunk's column block
-        for c0 in range(lo, hi, CHUNK):
-            n_k = tl.minimum(CHUNK, hi - c0)
-            # -- phase 1: the chunk's scores, once; g to the scratch
-            for k in range(0, n_k):
-                if NF == 3:
-                    s_scalar = c0 + k
-                    cols_k = cols
-                else:
-                    s_scalar = 0
-                    cols_k = (c0 + k) * BLOCK_O + offs_o
-                valid = rmask[:, None] & (cols_k < B)[None, :]
-                if DISTINCT:
-                    valid = valid & _distinct_pairs(rows, s_scalar, cols_k, NF)
-                t = _outer_scores(Ft_ptr, wout_ptr, bout, rows, s_scalar, cols_k, S, H, NF,
-                                  NF - 1, ACT)
-                if GMODE == 2:  # InfoNCE (two factors): the anchors are the rows
-                    row_shift = tl.load(row_lse_ptr + rows, mask=rmask, other=0.0)[:, None]
-                    g = score_grad(t, valid, scale, row_shift, GMODE)
-                else:
-                    g = score_grad(t, valid, scale, shift, GMODE)
-                gb += g
-                tl.store(scratch + k * (BLOCK_R * BLOCK_O) + tile_offs, g)
-            tl.debug_barrier()
-            # -- phase 2: per hidden unit, every tile of the chunk
-            for h in range(0, H):
-                f_row = tl.load(Ft_ptr + row_f * HS + h * S + rows)
-                if NF == 3:
-                    f_col = tl.load(Ft_ptr + 2 * HS + h * S + cols)
-                rowacc = tl.zeros([BLOCK_R, BLOCK_O], tl.float32)
-                colacc = tl.zeros([BLOCK_O], tl.float32)
-                zc = tl.zeros([BLOCK_O], tl.float32)
-                gwv = tl.zeros([BLOCK_R, BLOCK_O], tl.float32)
+    for rb in range(pr, n_rb, n_p):
+        rows = rb * BLOCK_R + offs_r
+        rmask = rows < B
+        for ob in range(ob_lo, ob_hi, n_j):
+            cols = ob * BLOCK_O + offs_o           # three factors: the chunk's column block
+            for c0 in range(lo, hi, CHUNK):
+                n_k = tl.minimum(CHUNK, hi - c0)
+                # -- phase 1: the chunk's scores, once; g to the scratch
                 for k in range(0, n_k):
-                    g = tl.load(scratch + k * (BLOCK_R * BLOCK_O) + tile_offs)
                     if NF == 3:
-                        # the forward's order: (F_0 + F_2) per column, then + F_1 per row
-                        c = tl.load(Ft_ptr + h * S + c0 + k) + f_col
+                        s_scalar = c0 + k
+                        cols_k = cols
                     else:
+                        s_scalar = 0
                         cols_k = (c0 + k) * BLOCK_O + offs_o
-                        c = tl.load(Ft_ptr + HS + h * S + cols_k)
-                    z = f_row[:, None] + c[None, :]
-                    a = times_activation_grad(g, z, ACT)
-                    rowacc += a
-                    colsum = tl.sum(a, axis=0)
-                    if HOMOGENEOUS:
-                        zc += c * colsum
+                    valid = rmask[:, None] & (cols_k < B)[None, :]
+                    if DISTINCT:
+                        valid = valid & _distinct_pairs(rows, s_scalar, cols_k, NF)
+                    t = _outer_scores(Ft_ptr, wout_ptr, bout, rows, s_scalar, cols_k, S, H,
+                                      NF, NF - 1, ACT)
+                    if GMODE == 2:  # InfoNCE (two factors): the anchors are the rows
+                        row_shift = tl.load(row_lse_ptr + rows, mask=rmask,
+                                            other=0.0)[:, None]
+                        g = score_grad(t, valid, scale, row_shift, GMODE)
                     else:
-                        gwv += g * activation(z, ACT)
+                        g = score_grad(t, valid, scale, shift, GMODE)
+                    gb += g
+                    tl.store(scratch + k * (BLOCK_R * BLOCK_O) + tile_offs, g)
+                tl.debug_barrier()
+                # -- phase 2: per hidden unit, every tile of the chunk
+                for h in range(0, H):
+                    f_row = tl.load(Ft_ptr + row_f * HS + h * S + rows)
                     if NF == 3:
-                        colacc += colsum
-                        p_scal = dscal + h * S + c0 + k
-                        tl.store(p_scal, tl.load(p_scal) + tl.sum(colsum, axis=0))
+                        f_col = tl.load(Ft_ptr + 2 * HS + h * S + cols)
+                    rowacc = tl.zeros([BLOCK_R, BLOCK_O], tl.float32)
+                    colacc = tl.zeros([BLOCK_O], tl.float32)
+                    zc = tl.zeros([BLOCK_O], tl.float32)
+                    gwv = tl.zeros([BLOCK_R, BLOCK_O], tl.float32)
+                    for k in range(0, n_k):
+                        g = tl.load(scratch + k * (BLOCK_R * BLOCK_O) + tile_offs)
+                        if NF == 3:
+                            # the forward's order: (F_0 + F_2) per column, then + F_1 per row
+                            c = tl.load(Ft_ptr + h * S + c0 + k) + f_col
+                        else:
+                            cols_k = (c0 + k) * BLOCK_O + offs_o
+                            c = tl.load(Ft_ptr + HS + h * S + cols_k)
+                        z = f_row[:, None] + c[None, :]
+                        a = times_activation_grad(g, z, ACT)
+                        rowacc += a
+                        colsum = tl.sum(a, axis=0)
+                        if HOMOGENEOUS:
+                            zc += c * colsum
+                        else:
+                            gwv += g * activation(z, ACT)
+                        if NF == 3:
+                            colacc += colsum
+                            p_scal = dscal + h * S + c0 + k
+                            tl.store(p_scal, tl.load(p_scal) + tl.sum(colsum, axis=0))
+                        else:
+                            p_col = dcol + h * S + cols_k
+                            tl.store(p_col, tl.load(p_col) + colsum)
+                    d_row = tl.sum(rowacc, axis=1)
+                    p_row = drow + h * S + rows
+                    tl.store(p_row, tl.load(p_row) + d_row)
+                    if NF == 3:
+                        p_col = dcol + h * S + cols
+                        tl.store(p_col, tl.load(p_col) + colacc)
+                    if HOMOGENEOUS:
+                        gw_h = tl.sum(f_row * d_row, axis=0) + tl.sum(zc, axis=0)
                     else:
-                        p_col = dcol + h * S + cols_k
-                        tl.store(p_col, tl.load(p_col) + colsum)
-                d_row = tl.sum(rowacc, axis=1)
-                p_row = drow + h * S + rows
-                tl.store(p_row, tl.load(p_row) + d_row)
-                if NF == 3:
-                    p_col = dcol + h * S + cols
-                    tl.store(p_col, tl.load(p_col) + colacc)
-                if HOMOGENEOUS:
-                    gw_h = tl.sum(f_row * d_row, axis=0) + tl.sum(zc, axis=0)
-                else:
-                    gw_h = tl.sum(tl.sum(gwv, axis=1), axis=0)
-                p_gw = gw_ptr + pid * H + h
-                tl.store(p_gw, tl.load(p_gw) + gw_h)
-            tl.debug_barrier()  # the next chunk overwrites the scratch
+                        gw_h = tl.sum(tl.sum(gwv, axis=1), axis=0)
+                    p_gw = gw_ptr + pid * H + h
+                    tl.store(p_gw, tl.load(p_gw) + gw_h)
+                tl.debug_barrier()  # the next chunk overwrites the scratch
     tl.store(gb_ptr + pid, tl.sum(tl.sum(gb, axis=1), axis=0))
 
 
@@ -577,7 +584,8 @@ def _fused_tile(device) -> tuple[int, int, int]:
 @dataclass(frozen=True)
 class OuterFusedPlan:
     """One fused outer-sum backward launch (:func:`_outer_bwd_fused_kernel`): tiles of
-    ``block_rows`` × ``block_cols`` in chunks of ``chunk``; grid (``row_blocks``,
+    ``block_rows`` × ``block_cols`` in chunks of ``chunk``; ``row_blocks`` row blocks dealt
+    to ``row_groups`` programs along the grid's first axis; grid (``row_groups``,
     ``col_groups``, ``splits``), each split ``span`` F_0 indices (three factors) or column
     blocks (two); partial-sum slots per factor (``slots``: row factor, column factor, F_0)."""
     num_factors: int
@@ -585,24 +593,25 @@ class OuterFusedPlan:
     block_cols: int
     chunk: int
     row_blocks: int
+    row_groups: int
     col_groups: int
     splits: int
     span: int
 
     @property
     def grid(self) -> tuple[int, int, int]:
-        return (self.row_blocks, self.col_groups, self.splits)
+        return (self.row_groups, self.col_groups, self.splits)
 
     @property
     def programs(self) -> int:
-        return self.row_blocks * self.col_groups * self.splits
+        return self.row_groups * self.col_groups * self.splits
 
     @property
     def slots(self) -> tuple[int, int, int]:
         if self.num_factors == 3:
-            return (self.col_groups * self.splits, self.row_blocks * self.splits,
-                    self.row_blocks * self.col_groups)
-        return (self.splits, self.row_blocks, 0)
+            return (self.col_groups * self.splits, self.row_groups * self.splits,
+                    self.row_groups * self.col_groups)
+        return (self.splits, self.row_groups, 0)
 
 
 #: Target programs per SM of the fused backward: its programs are one warp each, and an
@@ -610,37 +619,48 @@ class OuterFusedPlan:
 #: them idle (python/sass_report.py's issue-bound model, docs/performance_counts.md).
 FUSED_PROGRAMS_PER_SM = 4
 
+#: At most this many row groups (by factor count) and, with three factors, column groups:
+#: every slot is H × S floats, and the slot counts are products of the groups and splits
+#: (:attr:`OuterFusedPlan.slots`), so capping the groups keeps the fused backward's memory
+#: O(H·S) — about 200 slots with three factors, 50 with two, at any B — where one group
+#: per row block made it grow as O(B²·H/32) (1.6 GB at m = 3, B = 4,096, H = 128).
+FUSED_MAX_ROW_GROUPS = {2: 32, 3: 8}
+FUSED_MAX_COL_GROUPS = 8
+
 
 def _fused_plan_at(batch_size, num_factors, target, block_rows, block_cols, chunk):
     row_blocks = triton.cdiv(batch_size, block_rows)
     col_blocks = triton.cdiv(batch_size, block_cols)
+    row_groups = triton.cdiv(row_blocks, triton.cdiv(row_blocks,
+                                                     FUSED_MAX_ROW_GROUPS[num_factors]))
     if num_factors == 3:
-        col_groups = min(col_blocks, max(1, target // row_blocks))
+        col_groups = min(col_blocks, FUSED_MAX_COL_GROUPS, max(1, target // row_groups))
         extent = batch_size
     else:
         col_groups = 1
         extent = col_blocks
-    wanted = triton.cdiv(target, row_blocks * col_groups)
+    wanted = max(1, target // (row_groups * col_groups))   # ≤ target: no SM holds an extra one
     span = chunk * triton.cdiv(triton.cdiv(extent, wanted), chunk)
-    return OuterFusedPlan(num_factors, block_rows, block_cols, chunk, row_blocks, col_groups,
-                          triton.cdiv(extent, span), span)
+    return OuterFusedPlan(num_factors, block_rows, block_cols, chunk, row_blocks, row_groups,
+                          col_groups, triton.cdiv(extent, span), span)
 
 
 def outer_fused_plan(batch_size: int, num_factors: int, num_sms: int,
                      tile=OUTER_FUSED_TILE) -> OuterFusedPlan:
     """Grid of the fused backward (pure Python; unit-tested without a GPU).
 
-    Rows: n_r = ⌈B / BLOCK_R⌉ blocks; columns: n_o = ⌈B / BLOCK_O⌉ blocks.  Target
-    :data:`FUSED_PROGRAMS_PER_SM` × ``num_sms`` programs (one warp each).  Three factors:
-    the column blocks go to n_j = min(n_o, max(1, target // n_r)) strided groups, the B
-    indices of F_0 to splits of span = chunk × ⌈⌈B / wanted⌉ / chunk⌉ indices (whole chunks;
-    wanted = ⌈target / (n_r·n_j)⌉).  Two factors: splits of the n_o column blocks,
-    span = chunk × ⌈⌈n_o / wanted⌉ / chunk⌉.
+    Rows: n_r = ⌈B / BLOCK_R⌉ blocks, dealt to n_p = ⌈n_r / ⌈n_r / P⌉⌉ row groups (P =
+    :data:`FUSED_MAX_ROW_GROUPS`: 8 with three factors, 32 with two); columns:
+    n_o = ⌈B / BLOCK_O⌉ blocks.  Target :data:`FUSED_PROGRAMS_PER_SM` × ``num_sms``
+    programs (one warp each).  Three factors: the column blocks go to n_j = min(n_o, 8,
+    max(1, target // n_p)) strided groups, the B indices of F_0 to splits of span = chunk ×
+    ⌈⌈B / wanted⌉ / chunk⌉ indices (whole chunks; wanted = ⌊target / (n_p·n_j)⌋).  Two
+    factors: splits of the n_o column blocks, span = chunk × ⌈⌈n_o / wanted⌉ / chunk⌉.
     The chunk is the tile's CHUNK, halved (down to CHUNK / 4) while the grid has fewer
     programs than SMs: a program's row sums cross threads once per chunk and unit, so a
     smaller chunk costs instructions (docs/performance_counts.md) but fills the GPU.
-    Slots of partial sums: (n_j·splits, n_r·splits, n_r·n_j) for three factors,
-    (splits, n_r, 0) for two — × H × S floats each."""
+    Slots of partial sums: (n_j·splits, n_p·splits, n_p·n_j) for three factors,
+    (splits, n_p, 0) for two — × H × S floats each."""
     for name, value in (("batch_size", batch_size), ("num_sms", num_sms)):
         if int(value) < 1:
             raise ValueError(f"outer_fused_plan: {name} must be >= 1, got {value}")
