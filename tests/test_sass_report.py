@@ -91,20 +91,26 @@ print(json.dumps(out))
 """
 
 
+def _compiled_counts(script: str) -> dict:
+    """Run a compile-and-analyse ``script`` in a fresh process (Triton's interpreter off) and
+    return its last JSON line; skip where Triton's bundled ptxas / nvdisasm are missing."""
+    from mdm_kernels import gpu_resources as gr
+    if gr.ptxas_available() is None or sr.nvdisasm_path() is None:
+        pytest.skip("no ptxas / nvdisasm (Triton's bundled ones): nothing to count")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script, str(ROOT / "python")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_counts_of_the_compiled_outer_forward():
     """The two-factor outer-sum forward at its GPU tile (16 × 256 at 8 warps: 16 pairs per
     thread), compiled for sm_90: one innermost score loop, found by its back-edge, whose
     relu maxima (one per pair·unit) are a multiple of the 16 pairs per thread and equal its
     FMAs (w_out·σ(z)); instructions per pair·unit = body / pair·units per iteration; the
     issue-bound time follows from those counts."""
-    from mdm_kernels import gpu_resources as gr
-    if gr.ptxas_available() is None or sr.nvdisasm_path() is None:
-        pytest.skip("no ptxas / nvdisasm (Triton's bundled ones): nothing to count")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(ROOT / "python")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _compiled_counts(_COMPILE_SCRIPT)
     scores = [l for l in out["loops"] if l["role"] == "scores"]
     assert len(scores) == 1, out["loops"]
     loop = scores[0]
@@ -153,14 +159,7 @@ def test_counts_of_the_fused_outer_backward():
     per-unit sums around it, each consistent with the 32 pairs a thread holds; together
     at most 3 × the forward's 3.91 instructions per pair·unit, so (forward + backward) /
     forward ≤ 4 (issue 24; 10.68 when measured, 33.2 before the fused launch)."""
-    from mdm_kernels import gpu_resources as gr
-    if gr.ptxas_available() is None or sr.nvdisasm_path() is None:
-        pytest.skip("no ptxas / nvdisasm (Triton's bundled ones): nothing to count")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _FUSED_SCRIPT, str(ROOT / "python")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _compiled_counts(_FUSED_SCRIPT)
     main = {l["role"]: l for l in out["loops"] if l.get("main")}
     assert set(main) == {"scores", "gradients", "per-unit sums"}, out["loops"]
     assert all(l["consistent"] and l["tile_per_thread"] == 32 for l in main.values())
