@@ -693,7 +693,7 @@ def outer_sum_variants() -> list[Variant]:
                 out.append(fused(nf, gmode, act_name, act))
         gelu = _activations(_ONE_ACT)["gelu"]
         relu = _activations(("relu",))["relu"]
-        for smaller in (chunk // 2, chunk // 4):   # the plan's halved chunks
+        for smaller in (chunk // 2,):   # the plan's halved chunk
             out.append(fused(nf, gmodes[0], "relu", relu, smaller))
         out.append(fused(nf, gmodes[0], "gelu", gelu, distinct=True))
         out.append(Variant("outer_sums", f"fwd nf={nf} red={reds[0]} gelu distinct",

@@ -183,7 +183,7 @@ def test_fused_outer_backward_row_groups(monkeypatch, kind, dims, act, strategy)
     slots they share across their row blocks are zeroed once and summed right."""
     strategy("grid")
     monkeypatch.setitem(outer_sums.FUSED_MAX_ROW_GROUPS, len(dims), 1)
-    B, sms = 70, 2
+    B, sms = 70, 1
     with emulate_gpu("sm_90", sms=sms):
         plan = outer_sums.outer_fused_plan(B, len(dims), sms)
         assert plan.row_groups == 1 and plan.row_blocks == 3

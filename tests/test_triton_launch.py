@@ -176,7 +176,7 @@ def test_fused_plan_covers_every_tile_once(B, num_factors):
     expected = plan.row_blocks * n_ob * (B if num_factors == 3 else 1)
     assert len(seen) == expected and all(len(p) == 1 for p in seen.values())
     assert len({p[0] for p in seen.values()}) == plan.programs
-    assert plan.span % plan.chunk == 0 and plan.chunk >= OUTER_FUSED_TILE[2] // 4
+    assert plan.span % plan.chunk == 0 and plan.chunk >= OUTER_FUSED_TILE[2] // 2
     slots = {2: (plan.splits, plan.row_groups, 0),
              3: (plan.col_groups * plan.splits, plan.row_groups * plan.splits,
                  plan.row_groups * plan.col_groups)}[num_factors]

@@ -656,7 +656,7 @@ def outer_fused_plan(batch_size: int, num_factors: int, num_sms: int,
     max(1, target // n_p)) strided groups, the B indices of F_0 to splits of span = chunk ×
     ⌈⌈B / wanted⌉ / chunk⌉ indices (whole chunks; wanted = ⌊target / (n_p·n_j)⌋).  Two
     factors: splits of the n_o column blocks, span = chunk × ⌈⌈n_o / wanted⌉ / chunk⌉.
-    The chunk is the tile's CHUNK, halved (down to CHUNK / 4) while the grid has fewer
+    The chunk is the tile's CHUNK, halved (once, to CHUNK / 2) while the grid has fewer
     programs than SMs: a program's row sums cross threads once per chunk and unit, so a
     smaller chunk costs instructions (docs/performance_counts.md) but fills the GPU.
     Slots of partial sums: (n_j·splits, n_p·splits, n_p·n_j) for three factors,
@@ -667,7 +667,7 @@ def outer_fused_plan(batch_size: int, num_factors: int, num_sms: int,
     if num_factors not in (2, 3):
         raise ValueError(f"outer_fused_plan: num_factors must be 2 or 3, got {num_factors}")
     block_rows, block_cols, chunk = tile
-    smallest = max(1, chunk // 4)
+    smallest = max(1, chunk // 2)
     while True:
         plan = _fused_plan_at(batch_size, num_factors, FUSED_PROGRAMS_PER_SM * num_sms,
                               block_rows, block_cols, chunk)

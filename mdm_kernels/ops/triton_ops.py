@@ -293,7 +293,8 @@ def _outer_fwd_fake(factors, wout, bout, kind, act, distinct):
 def outer_bwd(Ft: Tensor, wout: Tensor, bout: Tensor, stat: Tensor, grad: Tensor,
               batch_size: int, kind: str, act: int, distinct: bool
               ) -> tuple[list[Tensor], Tensor, Tensor]:
-    """([∂F_0, …], ∂w_out, ∂b_out) of grad·marginal_term, one launch per factor."""
+    """([∂F_0, …], ∂w_out, ∂b_out) of grad·marginal_term: one fused launch (two factors at
+    small B: one launch per factor, :func:`~mdm_kernels.ops.outer_sums.uses_fused_backward`)."""
     *dfactors, g_wout, g_bout = outer_backward(kind, act, Ft, wout, bout, stat, grad,
                                                batch_size, distinct)
     return dfactors, g_wout, g_bout
