@@ -767,7 +767,7 @@ def _fused_backward(act, Ft, wout, bout, grad_args, B, distinct, plan):
     n_row, n_col, n_scal = plan.slots
     drow = fresh_empty(n_row, H, S, **f32)
     dcol = fresh_empty(n_col, H, S, **f32)
-    dscal = fresh_empty(max(n_scal, 1), H, S, **f32)
+    dscal = fresh_empty(n_scal, H, S, **f32) if n_scal else drow  # two factors: unused
     scratch = fresh_empty(plan.programs, plan.chunk * plan.block_rows * plan.block_cols, **f32)
     gw = fresh_empty(plan.programs, H, **f32)
     gb = fresh_empty(plan.programs, **f32)
