@@ -54,7 +54,11 @@ def test_ctrl_c_before_the_first_checkpoint_resumes_with_the_runs_configuration(
             proc.kill()
     assert (out / "config.json").is_file(), "the run's configuration was not written before epoch 1"
     assert not (out / "last.pt").exists(), "interrupted too late: epoch 1 had ended"
-    assert proc.returncode == 130, err[-2000:]
+    # 130, or death by SIGINT (which a shell also reports as 130): when the interrupt lands
+    # inside an import that runs code through CPython's PyRun_* path, CPython remembers an
+    # "unhandled" KeyboardInterrupt even though main() caught it, and re-kills itself with
+    # SIGINT at exit after main's message (seen under load, 1 run in ~10)
+    assert proc.returncode in (130, -signal.SIGINT), err[-2000:]
     assert err.strip().splitlines()[-1] == f"interrupted; continue with --resume --out {out}"
 
     resumed = _run(TRAIN + ["--resume", "--out", str(out), "--quiet"])

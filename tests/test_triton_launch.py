@@ -190,11 +190,13 @@ def test_fused_plan_fills_the_gpu(B):
     """Paper scale (three factors) and two factors from B = 1,024: at least one program per
     SM with whole chunks of the largest size that does; two factors at B = 256 keep the
     per-factor launches (the fused grid would be 16 one-warp programs)."""
-    from mdm_kernels.ops.outer_sums import (OUTER_FUSED_TILE, _fused_plan_at,
+    from mdm_kernels.ops.outer_sums import (OUTER_FUSED_TILE, _fused_plan_at, fused_backward_plan,
                                             outer_fused_plan, uses_fused_backward)
     three = outer_fused_plan(B, 3, H200_SMS)
     assert three.programs >= H200_SMS and three.chunk == OUTER_FUSED_TILE[2]
+    assert fused_backward_plan(B, 3, H200_SMS) == three  # the plan the launch uses, built once
     assert uses_fused_backward(B, 2, H200_SMS) == (B >= 1024)
+    assert (fused_backward_plan(B, 2, H200_SMS) is None) == (B < 1024)
     if B >= 1024:
         two = outer_fused_plan(B, 2, H200_SMS)
         assert two.programs >= H200_SMS

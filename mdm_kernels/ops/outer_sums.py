@@ -676,15 +676,21 @@ def outer_fused_plan(batch_size: int, num_factors: int, num_sms: int,
         chunk //= 2
 
 
+def fused_backward_plan(batch_size: int, num_factors: int, num_sms: int,
+                        tile=OUTER_FUSED_TILE) -> OuterFusedPlan | None:
+    """The fused backward's plan, or None where the per-factor launches are used: the fused
+    backward for three factors always; for two factors when its plan puts at least one
+    program on every SM (at small B the per-factor launches of :func:`outer_backward_grid`
+    fill the GPU with 4 × 32 tiles instead: two factors at B = 256 are a few µs either way,
+    docs/performance_counts.md)."""
+    plan = outer_fused_plan(batch_size, num_factors, num_sms, tile)
+    return plan if num_factors == 3 or plan.programs >= num_sms else None
+
+
 def uses_fused_backward(batch_size: int, num_factors: int, num_sms: int,
                         tile=OUTER_FUSED_TILE) -> bool:
-    """The fused backward for three factors always; for two factors when its plan puts at
-    least one program on every SM (at small B the per-factor launches of
-    :func:`outer_backward_grid` fill the GPU with 4 × 32 tiles instead: two factors at
-    B = 256 are a few µs either way, docs/performance_counts.md)."""
-    if num_factors == 3:
-        return True
-    return outer_fused_plan(batch_size, num_factors, num_sms, tile).programs >= num_sms
+    """:func:`fused_backward_plan` is not None."""
+    return fused_backward_plan(batch_size, num_factors, num_sms, tile) is not None
 
 
 #: Elements per program of the split sums: 256 (2 per thread at 4 warps), so the H × S
@@ -751,12 +757,11 @@ def outer_backward(kind, act, Ft, wout, bout, stat, grad, B, distinct=False):
     plan = marginal_plan(kind, B, nf, None, distinct)
     args = marginal_grad_args(kind, grad, stat, plan.N, B)
     sms = _sm_count(Ft.device)
-    tile = _fused_tile(Ft.device)
+    fused = fused_backward_plan(B, nf, sms, _fused_tile(Ft.device))
     with launch_device(Ft):
-        if uses_fused_backward(B, nf, sms, tile):
-            return _fused_backward(act, Ft, wout, bout, args, B, distinct,
-                                   outer_fused_plan(B, nf, sms, tile))
-        return _per_factor_backward(act, Ft, wout, bout, args, B, distinct)
+        if fused is not None:
+            return _fused_backward(act, Ft, wout, bout, args, B, distinct, fused)
+        return _per_factor_backward(act, Ft, wout, bout, args, B, distinct, sms)
 
 
 def _fused_backward(act, Ft, wout, bout, grad_args, B, distinct, plan):
@@ -784,13 +789,13 @@ def _fused_backward(act, Ft, wout, bout, grad_args, B, distinct, plan):
     return (*grads, gw.sum(0), gb.sum().reshape(1))
 
 
-def _per_factor_backward(act, Ft, wout, bout, grad_args, B, distinct):
-    """One launch per factor (:func:`_outer_bwd_kernel`), the w_out / b_out partials in the
-    first."""
+def _per_factor_backward(act, Ft, wout, bout, grad_args, B, distinct, sms):
+    """One launch per factor (:func:`_outer_bwd_kernel`) over ``sms`` SMs, the w_out / b_out
+    partials in the first."""
     nf, H, S = Ft.shape
     gmode, scale, shift, row_lse = grad_args
     gpu = uses_gpu_launches(Ft.device)
-    launch = outer_backward_grid(B, nf, _sm_count(Ft.device),
+    launch = outer_backward_grid(B, nf, sms,
                                  OUTER_BACKWARD_TILES if gpu else (_bwd_tiles(Ft.device),))
     f32 = dict(device=Ft.device, dtype=torch.float32)
     grads = []

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .analysis import METRIC_NAMES, _mean_std, _write_json, summarise, sweep_table, train_cached
+from .claims import claim_run, release_run
 from .config import TrainConfig, validate
 from .metrics import KEYS, sentiment_metrics
 
@@ -326,7 +327,8 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
                   no_select=(), select_seed: int = 0, doc=None, progress: bool = True,
                   skip_existing: bool = True, report_only: bool = False, command: str | None = None,
                   notes: str | None = None, extra: dict | None = None, order=None,
-                  previous: str | Path | None = None, drop_checkpoints: bool = False) -> dict:
+                  previous: str | Path | None = None, drop_checkpoints: bool = False,
+                  share: bool = False, poll_seconds: float = 30.0) -> dict:
     """Run (or, with ``report_only``, collect) the grid and write the report.
 
     ``base``: TrainConfig fields shared by every run; ``model_options[model]``: fields for one
@@ -337,7 +339,11 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
     text), selected on validation separately, in ``out_dir/<variant>/``; ``order``: blocks of
     cells in order of value (:func:`parse_order`); ``previous``: an earlier reproduce.json whose
     verdicts the report compares with; ``drop_checkpoints``: delete a final run's ``*.pt`` once
-    its metrics and robustness are written (the cache needs only the JSON files).
+    its metrics and robustness are written (the cache needs only the JSON files); ``share``:
+    other processes may run the same grid into the same ``out_dir`` at the same time: each run
+    is claimed before it trains (:mod:`mdm_kernels.train.claims`), a run another worker holds,
+    or whose selection is unfinished, is retried after the others (every ``poll_seconds`` once
+    only such runs are left), so every worker ends with the whole grid and writes the same report.
     Writes ``out_dir/runs/...`` (checkpoints), ``out_dir/reproduce.json`` and the report
     ``doc`` (default ``out_dir/reproduction.md``) with its figures and JSON beside it in
     ``<doc dir>/reproduction/``."""
@@ -414,7 +420,9 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
         selection[key] = {"chosen": best["point"], "tuned": True, "candidates": cands, "complete": True}
         return best["point"]
 
-    for i, r in enumerate(todo):
+    def attempt(i, r) -> bool:
+        """Run (or reuse) plan entry ``i``; False when it must wait: its selection is unfinished,
+        or (``share``) another worker holds its claim."""
         v, m, p = r["variant"], r["model"], r["penalty"]
         rest = [x["model"] for x in todo[i + 1:]]
         if r["phase"] == "select":
@@ -424,8 +432,10 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
             point = choose(v, m, p)
             label = f"{key_of(v, m, p)}/s{r['seed']}"
             if point is None:
+                if share and not report_only:
+                    return False
                 missing.append(f"{label} (selection unfinished)")
-                continue
+                return True
             cfg = cfg_for(v, m, p, r["seed"], point, "final")
         mpath = Path(cfg.out) / "metrics.json"
         t1 = time.time()
@@ -433,19 +443,28 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
             if not mpath.is_file():
                 if r["phase"] == "final":
                     missing.append(label)
-                continue
+                return True
             if not _same_config(mpath, cfg):
                 if r["phase"] == "final":
                     missing.append(label + " (finished with another configuration)")
-                continue
+                return True
             res, reused = json.loads(mpath.read_text()), True
         else:
-            res, reused = train_cached(cfg, skip_existing)
+            if share and not claim_run(cfg.out):
+                return False
+            try:
+                res, reused = train_cached(cfg, skip_existing)
+                if r["phase"] == "final":  # under the claim: another worker may not drop its checkpoints yet
+                    rob = _robustness_cached(Path(cfg.out), cfg, data_cache)
+                    if drop_checkpoints:
+                        for ck in Path(cfg.out).glob("*.pt"):
+                            ck.unlink()
+            finally:
+                if share:
+                    release_run(cfg.out)
         if r["phase"] == "final":
-            rob = _robustness_cached(Path(cfg.out), cfg, data_cache)
-            if drop_checkpoints:
-                for ck in Path(cfg.out).glob("*.pt"):
-                    ck.unlink()
+            if report_only:
+                rob = _robustness_cached(Path(cfg.out), cfg, data_cache)
             hist = res.get("history") or []
             runs.append({"variant": v, "model": m, "penalty": p, "seed": r["seed"], "run_dir": str(cfg.out),
                          "metrics": {**{k: res.get(k) for k in KEYS}, "robust_ratio": rob["robust_ratio"]},
@@ -455,8 +474,17 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
                          "batches": sum(h.get("batches", 0) for h in hist) if any("batches" in h for h in hist) else None,
                          "max_dependency": max((h["dependency"] for h in hist if h.get("dependency") is not None), default=None),
                          "train_seconds": res.get("train_seconds"), "config": res.get("config"),
-                         "numerics": (res.get("versions") or {}).get("numerics")})
+                         "numerics": (res.get("versions") or {}).get("numerics"), "_plan_index": i})
         prog.step(label, m, time.time() - t1, reused, rest)
+        return True
+
+    pending = list(enumerate(todo))
+    while pending:
+        waiting = [(i, r) for i, r in pending if not attempt(i, r)]
+        if waiting and len(waiting) == len(pending):  # every run left is another worker's: wait
+            time.sleep(poll_seconds)
+        pending = waiting
+    runs.sort(key=lambda x: x.pop("_plan_index"))
     prog.close()
     for v, m, p in [(None, m, p) for m in models for p in penalties] + \
             [(v, m, p) for v, (ms, ps) in extra.items() for m in ms for p in ps]:
@@ -1132,6 +1160,9 @@ def add_parser(sub, list_type) -> None:
                    help="train nothing: rebuild the report from the runs that have finished")
     r.add_argument("--no-skip-existing", action="store_true", help="retrain runs that already have metrics.json")
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--share", action="store_true",
+                   help="let several processes run this same command at once (one per core): each claims a "
+                        "run before training it and waits for runs another process holds")
 
 
 def run_cli(args, command: str) -> dict:
@@ -1146,7 +1177,7 @@ def run_cli(args, command: str) -> dict:
                         skip_existing=not args.no_skip_existing, report_only=args.report_only, command=command,
                         notes=_read_notes(args.notes), order=parse_order(args.order),
                         extra={"glove": (args.glove_models, args.glove_penalties)} if args.glove_models else None,
-                        previous=args.previous, drop_checkpoints=args.drop_checkpoints)
+                        previous=args.previous, drop_checkpoints=args.drop_checkpoints, share=args.share)
     doc = args.doc or str(Path(args.out) / "reproduction.md")
     print(f"{len(res['runs'])} runs, {len(res['missing'])} not run; wrote {doc} and {Path(args.out) / 'reproduce.json'}")
     return res
