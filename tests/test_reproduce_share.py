@@ -109,3 +109,14 @@ def test_share_flag_reaches_the_grid(monkeypatch, tmp_path):
     from mdm_kernels.train import analyze
     assert analyze.main(["reproduce", "--dataset", "synthetic", "--out", str(tmp_path), "--share"]) == 0
     assert seen["share"] is True
+
+
+def test_report_only_never_waits(tmp_path):
+    """--report-only with --share lists unfinished runs (selection included) instead of waiting."""
+    grid = {"weight": (0.1, 1.0), "critic_steps": (1,), "critic_hidden": (8,)}
+    t0 = time.monotonic()
+    res = rep.run_reproduce(tmp_path / "grid", models=["ef_lstm"], penalties=["none", "nwj"], seeds=[0], grid=grid,
+                            base={"dataset": "synthetic", "epochs": 1}, progress=False, doc=tmp_path / "r.md",
+                            report_only=True, share=True, poll_seconds=60)
+    assert time.monotonic() - t0 < 30 and not res["runs"]
+    assert res["missing"] == ["ef_lstm/none/s0", "ef_lstm/nwj/s0 (selection unfinished)"]
