@@ -120,3 +120,14 @@ def test_report_only_never_waits(tmp_path):
                             report_only=True, share=True, poll_seconds=60)
     assert time.monotonic() - t0 < 30 and not res["runs"]
     assert res["missing"] == ["ef_lstm/none/s0", "ef_lstm/nwj/s0 (selection unfinished)"]
+
+
+def test_share_refuses_no_skip_existing(tmp_path):
+    from mdm_kernels.train import analyze
+    with pytest.raises(ValueError, match="--share needs the cache"):
+        rep.run_reproduce(tmp_path, models=["ef_lstm"], penalties=["none"], seeds=[0], share=True,
+                          skip_existing=False, base={"dataset": "synthetic"}, progress=False)
+    # on the command line: one line naming the options, status 2
+    with pytest.raises(SystemExit) as e:
+        analyze.main(["reproduce", "--dataset", "synthetic", "--out", str(tmp_path), "--share", "--no-skip-existing"])
+    assert e.value.code == 2

@@ -362,6 +362,9 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
     stray = (set(model_options) | set(model_seeds)) - all_models
     if stray:
         raise ValueError(f"--model-option/--model-seeds name models not in the grid: {sorted(stray)}")
+    if share and not skip_existing:
+        raise ValueError("--share needs the cache (not --no-skip-existing): every worker would retrain "
+                         "every run another worker finished")
     if "none" not in penalties or any("none" not in ps for _, ps in extra.values()):
         raise ValueError("penalties must include 'none' (every penalty is compared with its baseline)")
     for v in extra:
