@@ -53,7 +53,7 @@ def test_empty_claim_is_stale_only_when_old(tmp_path):
     assert claims.claim_run(run)
 
 
-def test_shared_grid_waits_for_another_workers_run(tmp_path, monkeypatch):
+def test_shared_grid_waits_for_another_workers_run(tmp_path, monkeypatch, capsys):
     """A run held by another live process is skipped, the rest of the grid goes on, and the
     worker comes back to it once the holder is gone; the report is in plan order."""
     trained = []
@@ -71,7 +71,7 @@ def test_shared_grid_waits_for_another_workers_run(tmp_path, monkeypatch):
         claims.claim_path(held).write_text(f"{HOST} {holder.pid}")
         grid = {"weight": (0.1,), "critic_steps": (1,), "critic_hidden": (8,)}
         res = rep.run_reproduce(out, models=["ef_lstm"], penalties=["none", "nwj"], seeds=[0, 1], grid=grid,
-                                base={"dataset": "synthetic", "epochs": 1}, progress=False,
+                                base={"dataset": "synthetic", "epochs": 1}, progress=True,
                                 doc=tmp_path / "r.md", share=True, poll_seconds=0.2)
         assert holder.poll() is not None  # the worker waited for the holder to end
     finally:
@@ -80,6 +80,8 @@ def test_shared_grid_waits_for_another_workers_run(tmp_path, monkeypatch):
     assert trained[-1] == ("none", 0) and sorted(trained) == [("none", 0), ("none", 1), ("nwj", 0), ("nwj", 1)]
     assert [(r["penalty"], r["seed"]) for r in res["runs"]] == [("none", 0), ("nwj", 0), ("none", 1), ("nwj", 1)]
     assert not res["missing"] and not list(out.rglob("*.claim"))
+    err = capsys.readouterr().err  # the wait is said once, not every poll
+    assert err.count("waiting for 1 run(s) that other processes hold") == 1
     assert json.loads((out / "reproduce.json").read_text())["runs"] == json.loads(json.dumps(res["runs"]))
 
 

@@ -481,10 +481,14 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
         prog.step(label, m, time.time() - t1, reused, rest)
         return True
 
-    pending = list(enumerate(todo))
+    pending, told = list(enumerate(todo)), None
     while pending:
         waiting = [(i, r) for i, r in pending if not attempt(i, r)]
         if waiting and len(waiting) == len(pending):  # every run left is another worker's: wait
+            if progress and not report_only and told != len(waiting):
+                print(f"waiting for {len(waiting)} run(s) that other processes hold (or whose selection they "
+                      f"are training); checking every {poll_seconds:g} s", file=sys.stderr, flush=True)
+                told = len(waiting)
             time.sleep(poll_seconds)
         pending = waiting
     runs.sort(key=lambda x: x.pop("_plan_index"))
