@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -362,20 +363,49 @@ def delta_table(summary: list[dict], keys=("acc2", "f1", "mae", "corr")) -> str:
     return "\n".join(lines)
 
 
+#: options that do not change what a run computes: where it is written, and --resume (an exact
+#: continuation, tests/test_train_cli.py)
+NON_RESULT_OPTIONS = ("out", "resume")
+
+
+def configs_agree(old: dict, new: dict) -> bool:
+    """Equal on every option both record except :data:`NON_RESULT_OPTIONS`: options added to
+    TrainConfig after a run finished (absent from its record) do not invalidate it, so a grid's
+    cache survives new, unrelated options."""
+    return bool(old) and all(old[k] == new[k] for k in old.keys() & new.keys() if k not in NON_RESULT_OPTIONS)
+
+
+def _as_record(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(cfg.to_dict(), default=str))
+
+
+def interrupted_run(cfg: TrainConfig) -> bool:
+    """``cfg.out`` holds an unfinished run of ``cfg`` (``last.pt`` of the same configuration,
+    no ``metrics.json``), which ``--resume`` continues exactly."""
+    out = Path(cfg.out)
+    if (out / "metrics.json").is_file() or not (out / "last.pt").is_file():
+        return False
+    try:
+        ck = load_checkpoint(out / "last.pt", map_location="cpu")
+    except Exception:  # a torn or foreign checkpoint: train afresh (it is overwritten)
+        return False
+    return configs_agree(json.loads(json.dumps(ck.get("config", {}), default=str)), _as_record(cfg))
+
+
 def train_cached(cfg: TrainConfig, skip_existing: bool = True) -> tuple[dict, bool]:
     """Train ``cfg`` quietly into ``cfg.out`` unless ``cfg.out/metrics.json`` already holds a
-    run of the same configuration (``out`` aside) and ``skip_existing``; returns
-    ``(metrics dict, reused)``.  The cache of ``sweep`` and ``reproduce``."""
+    run of the same configuration (:func:`configs_agree`) and ``skip_existing``; returns
+    ``(metrics dict, reused)``.  A run interrupted earlier (:func:`interrupted_run`) continues
+    from its last epoch with ``--resume`` (bit-identical to an uninterrupted run) unless
+    ``skip_existing`` is off.  The cache of ``sweep`` and ``reproduce``."""
     from .loop import train
     mpath = Path(cfg.out) / "metrics.json"
     if skip_existing and mpath.is_file():
         old = json.loads(mpath.read_text())
-        want = json.loads(json.dumps(cfg.to_dict(), default=str))
-        have = old.get("config", {})
-        # options added to TrainConfig after the run finished (absent from its record) do not
-        # invalidate it, so a grid's cache survives new, unrelated options
-        if have and all(have[k] == want[k] for k in have.keys() & want.keys() if k != "out"):
+        if configs_agree(old.get("config", {}), _as_record(cfg)):
             return old, True
+    if skip_existing and interrupted_run(cfg):
+        cfg = replace(cfg, resume=True)
     with contextlib.redirect_stdout(io.StringIO()):
         return train(cfg), False
 

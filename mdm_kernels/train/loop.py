@@ -164,6 +164,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
 
     state = {"epoch": 0, "best_mae": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": []}
     last_path, best_path = out / "last.pt", out / "best.pt"
+    resumed_after = None
     if cfg.resume:
         if last_path.is_file():
             # on the CPU: RNG states must stay CPU ByteTensors; load_state_dict moves the rest
@@ -178,6 +179,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
                 penalty.load_state_dict(ck["penalty"])
                 c_opt.load_state_dict(ck["c_opt"])
             state = ck["state"]
+            resumed_after = state["epoch"]
             rngs = ck.get("rng_ranks")
             if info.enabled and rngs is not None and len(rngs) == info.world:
                 _set_rng_state(rngs[info.rank], gens)
@@ -204,6 +206,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                   find_unused_parameters=unused)
     t0 = time.time()
+    seconds_before = state.get("train_seconds", 0.0)  # a resumed run's time before the interruption
     stopped = cfg.patience > 0 and state["bad_epochs"] >= cfg.patience
     while state["epoch"] < cfg.epochs and not stopped:
         epoch = state["epoch"] + 1
@@ -276,6 +279,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
         else:
             state["bad_epochs"] += 1
         stopped = cfg.patience > 0 and state["bad_epochs"] >= cfg.patience
+        state["train_seconds"] = seconds_before + time.time() - t0
         ck = {"model": model.state_dict(), "opt": opt.state_dict(), "config": cfg.to_dict(), "state": state,
               "rng": _rng_state(gens)}
         if penalty is not None:
@@ -304,10 +308,12 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.Dist, _interrupt_af
         _predict(model, data["test"], cfg.batch_size, device, info), data["test"].y)
     result = dict(metrics)
     result.update(best_epoch=state["best_epoch"], best_val_mae=state["best_mae"], epochs_run=state["epoch"],
-                  train_seconds=time.time() - t0, n_test=len(data["test"]), device=str(device),
+                  train_seconds=seconds_before + time.time() - t0, n_test=len(data["test"]), device=str(device),
                   config=cfg.to_dict(), versions=library_versions(), history=state["history"])
     if info.enabled:
         result["world_size"] = info.world
+    if resumed_after is not None:  # train_seconds spans both parts; the interruption is not counted
+        result["resumed_after_epoch"] = resumed_after
     if info.is_main:  # metrics.json and the table: once, by rank 0
         clean = json.loads(json.dumps(result, default=str).replace("NaN", "null"))
         atomic_write_text(json.dumps(clean, indent=2) + "\n", out / "metrics.json")

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .analysis import METRIC_NAMES, _mean_std, _write_json, summarise, sweep_table, train_cached
+from .analysis import (METRIC_NAMES, _mean_std, _write_json, configs_agree, summarise, sweep_table,
+                       train_cached)
 from .claims import claim_run, release_run
 from .config import TrainConfig, validate
 from .metrics import KEYS, sentiment_metrics
@@ -190,7 +191,7 @@ def _robustness_cached(run_dir: Path, cfg: TrainConfig, data_cache: dict) -> dic
     want = json.loads(json.dumps(cfg.to_dict(), default=str))
     if path.is_file():
         old = json.loads(path.read_text())
-        if _configs_agree(old.get("config", {}), want):
+        if configs_agree(old.get("config", {}), want):
             return old
     from .analysis import load_run
     key = (cfg.dataset, cfg.data_dir, cfg.text_features, cfg.seed if cfg.dataset == "synthetic" else None)
@@ -534,16 +535,9 @@ def _nan(obj):
 
 
 def _same_config(mpath: Path, cfg: TrainConfig) -> bool:
-    """The run in ``mpath`` was trained with ``cfg`` (``out`` aside; options added to
-    TrainConfig after the run finished are ignored)."""
-    return _configs_agree(json.loads(mpath.read_text()).get("config", {}),
-                          json.loads(json.dumps(cfg.to_dict(), default=str)))
-
-
-def _configs_agree(old: dict, new: dict) -> bool:
-    """Equal on every option both record (``out`` aside): options added to TrainConfig after a
-    run finished do not invalidate it."""
-    return bool(old) and all(old[k] == new[k] for k in old.keys() & new.keys() if k != "out")
+    """The run in ``mpath`` was trained with ``cfg`` (:func:`~.analysis.configs_agree`)."""
+    return configs_agree(json.loads(mpath.read_text()).get("config", {}),
+                         json.loads(json.dumps(cfg.to_dict(), default=str)))
 
 
 # --------------------------------------------------------------------------- comparisons
