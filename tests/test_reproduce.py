@@ -30,8 +30,9 @@ def count_training(monkeypatch):
 def test_tiny_grid_end_to_end_and_resume(tmp_path, count_training, capsys):
     out, doc = tmp_path / "grid", tmp_path / "docs" / "reproduction.md"
     assert analyze.main(TINY + ["--seeds", "0,1", "--out", str(out), "--doc", str(doc)]) == 0
-    # 2 selection runs (one per lambda) + 2 seeds x 2 penalties
-    assert len(count_training) == 6
+    # 2 selection runs (one per lambda) + 2 seeds x 2 penalties, less nwj at seed 0: the chosen
+    # selection run itself (test_selection_seed_final_run_is_the_chosen_selection_run)
+    assert len(count_training) == 5
     res = json.loads((out / "reproduce.json").read_text())
     assert len(res["runs"]) == 4 and not res["missing"]
     for r in res["runs"]:  # the full configuration of every run
@@ -216,3 +217,41 @@ def test_tiny_grid_with_glove_table_order_and_previous(tmp_path):
     for section in ("## Each penalty minus its baseline (paired by seed)", "## What changed since the earlier report",
                     "## Second table", "## Best epochs", "## The cap on the model's term", "earlier verdict"):
         assert section in text, section
+
+
+def test_selection_seed_final_run_is_the_chosen_selection_run(tmp_path, count_training):
+    """The final run of a penalty at the selection seed is not trained again: the chosen
+    selection run's best checkpoint reads the test split once, and gives the metrics (and
+    history) a run trained from scratch with the final configuration gives, bit for bit."""
+    out = tmp_path / "grid"
+    assert analyze.main(TINY + ["--seeds", "0", "--out", str(out), "--doc", str(tmp_path / "r.md")]) == 0
+    assert [(c.penalty, c.skip_test) for c in count_training] == [("nwj", True), ("nwj", True), ("none", False)]
+    res = json.loads((out / "reproduce.json").read_text())
+    (nwj,) = [r for r in res["runs"] if r["penalty"] == "nwj"]
+    m = json.loads((Path(nwj["run_dir"]) / "metrics.json").read_text())
+    chosen = rep._chosen_run_dir(res["selection"]["ef_lstm/nwj"])
+    assert Path(m["promoted_from"]) == chosen and m["config"]["skip_test"] is False
+    direct = loop.train(rep.TrainConfig(**{**m["config"], "out": str(tmp_path / "direct")}))
+    for k in rep.KEYS + ("best_epoch", "best_val_mae", "epochs_run"):
+        assert m[k] == direct[k], k
+    assert m["history"] == direct["history"]
+    assert nwj["metrics"]["robust_ratio"] >= 0  # robustness read the copied checkpoint
+    # the promoted run is cached like a trained one
+    count_training.clear()
+    assert analyze.main(TINY + ["--seeds", "0", "--out", str(out), "--doc", str(tmp_path / "r.md")]) == 0
+    assert not count_training
+
+
+def test_promotion_refuses_a_different_configuration(tmp_path):
+    """A selection run of another configuration (or one without its checkpoint) is not promoted."""
+    from mdm_kernels.train.config import TrainConfig
+    sel = tmp_path / "sel"
+    cfg = TrainConfig(dataset="synthetic", model="ef_lstm", epochs=1, d=4, hidden=8, quiet=True,
+                      skip_test=True, out=str(sel))
+    loop.train(cfg)
+    final = TrainConfig(**{**cfg.to_dict(), "skip_test": False, "out": str(tmp_path / "final")})
+    other = TrainConfig(**{**final.to_dict(), "lr": 0.0005})
+    assert rep.promote_selection_run(sel, other, {}) is None
+    (sel / "best.pt").unlink()
+    assert rep.promote_selection_run(sel, final, {}) is None
+    assert not (tmp_path / "final" / "metrics.json").exists()

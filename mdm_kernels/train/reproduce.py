@@ -25,6 +25,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import fields
@@ -33,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .analysis import (METRIC_NAMES, _mean_std, _write_json, configs_agree, summarise, sweep_table,
-                       train_cached)
+from .analysis import (METRIC_NAMES, _mean_std, _write_json, configs_agree, load_run, summarise,
+                       sweep_table, train_cached)
 from .claims import claim_run, release_run
 from .config import TrainConfig, validate
 from .metrics import KEYS, sentiment_metrics
@@ -186,6 +188,18 @@ def robustness(model, split, batch_size: int = 64, device="cpu") -> dict:
             "robust_ratio": acc_cut / acc_all if acc_all > 0 else float("nan")}
 
 
+def _data_key(cfg: TrainConfig) -> tuple:
+    """What identifies a run's data (the key of the reports' data cache)."""
+    return cfg.dataset, cfg.data_dir, cfg.text_features, cfg.seed if cfg.dataset == "synthetic" else None
+
+
+def _load_best(run_dir: Path, cfg: TrainConfig, data_cache: dict) -> dict:
+    key = _data_key(cfg)
+    run = load_run(run_dir, "best", "cpu" if cfg.device == "auto" else cfg.device, data=data_cache.get(key))
+    data_cache[key] = run["data"]
+    return run
+
+
 def _robustness_cached(run_dir: Path, cfg: TrainConfig, data_cache: dict) -> dict:
     path = run_dir / "robustness.json"
     want = json.loads(json.dumps(cfg.to_dict(), default=str))
@@ -193,13 +207,40 @@ def _robustness_cached(run_dir: Path, cfg: TrainConfig, data_cache: dict) -> dic
         old = json.loads(path.read_text())
         if configs_agree(old.get("config", {}), want):
             return old
-    from .analysis import load_run
-    key = (cfg.dataset, cfg.data_dir, cfg.text_features, cfg.seed if cfg.dataset == "synthetic" else None)
-    run = load_run(run_dir, "best", "cpu" if cfg.device == "auto" else cfg.device, data=data_cache.get(key))
-    data_cache[key] = run["data"]
+    run = _load_best(run_dir, cfg, data_cache)
     res = {"config": want, **robustness(run["model"], run["data"]["test"], device=run["device"])}
     _write_json(res, path)
     return res
+
+
+def promote_selection_run(sel_dir: Path, cfg: TrainConfig, data_cache: dict) -> dict | None:
+    """The final run of a penalty at the selection seed trains exactly what the chosen
+    selection run trained (the same configuration but ``skip_test``; training is bit-for-bit
+    deterministic, tests/test_determinism.py): instead of training it again, copy that run's
+    best checkpoint into ``cfg.out`` and read the test split once, as the training loop's end
+    does.  Writes ``cfg.out/metrics.json`` (the selection run's history and times, the final
+    configuration, ``promoted_from``) and returns it; None (train instead) when the selection
+    run's metrics or best checkpoint are gone or its configuration differs."""
+    from .loop import predict
+    sel_metrics, best = sel_dir / "metrics.json", sel_dir / "best.pt"
+    if not (sel_metrics.is_file() and best.is_file()):
+        return None
+    sel = json.loads(sel_metrics.read_text())
+    want = json.loads(json.dumps(cfg.to_dict(), default=str))
+    if not configs_agree(sel.get("config", {}), {**want, "skip_test": True}):
+        return None
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(best, out / "best.pt.tmp")
+    os.replace(out / "best.pt.tmp", out / "best.pt")
+    run = _load_best(out, cfg, data_cache)
+    test = run["data"]["test"]
+    res = sentiment_metrics(predict(run["model"], test, cfg.batch_size, run["device"]), test.y)
+    res.update({k: sel[k] for k in ("best_epoch", "best_val_mae", "epochs_run", "train_seconds", "device",
+                                    "versions", "history") if k in sel})
+    res.update(n_test=len(test), config=want, promoted_from=str(sel_dir))
+    _write_json(res, out / "metrics.json")
+    return json.loads((out / "metrics.json").read_text())
 
 
 # --------------------------------------------------------------------------- the grid
@@ -457,7 +498,12 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
             if share and not claim_run(cfg.out):
                 return False
             try:
-                res, reused = train_cached(cfg, skip_existing)
+                res = None
+                if r["phase"] == "final" and r["seed"] == select_seed and skip_existing and \
+                        not (mpath.is_file() and _same_config(mpath, cfg)):
+                    sel_dir = _chosen_run_dir(selection.get(key_of(v, m, p)))
+                    res = promote_selection_run(sel_dir, cfg, data_cache) if sel_dir else None
+                res, reused = (res, False) if res is not None else train_cached(cfg, skip_existing)
                 if r["phase"] == "final":  # under the claim: another worker may not drop its checkpoints yet
                     rob = _robustness_cached(Path(cfg.out), cfg, data_cache)
                     if drop_checkpoints:
@@ -532,6 +578,14 @@ def _nan(obj):
     if isinstance(obj, list):
         return [_nan(v) for v in obj]
     return obj
+
+
+def _chosen_run_dir(sel: dict | None) -> Path | None:
+    """The selection run of the chosen grid point (None for untuned cells)."""
+    for c in (sel or {}).get("candidates", []):
+        if c["point"] == sel["chosen"]:
+            return Path(c["run_dir"])
+    return None
 
 
 def _same_config(mpath: Path, cfg: TrainConfig) -> bool:
