@@ -74,3 +74,20 @@ def test_readme_says_how_to_install_without_cuda_and_what_shared_is():
     assert "https://download.pytorch.org/whl/cpu" in TEXT and "5.5 GB" in TEXT
     assert "MDM_BUILD_CUDA=0" in TEXT and "build/mdm_cuda/" in TEXT
     assert "`../shared`" in TEXT and "python -m mdm_kernels.analyze" in TEXT
+
+
+def test_ci_fails_when_the_readme_command_fails(tmp_path):
+    """``set -e`` ignores a failure inside an ``&&`` list unless it is the last command: the
+    status check after the README block must stop CI when, e.g., the test run fails."""
+    import subprocess
+    lines = CI.read_text(encoding="utf-8").splitlines()
+    end = next(i for i, ln in enumerate(lines) if ln.startswith("# ----"))
+    stop = next(i for i, ln in enumerate(lines) if i > end and not ln.startswith("#") and "status" not in ln)
+    check = "\n".join(lines[end:stop])
+    for block, rc in (("true && false && true", 1), ("true && true", 0)):
+        script = tmp_path / "ci"
+        script.write_text(f"set -euo pipefail\n{block}\n{check}\necho reached\n")
+        proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == rc and ("reached" in proc.stdout) == (rc == 0), proc.stderr
+        if rc:
+            assert "the README's test command failed" in proc.stderr
