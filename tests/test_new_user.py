@@ -36,9 +36,13 @@ def _refused(proc, *needles):
 # ------------------------------------------------------------------ 1. Ctrl-C before epoch 1
 
 def _interrupt_when_configured(out, run) -> tuple[subprocess.Popen, str]:
-    """Start a training run and send it SIGINT as soon as OUT/config.json appears."""
+    """Start a training run and send it SIGINT (a Ctrl-C at the terminal) as soon as
+    OUT/config.json appears.  The child gets SIGINT's default disposition: a test run started
+    in the background by a non-interactive shell (``cmd &``, as a CI runner may) inherits SIGINT
+    *ignored*, and Python then never raises KeyboardInterrupt -- the run would just go on."""
     proc = subprocess.Popen(TRAIN + run + ["--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         # the configuration is on disk before the data is even loaded: interrupt right then
@@ -56,8 +60,8 @@ def _interrupt_when_configured(out, run) -> tuple[subprocess.Popen, str]:
 def test_ctrl_c_before_the_first_checkpoint_resumes_with_the_runs_configuration(tmp_path):
     run = ["--model", "ef_lstm", "--text-features", "utterance", "--epochs", "2", "--batch-size", "16",
            "--d", "8", "--hidden", "16", "--lr", "0.002"]
-    # on a machine loaded enough that this process sleeps through a whole epoch of the child
-    # (seen once in CI-like load), the interrupt lands after the first checkpoint: try again
+    # on a machine loaded enough that this process sleeps through a whole epoch of the child,
+    # the interrupt would land after the first checkpoint: try again
     for attempt in range(3):
         out = tmp_path / f"run{attempt}"
         proc, err = _interrupt_when_configured(out, run)
