@@ -375,7 +375,8 @@ def configs_agree(old: dict, new: dict) -> bool:
     return bool(old) and all(old[k] == new[k] for k in old.keys() & new.keys() if k not in NON_RESULT_OPTIONS)
 
 
-def _as_record(cfg: TrainConfig) -> dict:
+def config_record(cfg: TrainConfig) -> dict:
+    """``cfg`` as a run records it in its JSON files (what :func:`configs_agree` compares)."""
     return json.loads(json.dumps(cfg.to_dict(), default=str))
 
 
@@ -389,7 +390,7 @@ def interrupted_run(cfg: TrainConfig) -> bool:
         ck = load_checkpoint(out / "last.pt", map_location="cpu")
     except Exception:  # a torn or foreign checkpoint: train afresh (it is overwritten)
         return False
-    return configs_agree(json.loads(json.dumps(ck.get("config", {}), default=str)), _as_record(cfg))
+    return configs_agree(json.loads(json.dumps(ck.get("config", {}), default=str)), config_record(cfg))
 
 
 def train_cached(cfg: TrainConfig, skip_existing: bool = True) -> tuple[dict, bool]:
@@ -402,7 +403,7 @@ def train_cached(cfg: TrainConfig, skip_existing: bool = True) -> tuple[dict, bo
     mpath = Path(cfg.out) / "metrics.json"
     if skip_existing and mpath.is_file():
         old = json.loads(mpath.read_text())
-        if configs_agree(old.get("config", {}), _as_record(cfg)):
+        if configs_agree(old.get("config", {}), config_record(cfg)):
             return old, True
     if skip_existing and interrupted_run(cfg):
         cfg = replace(cfg, resume=True)

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .analysis import (METRIC_NAMES, _mean_std, _write_json, configs_agree, load_run, summarise,
-                       sweep_table, train_cached)
+from .analysis import (METRIC_NAMES, _mean_std, _write_json, config_record, configs_agree, load_run,
+                       summarise, sweep_table, train_cached)
 from .claims import claim_run, release_run
 from .config import TrainConfig, validate
 from .metrics import KEYS, sentiment_metrics
@@ -202,7 +202,7 @@ def _load_best(run_dir: Path, cfg: TrainConfig, data_cache: dict) -> dict:
 
 def _robustness_cached(run_dir: Path, cfg: TrainConfig, data_cache: dict) -> dict:
     path = run_dir / "robustness.json"
-    want = json.loads(json.dumps(cfg.to_dict(), default=str))
+    want = config_record(cfg)
     if path.is_file():
         old = json.loads(path.read_text())
         if configs_agree(old.get("config", {}), want):
@@ -226,7 +226,7 @@ def promote_selection_run(sel_dir: Path, cfg: TrainConfig, data_cache: dict) -> 
     if not (sel_metrics.is_file() and best.is_file()):
         return None
     sel = json.loads(sel_metrics.read_text())
-    want = json.loads(json.dumps(cfg.to_dict(), default=str))
+    want = config_record(cfg)
     if not configs_agree(sel.get("config", {}), {**want, "skip_test": True}):
         return None
     out = Path(cfg.out)
@@ -591,7 +591,7 @@ def _chosen_run_dir(sel: dict | None) -> Path | None:
 def _same_config(mpath: Path, cfg: TrainConfig) -> bool:
     """The run in ``mpath`` was trained with ``cfg`` (:func:`~.analysis.configs_agree`)."""
     return configs_agree(json.loads(mpath.read_text()).get("config", {}),
-                         json.loads(json.dumps(cfg.to_dict(), default=str)))
+                         config_record(cfg))
 
 
 # --------------------------------------------------------------------------- comparisons
