@@ -39,6 +39,7 @@ from .analysis import (METRIC_NAMES, _mean_std, _write_json, config_record, conf
                        summarise, sweep_table, train_cached)
 from .claims import claim_run, release_run
 from .config import TrainConfig, validate
+from .deadline import fits_before, longest_run_seconds, parse_stop_by
 from .metrics import KEYS, sentiment_metrics
 
 BACKBONES = ("ef_lstm", "mfn", "lmf", "mag")
@@ -370,7 +371,7 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
                   skip_existing: bool = True, report_only: bool = False, command: str | None = None,
                   notes: str | None = None, extra: dict | None = None, order=None,
                   previous: str | Path | None = None, drop_checkpoints: bool = False,
-                  share: bool = False, poll_seconds: float = 30.0) -> dict:
+                  share: bool = False, poll_seconds: float = 30.0, stop_by: float | None = None) -> dict:
     """Run (or, with ``report_only``, collect) the grid and write the report.
 
     ``base``: TrainConfig fields shared by every run; ``model_options[model]``: fields for one
@@ -385,7 +386,10 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
     other processes may run the same grid into the same ``out_dir`` at the same time: each run
     is claimed before it trains (:mod:`mdm_kernels.train.claims`), a run another worker holds,
     or whose selection is unfinished, is retried after the others (every ``poll_seconds`` once
-    only such runs are left), so every worker ends with the whole grid and writes the same report.
+    only such runs are left), so every worker ends with the whole grid and writes the same report;
+    ``stop_by`` (epoch seconds): start a run only if the longest finished run of its model under
+    this grid would end by then (:mod:`mdm_kernels.train.deadline`); the others are reported as
+    not run, and a final run whose selection was left unfinished is not waited for.
     Writes ``out_dir/runs/...`` (checkpoints), ``out_dir/reproduce.json`` and the report
     ``doc`` (default ``out_dir/reproduction.md``) with its figures and JSON beside it in
     ``<doc dir>/reproduction/``."""
@@ -439,6 +443,7 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
     runs: list[dict] = []
     missing: list[str] = []
     data_cache: dict = {}
+    deferred: list[str] = []  # runs not started because they would end after stop_by
 
     def key_of(v, m, p):
         return f"{v + '/' if v else ''}{m}/{p}"
@@ -477,7 +482,7 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
             point = choose(v, m, p)
             label = f"{key_of(v, m, p)}/s{r['seed']}"
             if point is None:
-                if share and not report_only:
+                if share and not report_only and not deferred:
                     return False
                 missing.append(f"{label} (selection unfinished)")
                 return True
@@ -495,14 +500,26 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
                 return True
             res, reused = json.loads(mpath.read_text()), True
         else:
-            if share and not claim_run(cfg.out):
+            if share and not claim_run(cfg.out):  # a run another worker trains is waited for
                 return False
             try:
+                sel_dir = _chosen_run_dir(selection.get(key_of(v, m, p))) \
+                    if r["phase"] == "final" and r["seed"] == select_seed and skip_existing else None
+                cheap = (skip_existing and mpath.is_file() and _same_config(mpath, cfg)) or \
+                    (sel_dir is not None and (sel_dir / "best.pt").is_file())  # cached, or promoted
+                need = longest_run_seconds(Path(cfg.out).parent.parent, m) if stop_by is not None else None
+                if not cheap and not fits_before(stop_by, need):
+                    if not deferred and progress:
+                        print(f"--stop-by: not starting {label} or any run that would end after "
+                              f"{time.strftime('%H:%M', time.localtime(stop_by))} (this one: ~{need:.0f} s)",
+                              file=sys.stderr, flush=True)
+                    deferred.append(label)
+                    if r["phase"] == "final":  # a selection left out shows as its final runs' "selection unfinished"
+                        missing.append(f"{label} (not started: would end after --stop-by)")
+                    return True
                 res = None
-                if r["phase"] == "final" and r["seed"] == select_seed and skip_existing and \
-                        not (mpath.is_file() and _same_config(mpath, cfg)):
-                    sel_dir = _chosen_run_dir(selection.get(key_of(v, m, p)))
-                    res = promote_selection_run(sel_dir, cfg, data_cache) if sel_dir else None
+                if sel_dir is not None and not (mpath.is_file() and _same_config(mpath, cfg)):
+                    res = promote_selection_run(sel_dir, cfg, data_cache)
                 res, reused = (res, False) if res is not None else train_cached(cfg, skip_existing)
                 if r["phase"] == "final":  # under the claim: another worker may not drop its checkpoints yet
                     rob = _robustness_cached(Path(cfg.out), cfg, data_cache)
@@ -551,7 +568,8 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
               "grid": {k: list(v) for k, v in grid.items()}, "select_seed": select_seed,
               "no_select": list(no_select), "selection": selection, "runs": runs, "missing": missing,
               "wall_seconds": time.time() - t0, "paper": PAPER, "paper_robustness": PAPER_ROBUSTNESS,
-              "notes": notes}
+              "notes": notes, "deferred": deferred,
+              "stop_by": None if stop_by is None else time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(stop_by))}
     main_runs = [r for r in runs if not r.get("variant")]
     result["comparisons"] = compare(main_runs, models, penalties)
     result["extra_comparisons"] = {v: compare([r for r in runs if r.get("variant") == v], ms, ps)
@@ -1016,6 +1034,10 @@ def write_report(result: dict, doc_path: Path) -> None:
         L += ["", f"Final runs finished: **{len(all_runs)} of {planned} planned**."]
     if result["missing"]:
         L += ["", f"**Not run** ({len(result['missing'])} final runs): " + _missing_summary(result["missing"]) + "."]
+        if result.get("deferred"):
+            L[-1] += (f" {len(result['deferred'])} runs (selection runs included) were not started because they would "
+                      f"have ended after the worker's stop time (`--stop-by`, {result['stop_by']}); the grid continues "
+                      "from its cache.")
     if result.get("notes"):
         # the notes may name the grid's state: __FINISHED__, __PLANNED__ (final runs), __WHEN__
         notes = (result["notes"].replace("__FINISHED__", str(len(all_runs)))
@@ -1219,6 +1241,16 @@ def add_parser(sub, list_type) -> None:
                    help="let several processes run this same command at once (one per core): each claims a "
                         "run before training it and waits for runs another process holds")
 
+    def stop_time(text):
+        try:
+            return parse_stop_by(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix("--stop-by: ")) from None
+
+    r.add_argument("--stop-by", type=stop_time, default=None, metavar="WHEN",
+                   help="start a run only if it can end by WHEN (+90m, +2h, HH:MM or an ISO date-time), judged "
+                        "by the longest finished run of its model; the rest are reported as not run")
+
 
 def run_cli(args, command: str) -> dict:
     base = {k: getattr(args, k) for k in ("epochs", "patience", "text_features", "dataset", "critic_input",
@@ -1232,7 +1264,8 @@ def run_cli(args, command: str) -> dict:
                         skip_existing=not args.no_skip_existing, report_only=args.report_only, command=command,
                         notes=_read_notes(args.notes), order=parse_order(args.order),
                         extra={"glove": (args.glove_models, args.glove_penalties)} if args.glove_models else None,
-                        previous=args.previous, drop_checkpoints=args.drop_checkpoints, share=args.share)
+                        previous=args.previous, drop_checkpoints=args.drop_checkpoints, share=args.share,
+                        stop_by=args.stop_by)
     doc = args.doc or str(Path(args.out) / "reproduction.md")
     print(f"{len(res['runs'])} runs, {len(res['missing'])} not run; wrote {doc} and {Path(args.out) / 'reproduce.json'}")
     return res

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The issue-25 grid (nice 19, one thread a process); cached: rerunning continues where it stopped.
 # --share: start it once per core (e.g. twice, each with nohup ... &); the processes split the runs.
+# --stop-by HH:MM (or +2h): start only runs that can end by then (e.g. before the machine goes away).
 cd "$(dirname "$0")/../../.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 exec nice -n 19 python -m mdm_kernels.train.analyze reproduce --out docs/reproduction/grid --doc docs/reproduction.md \
