@@ -505,8 +505,8 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
             try:
                 sel_dir = _chosen_run_dir(selection.get(key_of(v, m, p))) \
                     if r["phase"] == "final" and r["seed"] == select_seed and skip_existing else None
-                cheap = (skip_existing and mpath.is_file() and _same_config(mpath, cfg)) or \
-                    (sel_dir is not None and (sel_dir / "best.pt").is_file())  # cached, or promoted
+                finished = mpath.is_file() and _same_config(mpath, cfg)
+                cheap = (skip_existing and finished) or (sel_dir is not None and (sel_dir / "best.pt").is_file())
                 need = longest_run_seconds(Path(cfg.out).parent.parent, m) if stop_by is not None else None
                 if not cheap and not fits_before(stop_by, need):
                     if not deferred and progress:
@@ -518,7 +518,7 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
                         missing.append(f"{label} (not started: would end after --stop-by)")
                     return True
                 res = None
-                if sel_dir is not None and not (mpath.is_file() and _same_config(mpath, cfg)):
+                if sel_dir is not None and not finished:  # the seed-0 final run: promote its selection run
                     res = promote_selection_run(sel_dir, cfg, data_cache)
                 res, reused = (res, False) if res is not None else train_cached(cfg, skip_existing)
                 if r["phase"] == "final":  # under the claim: another worker may not drop its checkpoints yet
