@@ -173,6 +173,19 @@ def _run(m, p, seed, acc7):
             "acc2_nonzero", "f1_nonzero", "mae", "corr", "robust_ratio")}}
 
 
+def test_report_states_the_holm_family_holm_used():
+    """A cell with one pair has no p-value: Holm leaves it out, and the report must say m = 1 of 2,
+    not m = 2 (the size of the table)."""
+    base = [0.30, 0.31, 0.32, 0.33, 0.34, 0.35]
+    runs = [_run("mfn", "none", s, v) for s, v in enumerate(base)]
+    runs += [_run("mfn", "wasserstein", s, v + 0.02) for s, v in enumerate(base)]
+    runs += [_run("mfn", "mine", 0, base[0] + 0.01)]
+    rows = rep.compare(runs, ["mfn"], ["none", "mine", "wasserstein"])
+    assert rep._family_sentence(rows).startswith("m = 1 of the 2 cells here")
+    runs += [_run("mfn", "mine", s, v + 0.01 * s) for s, v in enumerate(base) if s]
+    assert rep._family_sentence(rep.compare(runs, ["mfn"], ["none", "mine", "wasserstein"])) == "m = 2 here"
+
+
 def test_compare_pairs_by_seed_and_holm_over_the_family():
     base = [0.30, 0.31, 0.32, 0.33, 0.34, 0.35, 0.36, 0.37]
     runs = [_run("mfn", "none", s, v) for s, v in enumerate(base)]

@@ -802,6 +802,17 @@ def dot_plot(runs, models, penalties, key: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _family_sentence(comps, keys=KEYS + ("robust_ratio",)) -> str:
+    """How many cells Holm adjusted over: every cell once all have a p-value; while some have too
+    few pairs for one they are left out of the family (``holm``), and the sentence says so."""
+    sizes = sorted({c[k]["family"] for c in comps for k in keys if k in c and "family" in c[k]})
+    if sizes == [len(comps)] or not comps:
+        return f"m = {len(comps)} here"
+    m = "/".join(map(str, sizes))
+    return (f"m = {m} of the {len(comps)} cells here: a cell with too few pairs for a p-value is left "
+            "out of the family until it has them")
+
+
 def claim_verdicts(comps, models, paired: bool = True) -> list[tuple[str, str, str]]:
     """(claim, verdict, evidence) for the paper's claims.  ``paired``: a cell holds when its
     Holm-adjusted signed-rank p is below 0.05 in the right direction (this report's rule);
@@ -1060,7 +1071,7 @@ def write_report(result: dict, doc_path: Path) -> None:
           "seeds), the two-sided Wilcoxon–Mann–Whitney p (the arms as independent samples), the two-sided "
           "Wilcoxon signed-rank p of the paired differences (**the test of record**), and that p "
           "Holm-adjusted over **the family of every (backbone, penalty) cell of the same metric in the "
-          "same table** (m = " + str(len(comps)) + " here; each second table is its own family). "
+          "same table** (" + _family_sentence(comps) + "; each second table is its own family). "
           "**MDE** is the smallest true mean difference the design detects with 80 % power "
           "(normal approximation for the signed-rank test: (z₁₋α/₂ + z₀.₈)·sd(differences)/√n / √(3/π)), "
           "at α = 0.05 and at α/m (Holm's first step). A verdict needs Holm p < 0.05; with n pairs the "
