@@ -186,6 +186,21 @@ def test_report_states_the_holm_family_holm_used():
     assert rep._family_sentence(rep.compare(runs, ["mfn"], ["none", "mine", "wasserstein"])) == "m = 2 here"
 
 
+def test_validation_vs_test_table_flags_opposite_significant_effects():
+    """A penalty that lowers the validation MAE on every seed but raises the test MAE on every
+    seed is flagged; a cell with one pair is left out."""
+    runs = []
+    for s in range(8):
+        runs.append({"model": "mag", "penalty": "none", "seed": s, "metrics": {"val_mae": 0.75 + 0.01 * s, "mae": 0.84 + 0.01 * s}})
+        runs.append({"model": "mag", "penalty": "wasserstein", "seed": s,
+                     "metrics": {"val_mae": 0.73 + 0.011 * s, "mae": 0.90 + 0.012 * s}})
+    runs.append({"model": "mag", "penalty": "mine", "seed": 0, "metrics": {"val_mae": 0.7, "mae": 0.8}})
+    table = rep.validation_vs_test_table(runs, ["mag"], ["none", "mine", "wasserstein"])
+    rows = [ln for ln in table.splitlines() if ln.startswith("| main |")]
+    assert len(rows) == 1 and "| W | 8 |" in rows[0] and rows[0].endswith("**opposite (both p < 0.05)** |")
+    assert "-0.0165" in rows[0] and "+0.0670" in rows[0]  # mean paired differences
+
+
 def test_compare_pairs_by_seed_and_holm_over_the_family():
     base = [0.30, 0.31, 0.32, 0.33, 0.34, 0.35, 0.36, 0.37]
     runs = [_run("mfn", "none", s, v) for s, v in enumerate(base)]

@@ -534,7 +534,8 @@ def run_reproduce(out_dir, *, models=BACKBONES, penalties=PENALTIES, seeds=tuple
                 rob = _robustness_cached(Path(cfg.out), cfg, data_cache)
             hist = res.get("history") or []
             runs.append({"variant": v, "model": m, "penalty": p, "seed": r["seed"], "run_dir": str(cfg.out),
-                         "metrics": {**{k: res.get(k) for k in KEYS}, "robust_ratio": rob["robust_ratio"]},
+                         "metrics": {**{k: res.get(k) for k in KEYS}, "robust_ratio": rob["robust_ratio"],
+                                     "val_mae": res.get("best_val_mae")},
                          "robustness": {k: v_ for k, v_ in rob.items() if k != "config"},
                          "best_epoch": res.get("best_epoch"), "epochs_run": res.get("epochs_run"),
                          "cap_binds": sum(h.get("cap_binds", 0) for h in hist) if any("cap_binds" in h for h in hist) else None,
@@ -899,6 +900,34 @@ def claim_verdicts(comps, models, paired: bool = True) -> list[tuple[str, str, s
     return out
 
 
+def _p_text(v) -> str:
+    return "–" if v is None or not math.isfinite(v) else (f"{v:.4f}" if v >= 0.0001 else f"{v:.1e}")
+
+
+def validation_vs_test_table(runs, models, penalties) -> str:
+    """Per cell the paired effect of the penalty on the best validation MAE (the early-stopping
+    and λ-selection criterion, validation videos) beside its effect on the test MAE (test videos,
+    other speakers), each with its bootstrap CI and unadjusted signed-rank p: where the two
+    disagree in sign, choosing λ or epochs on validation cannot carry the penalty's effect to the
+    test split."""
+    lines = ["| table | model | penalty | pairs | Δ validation MAE [95 % CI] | signed-rank p | "
+             "Δ test MAE [95 % CI] | signed-rank p | same direction |", "|---|---|---|---|---|---|---|---|---|"]
+    for v in dict.fromkeys(r.get("variant") or "main" for r in runs):
+        vr = [r for r in runs if (r.get("variant") or "main") == v]
+        for c in compare(vr, [m for m in models if any(r["model"] == m for r in vr)], penalties,
+                         keys=("val_mae", "mae")):
+            a, b = c["val_mae"], c["mae"]
+            if len(a["seeds"]) < 2 or len(b["seeds"]) < 2:
+                continue
+            same = "yes" if a["delta"] * b["delta"] > 0 else "no"
+            if same == "no" and max(a["p_signed"], b["p_signed"]) < ALPHA:
+                same = "**opposite (both p < 0.05)**"
+            lines.append(f"| {v} | {c['model']} | {PAPER_PENALTY[c['penalty']]} | {len(b['seeds'])} | "
+                         f"{a['delta']:+.4f} [{a['ci'][0]:+.4f}, {a['ci'][1]:+.4f}] | {_p_text(a['p_signed'])} | "
+                         f"{b['delta']:+.4f} [{b['ci'][0]:+.4f}, {b['ci'][1]:+.4f}] | {_p_text(b['p_signed'])} | {same} |")
+    return "\n".join(lines)
+
+
 def effects_table(comps, key: str) -> str:
     """One metric: per cell the paired effect, its bootstrap CI, both p-values, Holm and the
     minimum detectable effect."""
@@ -910,9 +939,7 @@ def effects_table(comps, key: str) -> str:
         v = 100 * v if pct else v
         return (f"{v:+.2f}" if sign else f"{v:.2f}") if pct else (f"{v:+.3f}" if sign else f"{v:.3f}")
 
-    def pv(v):
-        return "–" if v is None or not math.isfinite(v) else (f"{v:.4f}" if v >= 0.0001 else f"{v:.1e}")
-
+    pv = _p_text
     lines = ["| model | penalty | pairs | none | penalty | Δ (paired mean) | 95 % bootstrap CI | WMW p | "
              "signed-rank p | Holm p (signed-rank) | MDE (80 %: α = 0.05 / α/m) | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -1113,6 +1140,11 @@ def write_report(result: dict, doc_path: Path) -> None:
           "A run that stops before the epoch cap was ended by early stopping; one whose best epoch lies within "
           "the last `patience` epochs of the cap may have been cut short.", "",
           best_epoch_table(all_runs, penalties), "",
+          "## Validation and test: does the penalty's effect carry over?", "",
+          "λ and the best epoch are chosen on the validation videos; the verdicts are on the test videos "
+          "(other speakers). Per cell, penalty − none paired by seed, on the best validation MAE (the "
+          "selection criterion) and on the test MAE; p unadjusted (descriptive, not in the Holm families).",
+          "", validation_vs_test_table(all_runs, list(dict.fromkeys(r["model"] for r in all_runs)), penalties), "",
           "## The cap on the model's term (`--dependency-cap`)", "",
           "Every epoch of every run logs `cap_binds`: the batches whose model term was capped at −λ·log B "
           "(B = 32: log B = 3.47) and so gave the model no gradient from the penalty. Wasserstein is not "
