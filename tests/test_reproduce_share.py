@@ -33,7 +33,7 @@ def test_claim_is_exclusive_and_released(tmp_path):
 @pytest.mark.parametrize("holder, taken", [
     (lambda: f"{HOST} {os.getppid()}", False),        # a live process on this host
     (lambda: f"{HOST} {_dead_pid()}", True),          # a dead one: stale, taken over
-    (lambda: f"elsewhere.example {_dead_pid()}", False),  # another host: never judged stale
+    (lambda: f"elsewhere.example {_dead_pid()}", False),  # another host, fresh heartbeat: held
 ])
 def test_foreign_claims(tmp_path, holder, taken):
     run = tmp_path / "r"
@@ -41,6 +41,39 @@ def test_foreign_claims(tmp_path, holder, taken):
     assert claims.claim_run(run) is taken
     claims.release_run(run)
     assert claims.claim_path(run).exists() is not taken  # a foreign claim is never released by us
+
+
+def test_claim_from_another_host_is_stale_once_its_heartbeat_is_old(tmp_path):
+    run = tmp_path / "r"
+    path = claims.claim_path(run)
+    path.write_text("elsewhere.example 4242")
+    old = time.time() - claims.FOREIGN_STALE_S + 60
+    os.utime(path, (old, old))
+    assert not claims.claim_run(run)  # a heartbeat 60 s inside the limit: still held
+    old = time.time() - claims.FOREIGN_STALE_S - 60
+    os.utime(path, (old, old))
+    assert claims.claim_run(run) and path.read_text() == f"{HOST} {os.getpid()}"
+    claims.release_run(run)
+
+
+def test_held_claims_are_renewed_until_released(tmp_path, monkeypatch):
+    monkeypatch.setattr(claims, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(claims, "_HEARTBEAT", claims._Heartbeat())
+    run, other = tmp_path / "r", tmp_path / "o"
+    assert claims.claim_run(run) and claims.claim_run(other)
+    claims.release_run(other)
+    old = time.time() - 3600
+    for p in (claims.claim_path(run), claims.claim_path(other)):
+        p.touch()
+        os.utime(p, (old, old))
+    deadline = time.time() + 10
+    while claims.claim_path(run).stat().st_mtime < old + 1800 and time.time() < deadline:
+        time.sleep(0.05)
+    assert claims.claim_path(run).stat().st_mtime > old + 1800  # the held claim's heartbeat
+    assert claims.claim_path(other).stat().st_mtime == pytest.approx(old)  # released: not renewed
+    assert claims._HEARTBEAT.held() == {claims.claim_path(run)}
+    claims.release_run(run)
+    assert not claims._HEARTBEAT.held() and not claims.claim_path(run).exists()
 
 
 def test_empty_claim_is_stale_only_when_old(tmp_path):
