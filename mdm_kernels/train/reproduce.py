@@ -807,7 +807,7 @@ def _family_sentence(comps, keys=KEYS + ("robust_ratio",)) -> str:
     """How many cells Holm adjusted over: every cell once all have a p-value; while some have too
     few pairs for one they are left out of the family (``holm``), and the sentence says so."""
     sizes = sorted({c[k]["family"] for c in comps for k in keys if k in c and "family" in c[k]})
-    if sizes == [len(comps)] or not comps:
+    if not comps or sizes == [len(comps)]:
         return f"m = {len(comps)} here"
     m = "/".join(map(str, sizes))
     return (f"m = {m} of the {len(comps)} cells here: a cell with too few pairs for a p-value is left "
@@ -914,10 +914,9 @@ def validation_vs_test_table(runs, models, penalties) -> str:
              "Δ test MAE [95 % CI] | signed-rank p | same direction |", "|---|---|---|---|---|---|---|---|---|"]
     for v in dict.fromkeys(r.get("variant") or "main" for r in runs):
         vr = [r for r in runs if (r.get("variant") or "main") == v]
-        for c in compare(vr, [m for m in models if any(r["model"] == m for r in vr)], penalties,
-                         keys=("val_mae", "mae")):
+        for c in compare(vr, models, penalties, keys=("val_mae", "mae")):
             a, b = c["val_mae"], c["mae"]
-            if len(a["seeds"]) < 2 or len(b["seeds"]) < 2:
+            if len(a["seeds"]) < 2 or len(b["seeds"]) < 2:  # also a model this table did not run
                 continue
             same = "yes" if a["delta"] * b["delta"] > 0 else "no"
             if same == "no" and max(a["p_signed"], b["p_signed"]) < ALPHA:
@@ -939,7 +938,6 @@ def effects_table(comps, key: str) -> str:
         v = 100 * v if pct else v
         return (f"{v:+.2f}" if sign else f"{v:.2f}") if pct else (f"{v:+.3f}" if sign else f"{v:.3f}")
 
-    pv = _p_text
     lines = ["| model | penalty | pairs | none | penalty | Δ (paired mean) | 95 % bootstrap CI | WMW p | "
              "signed-rank p | Holm p (signed-rank) | MDE (80 %: α = 0.05 / α/m) | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -947,8 +945,8 @@ def effects_table(comps, key: str) -> str:
         x = c[key]
         lines.append(f"| {c['model']} | {PAPER_PENALTY[c['penalty']]} | {len(x['seeds'])} | "
                      f"{f(x['base_mean'], False)} | {f(x['mean'], False)} | {f(x['delta'])} | "
-                     f"[{f(x['ci'][0])}, {f(x['ci'][1])}] | {pv(x['p'])} | {pv(x['p_signed'])} | "
-                     f"{pv(x.get('p_holm'))} | {f(x['mde'], False)} / {f(x.get('mde_holm'), False)} | "
+                     f"[{f(x['ci'][0])}, {f(x['ci'][1])}] | {_p_text(x['p'])} | {_p_text(x['p_signed'])} | "
+                     f"{_p_text(x.get('p_holm'))} | {f(x['mde'], False)} / {f(x.get('mde_holm'), False)} | "
                      f"{cell_verdict(x, key)} |")
     return "\n".join(lines)
 
@@ -1144,7 +1142,7 @@ def write_report(result: dict, doc_path: Path) -> None:
           "λ and the best epoch are chosen on the validation videos; the verdicts are on the test videos "
           "(other speakers). Per cell, penalty − none paired by seed, on the best validation MAE (the "
           "selection criterion) and on the test MAE; p unadjusted (descriptive, not in the Holm families).",
-          "", validation_vs_test_table(all_runs, list(dict.fromkeys(r["model"] for r in all_runs)), penalties), "",
+          "", validation_vs_test_table(all_runs, models, penalties), "",
           "## The cap on the model's term (`--dependency-cap`)", "",
           "Every epoch of every run logs `cap_binds`: the batches whose model term was capped at −λ·log B "
           "(B = 32: log B = 3.47) and so gave the model no gradient from the penalty. Wasserstein is not "
